@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv and install by themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+export MARKETFS_HOME ?= $(CURDIR)/.marketfs
+export DAGSTER_HOME ?= $(MARKETFS_HOME)/dagster_home
+export PYTHONWARNINGS ?= ignore::DeprecationWarning
+
+.PHONY: run test ui dsn stop lint install clean-db
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## materialise the sample pipeline end to end on the embedded database
+	$(BIN)/python -m pipelines run $(ARGS)
+
+test: $(STAMP)  ## the test suite, on its own throwaway PostgreSQL
+	$(BIN)/python -m pytest $(ARGS)
+
+ui: $(STAMP)  ## Dagster webserver + daemon on http://127.0.0.1:3000
+	$(BIN)/python -m pipelines ui
+
+dsn: $(STAMP)  ## print the feature store DSN (starts the embedded server if needed)
+	@$(BIN)/marketfs dsn
+
+stop: $(STAMP)  ## stop the embedded server; data stays in .marketfs/postgres
+	@$(BIN)/marketfs stop
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-db: stop  ## delete the embedded database (all stored bars, vectors and run history)
+	rm -rf $(MARKETFS_HOME)

@@ -1,0 +1,45 @@
+"""Connections to the feature store database.
+
+Everything resolves one DSN: ``$MARKETFS_DSN`` when set (any PostgreSQL or TimescaleDB server),
+else the embedded default server, started on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import sqlalchemy as sa
+
+DSN_ENV = "MARKETFS_DSN"
+
+
+def resolve_dsn() -> str:
+    """The feature store DSN: ``$MARKETFS_DSN``, else the embedded server's (started if needed)."""
+    dsn = os.environ.get(DSN_ENV)
+    if dsn:
+        return dsn
+    from marketfs.embedded_pg import EmbeddedPostgres, default_home
+
+    return EmbeddedPostgres(default_home()).ensure_running()
+
+
+def sqlalchemy_url(dsn: str) -> sa.URL:
+    """A libpq-style DSN as a SQLAlchemy URL on the psycopg 3 driver."""
+    url = sa.make_url(dsn)
+    return url.set(drivername="postgresql+psycopg")
+
+
+@lru_cache(maxsize=16)
+def engine_for(dsn: str) -> sa.Engine:
+    """One pooled engine per DSN and process; every session runs in UTC."""
+    return sa.create_engine(
+        sqlalchemy_url(dsn),
+        pool_pre_ping=True,
+        connect_args={"options": "-c timezone=UTC", "connect_timeout": 10},
+    )
+
+
+def timescaledb_installed(conn: sa.Connection) -> bool:
+    """True when the TimescaleDB extension is installed in the connected database."""
+    return bool(conn.execute(sa.text("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")).scalar())

@@ -1,0 +1,1 @@
+"""Feature math: pure polars functions, declared once in the registry."""

@@ -1,0 +1,1 @@
+"""The storage layer: schema migrations, bulk COPY in and out, idempotent writes."""

@@ -1,0 +1,78 @@
+"""Bulk transfer between polars frames and PostgreSQL with COPY, over a psycopg 3 connection."""
+
+from __future__ import annotations
+
+import io
+
+import polars as pl
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+
+EPOCH_US = "(extract(epoch from {col}) * 1000000)::bigint"
+
+
+def raw_connection(conn: sa.Connection) -> psycopg.Connection:
+    """The psycopg connection under a SQLAlchemy connection, sharing its transaction."""
+    return conn.connection.driver_connection  # type: ignore[return-value]
+
+
+def _csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
+    out = []
+    for name, dtype in frame.schema.items():
+        col = pl.col(name)
+        if isinstance(dtype, pl.List):
+            # PostgreSQL array literal; the values are flag names (no commas, quotes or braces).
+            out.append(pl.concat_str(pl.lit("{"), col.list.join(","), pl.lit("}")).alias(name))
+        elif isinstance(dtype, pl.Datetime):
+            out.append(col.dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%d %H:%M:%S%.6f+00").alias(name))
+        else:
+            out.append(col)
+    return frame.select(out)
+
+
+def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
+    """COPY every row of ``frame`` into ``table`` (columns by name); returns the row count."""
+    if frame.is_empty():
+        return 0
+    buffer = io.BytesIO()
+    _csv_ready(frame).write_csv(buffer, include_header=False, null_value="")
+    statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
+    )
+    with raw_connection(conn).cursor() as cur, cur.copy(statement) as copy:
+        copy.write(buffer.getbuffer())
+    return frame.height
+
+
+def copy_query_out(
+    conn: sa.Connection, query: sql.Composable, params: dict | None, schema: dict[str, pl.DataType]
+) -> pl.DataFrame:
+    """Run ``query`` (with bound ``params``) through COPY TO and read it as a frame of ``schema``.
+
+    Timestamp columns must be selected as epoch microseconds (see ``EPOCH_US``): it is exact
+    and avoids parsing the server's text format.
+    """
+    buffer = io.BytesIO()
+    statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv)").format(query)
+    with raw_connection(conn).cursor() as cur, cur.copy(statement, params) as copy:
+        for block in copy:
+            buffer.write(block)
+    read_schema = {
+        name: (pl.Int64 if isinstance(dtype, pl.Datetime) else pl.String if isinstance(dtype, pl.List) else dtype)
+        for name, dtype in schema.items()
+    }
+    if buffer.tell() == 0:
+        return pl.DataFrame(schema=schema)
+    buffer.seek(0)
+    frame = pl.read_csv(buffer, has_header=False, new_columns=list(schema), schema=read_schema)
+    fixes = []
+    for name, dtype in schema.items():
+        if isinstance(dtype, pl.Datetime):
+            fixes.append(pl.col(name).cast(pl.Datetime("us")).dt.replace_time_zone("UTC").alias(name))
+        elif isinstance(dtype, pl.List):
+            fixes.append(
+                pl.col(name).str.strip_chars("{}").str.split(",").list.eval(pl.element().filter(pl.element() != ""))
+                .alias(name)
+            )
+    return frame.with_columns(fixes) if fixes else frame

@@ -1,0 +1,115 @@
+"""The served table: idempotent per-window upserts of feature vectors, and reads back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+import sqlalchemy as sa
+from psycopg import sql
+
+from marketfs.features.compute import KEY_COLUMNS
+from marketfs.features.registry import FeatureSet
+from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
+
+STAGING = "feature_vectors_staging"
+
+
+def vector_schema(feature_set: FeatureSet) -> dict[str, pl.DataType]:
+    return {
+        "instrument_id": pl.String(),
+        "timeframe": pl.String(),
+        "ts": pl.Datetime("us", "UTC"),
+        "feature_set_version": pl.String(),
+        **{name: pl.Float64() for name in feature_set.names},
+        "quality_flags": pl.List(pl.String()),
+    }
+
+
+def upsert_window(
+    conn: sa.Connection,
+    vectors: pl.DataFrame,
+    *,
+    feature_set: FeatureSet,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    run_id: str | None = None,
+) -> dict[str, int]:
+    """Make the table hold exactly ``vectors`` for this version, timeframe and ``[start, end)``.
+
+    COPY into a temporary staging table, one upsert, and a delete of keys in the window that
+    are no longer computed; all inside the caller's transaction, so a failure leaves the table
+    as it was and a re-run gives the same rows.
+    """
+    columns = list(vector_schema(feature_set))
+    stray = vectors.filter(
+        (pl.col("ts") < start)
+        | (pl.col("ts") >= end)
+        | (pl.col("timeframe") != timeframe)
+        | (pl.col("feature_set_version") != feature_set.version)
+    )
+    if stray.height:
+        raise ValueError(f"{stray.height} vector(s) fall outside the window or version being written")
+    conn.execute(
+        sa.text(
+            f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} "
+            "(LIKE feature_vectors INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+    )
+    conn.execute(sa.text(f"TRUNCATE {STAGING}"))
+    staged = vectors.select(columns).with_columns(pl.lit(run_id, pl.String).alias("run_id"))
+    copy_frame_in(conn, STAGING, staged)
+
+    ident = sql.Identifier
+    all_cols = [*columns, "run_id"]
+    updates = [c for c in all_cols if c not in KEY_COLUMNS]
+    upsert = sql.SQL(
+        "INSERT INTO feature_vectors ({cols}, written_at) SELECT {cols}, now() FROM {staging} "
+        "ON CONFLICT ({key}) DO UPDATE SET {sets}, written_at = now()"
+    ).format(
+        cols=sql.SQL(", ").join(map(ident, all_cols)),
+        staging=ident(STAGING),
+        key=sql.SQL(", ").join(map(ident, KEY_COLUMNS)),
+        sets=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in updates),
+    )
+    delete_stale = sql.SQL(
+        "DELETE FROM feature_vectors f WHERE f.feature_set_version = %(version)s AND f.timeframe = %(timeframe)s "
+        "AND f.ts >= %(start)s AND f.ts < %(end)s AND NOT EXISTS ("
+        "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts)"
+    ).format(staging=ident(STAGING))
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur:
+        cur.execute(upsert)
+        upserted = cur.rowcount
+        cur.execute(
+            delete_stale,
+            {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end},
+        )
+        deleted = cur.rowcount
+    return {"upserted": upserted, "deleted_stale": deleted}
+
+
+def read_window(
+    conn: sa.Connection,
+    *,
+    feature_set: FeatureSet,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    instruments: list[str] | None = None,
+) -> pl.DataFrame:
+    """Stored vectors of one version and timeframe in ``[start, end)``, sorted by instrument and ts."""
+    schema = vector_schema(feature_set)
+    cols = sql.SQL(", ").join(
+        sql.SQL(EPOCH_US).format(col=sql.Identifier(c)) if c == "ts" else sql.Identifier(c) for c in schema
+    )
+    where = "feature_set_version = %(version)s AND timeframe = %(timeframe)s AND ts >= %(start)s AND ts < %(end)s"
+    params: dict = {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end}
+    if instruments is not None:
+        where += " AND instrument_id = ANY(%(instruments)s)"
+        params["instruments"] = instruments
+    query = sql.SQL("SELECT {cols} FROM feature_vectors WHERE " + where + " ORDER BY instrument_id, ts").format(
+        cols=cols
+    )
+    return copy_query_out(conn, query, params, schema)

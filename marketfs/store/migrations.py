@@ -1,0 +1,138 @@
+"""Versioned, forward-only schema migrations, plus columns derived from the feature registry.
+
+``migrate()`` is safe to call from every run: an advisory lock serialises concurrent callers and
+each migration runs once, in its own transaction, recorded in ``schema_migrations``.
+TimescaleDB features are used when the server has the extension, and skipped when it has not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from marketfs.db import engine_for, timescaledb_installed
+from marketfs.features.registry import all_feature_columns
+
+MIGRATION_LOCK_ID = 0x6D6B7466  # any constant shared by every caller
+Migration = Callable[[sa.Connection, bool], None]
+
+
+def _m001_base_tables(conn: sa.Connection, timescale: bool) -> None:
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE ohlcv_1m (
+                instrument_id text NOT NULL,
+                ts timestamptz NOT NULL,
+                open double precision NOT NULL,
+                high double precision NOT NULL,
+                low double precision NOT NULL,
+                close double precision NOT NULL,
+                volume double precision NOT NULL,
+                ingested_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (instrument_id, ts)
+            )
+            """
+        )
+    )
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE feature_vectors (
+                instrument_id text NOT NULL,
+                timeframe text NOT NULL,
+                ts timestamptz NOT NULL,
+                feature_set_version text NOT NULL,
+                quality_flags text[] NOT NULL DEFAULT '{}',
+                run_id text,
+                written_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (instrument_id, timeframe, ts, feature_set_version)
+            )
+            """
+        )
+    )
+    # Serves latest-per-instrument and time-range reads of one version.
+    conn.execute(
+        sa.text(
+            "CREATE INDEX feature_vectors_version_ts ON feature_vectors "
+            "(feature_set_version, timeframe, instrument_id, ts DESC)"
+        )
+    )
+    if timescale:
+        conn.execute(
+            sa.text(
+                "SELECT create_hypertable('ohlcv_1m', by_range('ts', INTERVAL '7 days'), migrate_data => true)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "SELECT create_hypertable('feature_vectors', by_range('ts', INTERVAL '7 days'), "
+                "migrate_data => true)"
+            )
+        )
+
+
+MIGRATIONS: list[tuple[int, str, Migration]] = [
+    (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
+]
+
+
+def _ensure_timescaledb(conn: sa.Connection) -> bool:
+    if os.environ.get("MARKETFS_TIMESCALEDB", "auto").lower() in ("off", "0", "false", "no"):
+        return timescaledb_installed(conn)
+    if timescaledb_installed(conn):
+        return True
+    available = conn.execute(
+        sa.text("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
+    ).scalar()
+    if not available:
+        return False
+    # The extension can be listed yet not loadable (not in shared_preload_libraries): try, and fall back.
+    with conn.begin_nested() as savepoint:
+        try:
+            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
+        except sa.exc.DBAPIError:
+            savepoint.rollback()
+            return False
+    return True
+
+
+def _ensure_feature_columns(conn: sa.Connection) -> None:
+    existing = {
+        row[0]
+        for row in conn.execute(
+            sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = 'feature_vectors'")
+        )
+    }
+    for name in all_feature_columns():
+        if name not in existing:
+            # Feature names come from the registry, not from users; quoted as identifiers all the same.
+            conn.execute(sa.text(f'ALTER TABLE feature_vectors ADD COLUMN "{name}" double precision'))
+
+
+def migrate(dsn: str) -> list[str]:
+    """Bring the database at ``dsn`` up to date; return the names of the migrations applied now."""
+    engine = engine_for(dsn)
+    applied_now: list[str] = []
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        conn.execute(
+            sa.text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        )
+        timescale = _ensure_timescaledb(conn)
+        done = {row[0] for row in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
+        for version, name, migration in MIGRATIONS:
+            if version in done:
+                continue
+            migration(conn, timescale)
+            conn.execute(
+                sa.text("INSERT INTO schema_migrations (version, name) VALUES (:v, :n)"), {"v": version, "n": name}
+            )
+            applied_now.append(name)
+        _ensure_feature_columns(conn)
+    return applied_now

@@ -1,0 +1,39 @@
+"""Process environment for Dagster commands: feature store DSN, instance storage DSN, DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from marketfs.db import DSN_ENV
+from marketfs.embedded_pg import EmbeddedPostgres, default_home
+
+DAGSTER_PG_ENV = "MARKETFS_DAGSTER_PG_URL"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare_environment() -> dict[str, str]:
+    """Set (and return) the variables a Dagster process of this project needs; start the embedded server if used."""
+    if os.environ.get(DSN_ENV):
+        dsn = os.environ[DSN_ENV]
+        instance_dsn = os.environ.get(DAGSTER_PG_ENV) or dsn
+    else:
+        server = EmbeddedPostgres(default_home())
+        dsn = server.ensure_running()
+        instance_dsn = os.environ.get(DAGSTER_PG_ENV) or server.dsn("dagster")
+    os.environ[DSN_ENV] = dsn
+    # dagster-postgres ships psycopg2; SQLAlchemy 2.1 would otherwise pick psycopg 3 for postgresql://.
+    os.environ[DAGSTER_PG_ENV] = (
+        sa.make_url(instance_dsn).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    )
+    home = Path(os.environ.get("DAGSTER_HOME") or default_home() / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    template = PROJECT_ROOT / "dagster.yaml"
+    target = home / "dagster.yaml"
+    if template.exists() and (not target.exists() or target.read_text() != template.read_text()):
+        shutil.copyfile(template, target)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return {k: os.environ[k] for k in (DSN_ENV, DAGSTER_PG_ENV, "DAGSTER_HOME")}

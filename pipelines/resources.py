@@ -1,0 +1,62 @@
+"""Dagster resources: the feature store database and the market data source, configured from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import PrivateAttr
+
+from marketfs.db import engine_for, resolve_dsn
+from marketfs.sources import BarSource, LandingFolderBars, SyntheticBars
+
+
+class FeatureStore(dg.ConfigurableResource):
+    """The PostgreSQL/TimescaleDB database that holds bars and feature vectors.
+
+    ``dsn`` empty means ``$MARKETFS_DSN``, else the embedded default server. The schema is
+    migrated once per run, before the first asset touches it.
+    """
+
+    dsn: str = ""
+    _dsn: str = PrivateAttr(default="")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from marketfs.store.migrations import migrate
+
+        self._dsn = self.dsn or resolve_dsn()
+        applied = migrate(self._dsn)
+        if applied and context.log:
+            context.log.info(f"schema migrations applied: {', '.join(applied)}")
+
+    def engine(self) -> sa.Engine:
+        return engine_for(self._dsn or self.dsn or resolve_dsn())
+
+
+class MarketData(dg.ConfigurableResource):
+    """Where raw bars come from: ``synthetic`` (deterministic demo data) or ``landing`` (a folder of files)."""
+
+    source: str = "synthetic"
+    landing_dir: str = "landing"
+    synthetic_instruments: int = 10
+    synthetic_seed: int = 7
+
+    def bar_source(self) -> BarSource:
+        if self.source == "synthetic":
+            instruments = tuple(f"SYN{i:03d}" for i in range(self.synthetic_instruments))
+            return SyntheticBars(instruments=instruments, seed=self.synthetic_seed)
+        if self.source == "landing":
+            return LandingFolderBars(Path(self.landing_dir))
+        raise dg.Failure(
+            f"unknown market data source {self.source!r}; set MARKETFS_SOURCE to 'synthetic' or 'landing'"
+        )
+
+
+def market_data_from_env() -> MarketData:
+    return MarketData(
+        source=os.environ.get("MARKETFS_SOURCE", "synthetic"),
+        landing_dir=os.environ.get("MARKETFS_LANDING_DIR", "landing"),
+        synthetic_instruments=int(os.environ.get("MARKETFS_SYNTHETIC_INSTRUMENTS", "10")),
+    )
