@@ -25,6 +25,7 @@ GATE_CHECK = "feature_vectors_suite"
 # four days cover a weekend plus a holiday for the 1m lookbacks.
 WARMUP_DAYS_1M = 4
 
+
 @dg.asset(
     partitions_def=DAILY,
     backfill_policy=BATCHED_BACKFILL,

@@ -42,9 +42,7 @@ def gate_metadata(gate: GateResult) -> dict[str, dg.MetadataValue]:
     for outcome in gate.failures:
         meta[f"FAILED {outcome.label}"] = dg.MetadataValue.text(f"[{outcome.severity}] {outcome.describe()}")
     if gate.failures:
-        rows = "\n".join(
-            f"| `{o.label}` | {o.severity} | {o.describe().replace('|', '/')} |" for o in gate.failures
-        )
+        rows = "\n".join(f"| `{o.label}` | {o.severity} | {o.describe().replace('|', '/')} |" for o in gate.failures)
         meta["failures"] = dg.MetadataValue.md("| expectation | severity | observed |\n|---|---|---|\n" + rows)
     return meta
 

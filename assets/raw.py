@@ -8,6 +8,7 @@ from marketfs.sources import SourceFileError
 from marketfs.store.bars import replace_bars
 from pipelines.resources import FeatureStore, MarketData
 
+
 @dg.asset(
     partitions_def=DAILY,
     backfill_policy=BATCHED_BACKFILL,

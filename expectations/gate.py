@@ -99,9 +99,7 @@ def load_suite_json(path: Path) -> dict[str, Any]:
 
 def _for_validation(frame: pl.DataFrame) -> pl.DataFrame:
     # GX's pandas engine cannot hash list cells; flags are validated as a comma-joined string.
-    return frame.with_columns(
-        [pl.col(n).list.join(",") for n, t in frame.schema.items() if isinstance(t, pl.List)]
-    )
+    return frame.with_columns([pl.col(n).list.join(",") for n, t in frame.schema.items() if isinstance(t, pl.List)])
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,8 +1,8 @@
 """``marketfs``: manage the embedded default database.
 
-    marketfs dsn     print the feature store DSN (starting the embedded server if needed)
-    marketfs stop    stop the embedded server (data stays in $MARKETFS_HOME/postgres)
-    marketfs status  say whether the embedded server runs, and where
+marketfs dsn     print the feature store DSN (starting the embedded server if needed)
+marketfs stop    stop the embedded server (data stays in $MARKETFS_HOME/postgres)
+marketfs status  say whether the embedded server runs, and where
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from marketfs.embedded_pg import EmbeddedPostgres, default_home
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="marketfs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="marketfs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("command", choices=["dsn", "stop", "status"])
     args = parser.parse_args(argv)
     server = EmbeddedPostgres(default_home())

@@ -193,8 +193,10 @@ class EmbeddedPostgres:
         try:
             self._pg(
                 "initdb",
-                "-D", str(self.data_dir),
-                "-U", SUPERUSER,
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
                 f"--pwfile={pwfile}",
                 "--auth-host=scram-sha-256",
                 "--auth-local=scram-sha-256",
@@ -238,11 +240,15 @@ class EmbeddedPostgres:
     def _start(self, port: int) -> None:
         self._pg(
             "pg_ctl",
-            "-D", str(self.data_dir),
-            "-l", str(self.log_file),
-            "-o", f"-p {port}",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-o",
+            f"-p {port}",
             "-w",
-            "-t", "60",
+            "-t",
+            "60",
             "start",
         )
 

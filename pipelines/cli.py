@@ -1,7 +1,7 @@
 """``python -m pipelines``: run the sample pipeline end to end, or open the Dagster UI on it.
 
-    python -m pipelines run [--start 2024-01-02] [--end 2024-01-12]
-    python -m pipelines ui [--port 3000]
+python -m pipelines run [--start 2024-01-02] [--end 2024-01-12]
+python -m pipelines ui [--port 3000]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _run(start: str, end: str) -> int:
     print(f"gate checks    {checks_passed} passed, {checks_failed} failed")
     if failed_runs:
         print(f"FAILED runs    {', '.join(failed_runs)}: open them in the UI (make ui) for the failed expectations")
-    print("look           make ui (Dagster UI on http://127.0.0.1:3000), make dsn (psql \"$(make -s dsn)\")")
+    print('look           make ui (Dagster UI on http://127.0.0.1:3000), make dsn (psql "$(make -s dsn)")')
     return 1 if failed_runs else 0
 
 
@@ -78,16 +78,25 @@ def _ui(port: int) -> int:
     prepare_environment()
     os.chdir(PROJECT_ROOT)
     command = [
-        sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-        "-h", "127.0.0.1", "-p", str(port),
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
     ]
     os.execv(sys.executable, command)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialise raw bars and feature vectors for a range of days")
     run.add_argument("--start", default=DEFAULT_START, type=date.fromisoformat)

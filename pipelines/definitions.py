@@ -14,9 +14,7 @@ daily_features_job = dg.define_asset_job(
     description="Raw bars and 1m feature vectors for a range of daily partitions.",
 )
 
-daily_features_schedule = dg.build_schedule_from_partitioned_job(
-    daily_features_job, hour_of_day=0, minute_of_hour=30
-)
+daily_features_schedule = dg.build_schedule_from_partitioned_job(daily_features_job, hour_of_day=0, minute_of_hour=30)
 
 defs = dg.Definitions(
     assets=[raw_ohlcv, feature_vectors_1m],

@@ -49,9 +49,7 @@ class MarketData(dg.ConfigurableResource):
             return SyntheticBars(instruments=instruments, seed=self.synthetic_seed)
         if self.source == "landing":
             return LandingFolderBars(Path(self.landing_dir))
-        raise dg.Failure(
-            f"unknown market data source {self.source!r}; set MARKETFS_SOURCE to 'synthetic' or 'landing'"
-        )
+        raise dg.Failure(f"unknown market data source {self.source!r}; set MARKETFS_SOURCE to 'synthetic' or 'landing'")
 
 
 def market_data_from_env() -> MarketData:

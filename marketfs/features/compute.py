@@ -42,8 +42,12 @@ def compute_feature_vectors(
         short_history = short_history | (pl.col("_bars_seen") < feature.lookback)
     flags = pl.concat_list(
         [
-            pl.when(short_history).then(pl.lit([QualityFlag.INSUFFICIENT_OHLCV.value])).otherwise(pl.lit([], pl.List(pl.String))),
-            pl.when(non_finite).then(pl.lit([QualityFlag.COMPUTATION_ERROR.value])).otherwise(pl.lit([], pl.List(pl.String))),
+            pl.when(short_history)
+            .then(pl.lit([QualityFlag.INSUFFICIENT_OHLCV.value]))
+            .otherwise(pl.lit([], pl.List(pl.String))),
+            pl.when(non_finite)
+            .then(pl.lit([QualityFlag.COMPUTATION_ERROR.value]))
+            .otherwise(pl.lit([], pl.List(pl.String))),
         ]
     )
     return frame.select(

@@ -14,8 +14,7 @@ class QualityFlag(StrEnum):
 FLAG_MEANINGS: dict[QualityFlag, str] = {
     QualityFlag.MISSING_OHLCV: "The bar at ts is absent from the source and was not computed from data.",
     QualityFlag.INSUFFICIENT_OHLCV: (
-        "Fewer bars precede ts (this bar included) than at least one feature's lookback; "
-        "that feature is null."
+        "Fewer bars precede ts (this bar included) than at least one feature's lookback; that feature is null."
     ),
     QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN) and was stored as null.",
 }

@@ -33,11 +33,7 @@ class LandingFolderBars:
         frames = [read_bar_file(path) for path in self.files()]
         if not frames:
             return pl.DataFrame(schema=BAR_SCHEMA)
-        return (
-            pl.concat(frames)
-            .filter((pl.col("ts") >= start) & (pl.col("ts") < end))
-            .sort("instrument_id", "ts")
-        )
+        return pl.concat(frames).filter((pl.col("ts") >= start) & (pl.col("ts") < end)).sort("instrument_id", "ts")
 
 
 def read_bar_file(path: Path) -> pl.DataFrame:
@@ -52,7 +48,9 @@ def read_bar_file(path: Path) -> pl.DataFrame:
         else:
             raise SourceFileError(path, f"unsupported file type {suffix!r}", "deliver .csv or .parquet files")
     except (pl.exceptions.ComputeError, OSError) as exc:
-        raise SourceFileError(path, f"cannot be read ({exc.__class__.__name__}: {exc})", "deliver a valid file") from exc
+        raise SourceFileError(
+            path, f"cannot be read ({exc.__class__.__name__}: {exc})", "deliver a valid file"
+        ) from exc
 
     missing = [c for c in BAR_SCHEMA if c not in raw.columns]
     if missing:
@@ -71,7 +69,7 @@ def read_bar_file(path: Path) -> pl.DataFrame:
             raise SourceFileError(
                 path,
                 f"column {column!r} has {row[column]!r}, not {expected} ({bad.height} such row(s))",
-                f"correct or remove that row and drop the file again",
+                "correct or remove that row and drop the file again",
                 line=int(row["_row"]) + line_offset,
             )
 
@@ -80,8 +78,11 @@ def read_bar_file(path: Path) -> pl.DataFrame:
         parsed = pl.col(column).cast(pl.Float64, strict=False)
         fail(raw.filter(parsed.is_null() & pl.col(column).is_not_null()), column, "a number")
         casts.append(parsed)
-    fail(raw.filter(pl.col("instrument_id").is_null() | (pl.col("instrument_id").cast(pl.String) == "")),
-         "instrument_id", "a non-empty instrument id")
+    fail(
+        raw.filter(pl.col("instrument_id").is_null() | (pl.col("instrument_id").cast(pl.String) == "")),
+        "instrument_id",
+        "a non-empty instrument id",
+    )
 
     ts = _parse_ts(raw["ts"])
     fail(raw.filter(ts.is_null()), "ts", "an ISO 8601 timestamp such as 2024-01-02T14:30:00Z")
@@ -100,9 +101,7 @@ def _parse_ts(values: pl.Series) -> pl.Series:
         "UTC"
     )
     naive = text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us").dt.replace_time_zone("UTC")
-    naive_space = text.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us").dt.replace_time_zone(
-        "UTC"
-    )
+    naive_space = text.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us").dt.replace_time_zone("UTC")
     frame = pl.DataFrame({"o": has_offset, "a": aware, "b": aware_space, "c": naive, "d": naive_space})
     return frame.select(
         pl.when(pl.col("o")).then(pl.coalesce("a", "b")).otherwise(pl.coalesce("c", "d")).alias("ts")

@@ -42,11 +42,7 @@ class SyntheticBars:
     minute_vol: float = 0.0008
 
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
-        frames = [
-            self._day(instrument, day)
-            for day in trading_days(start, end)
-            for instrument in self.instruments
-        ]
+        frames = [self._day(instrument, day) for day in trading_days(start, end) for instrument in self.instruments]
         if not frames:
             return pl.DataFrame(schema=BAR_SCHEMA)
         out = pl.concat(frames)

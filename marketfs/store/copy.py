@@ -72,7 +72,10 @@ def copy_query_out(
             fixes.append(pl.col(name).cast(pl.Datetime("us")).dt.replace_time_zone("UTC").alias(name))
         elif isinstance(dtype, pl.List):
             fixes.append(
-                pl.col(name).str.strip_chars("{}").str.split(",").list.eval(pl.element().filter(pl.element() != ""))
+                pl.col(name)
+                .str.strip_chars("{}")
+                .str.split(",")
+                .list.eval(pl.element().filter(pl.element() != ""))
                 .alias(name)
             )
     return frame.with_columns(fixes) if fixes else frame

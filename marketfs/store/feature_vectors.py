@@ -53,8 +53,7 @@ def upsert_window(
         raise ValueError(f"{stray.height} vector(s) fall outside the window or version being written")
     conn.execute(
         sa.text(
-            f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} "
-            "(LIKE feature_vectors INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE feature_vectors INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
     )
     conn.execute(sa.text(f"TRUNCATE {STAGING}"))

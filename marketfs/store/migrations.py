@@ -62,14 +62,11 @@ def _m001_base_tables(conn: sa.Connection, timescale: bool) -> None:
     )
     if timescale:
         conn.execute(
-            sa.text(
-                "SELECT create_hypertable('ohlcv_1m', by_range('ts', INTERVAL '7 days'), migrate_data => true)"
-            )
+            sa.text("SELECT create_hypertable('ohlcv_1m', by_range('ts', INTERVAL '7 days'), migrate_data => true)")
         )
         conn.execute(
             sa.text(
-                "SELECT create_hypertable('feature_vectors', by_range('ts', INTERVAL '7 days'), "
-                "migrate_data => true)"
+                "SELECT create_hypertable('feature_vectors', by_range('ts', INTERVAL '7 days'), migrate_data => true)"
             )
         )
 

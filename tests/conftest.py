@@ -1,0 +1,80 @@
+"""Test fixtures: a real PostgreSQL for the session and a fresh database per test.
+
+The server is the embedded one, started in a throwaway folder (fsync off), unless
+MARKETFS_TEST_DSN points at another server (for example a TimescaleDB): then each test gets
+its own database created on that server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from marketfs.embedded_pg import EmbeddedPostgres
+from marketfs.store.migrations import migrate
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """DSN of a maintenance database on the test server."""
+    external = os.environ.get("MARKETFS_TEST_DSN")
+    if external:
+        yield external
+        return
+    home = Path(tempfile.mkdtemp(prefix="marketfs-test-pg-"))
+    home.chmod(0o755)  # the server's system user (when tests run as root) must reach its data dir
+    server = EmbeddedPostgres(home, durable=False)
+    server.ensure_running()
+    try:
+        yield server.dsn("postgres")
+    finally:
+        server.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _with_database(dsn: str, name: str) -> str:
+    return (
+        sa.make_url(dsn)
+        .set(database=name)
+        .render_as_string(hide_password=False)
+        .replace("postgresql+psycopg://", "postgresql://")
+    )
+
+
+@pytest.fixture
+def empty_dsn(server_dsn: str) -> Iterator[str]:
+    """A new, empty database for one test; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = _with_database(server_dsn, name)
+    try:
+        yield dsn
+    finally:
+        from marketfs.db import engine_for
+
+        engine_for(dsn).dispose()
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(empty_dsn: str) -> str:
+    """A fresh database with the schema migrated."""
+    migrate(empty_dsn)
+    return empty_dsn
+
+
+@pytest.fixture
+def engine(dsn: str) -> sa.Engine:
+    from marketfs.db import engine_for
+
+    return engine_for(dsn)
