@@ -1,12 +1,43 @@
-"""Raw inputs as they arrived: one-minute OHLCV bars per UTC day."""
+"""Raw inputs as they arrived, and what is derived from them alone: minute bars, news events, daily bars."""
 
 import dagster as dg
 
 from assets.metadata import frame_summary
 from assets.partitions import BATCHED_BACKFILL, DAILY
+from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
-from marketfs.store.bars import replace_bars
+from marketfs.sources.normalize import normalize_bars, normalize_events
+from marketfs.store.bars import read_bars, replace_bars
+from marketfs.store.events import replace_events
 from pipelines.resources import FeatureStore, MarketData
+
+
+def _source_failure(exc: SourceFileError) -> dg.Failure:
+    # Raised before any write: the table keeps what it had.
+    return dg.Failure(description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))})
+
+
+@dg.asset(
+    partitions_def=DAILY,
+    backfill_policy=BATCHED_BACKFILL,
+    group_name="raw",
+    kinds={"postgres", "polars"},
+    code_version="2",
+    description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
+)
+def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData) -> dg.MaterializeResult:
+    start, end = context.partition_time_window
+    try:
+        delivered = market_data.bar_source().bars(start, end)
+    except SourceFileError as exc:
+        raise _source_failure(exc) from exc
+    bars = normalize_bars(delivered)
+    with store.engine().begin() as conn:
+        replace_bars(conn, bars, start, end)
+    metadata = frame_summary(bars.drop("source_flags"))
+    metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
+    metadata["flag_TIMESTAMP_MISMATCH"] = dg.MetadataValue.int(int(bars["source_flags"].list.len().gt(0).sum()))
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(
@@ -15,16 +46,37 @@ from pipelines.resources import FeatureStore, MarketData
     group_name="raw",
     kinds={"postgres", "polars"},
     code_version="1",
-    description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
+    description="News events (event_id, instrument_id, published_at UTC, sentiment, confidence, source) "
+    "in table news_events, partitioned by publication day; each event_id kept once.",
 )
-def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData) -> dg.MaterializeResult:
+def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData) -> dg.MaterializeResult:
     start, end = context.partition_time_window
     try:
-        bars = market_data.bar_source().bars(start, end)
+        delivered = market_data.event_source().events(start, end)
     except SourceFileError as exc:
-        # Raised before any write: the table keeps what it had.
-        raise dg.Failure(description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))}) from exc
+        raise _source_failure(exc) from exc
+    events = normalize_events(delivered)
     with store.engine().begin() as conn:
-        written = replace_bars(conn, bars, start, end)
-    context.log.info(f"wrote {written} bars for [{start}, {end})")
-    return dg.MaterializeResult(metadata=frame_summary(bars))
+        written = replace_events(conn, events, start, end)
+    metadata = frame_summary(events.rename({"published_at": "ts"}))
+    metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
+    metadata["duplicates_dropped"] = dg.MetadataValue.int(delivered.height - written)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    partitions_def=DAILY,
+    backfill_policy=BATCHED_BACKFILL,
+    group_name="raw",
+    kinds={"postgres", "polars"},
+    code_version="1",
+    deps=[raw_ohlcv],
+    description="Daily bars resampled from ohlcv_1m (open first, high max, low min, close last, volume sum), "
+    "stamped 23:59 UTC, in table ohlcv_1d.",
+)
+def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> dg.MaterializeResult:
+    start, end = context.partition_time_window
+    with store.engine().begin() as conn:
+        daily = daily_bars(read_bars(conn, start, end))
+        replace_bars(conn, daily, start, end, timeframe="1d")
+    return dg.MaterializeResult(metadata=frame_summary(daily.drop("source_flags")))

@@ -56,17 +56,21 @@ def _run(start: str, end: str) -> int:
     window_start = DAILY.time_window_for_partition_key(keys[0]).start
     window_end = DAILY.time_window_for_partition_key(keys[-1]).end
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:
-        bars, vectors = conn.execute(
+        bars, events, vectors_1m, vectors_1d = conn.execute(
             sa.text(
                 "SELECT (SELECT count(*) FROM ohlcv_1m WHERE ts >= :s AND ts < :e), "
-                "(SELECT count(*) FROM feature_vectors WHERE ts >= :s AND ts < :e AND feature_set_version = :v)"
+                "(SELECT count(*) FROM news_events WHERE published_at >= :s AND published_at < :e), "
+                "(SELECT count(*) FROM feature_vectors WHERE ts >= :s AND ts < :e AND feature_set_version = :v "
+                "AND timeframe = '1m'), "
+                "(SELECT count(*) FROM feature_vectors WHERE ts >= :s AND ts < :e AND feature_set_version = :v "
+                "AND timeframe = '1d')"
             ),
             {"s": window_start, "e": window_end, "v": FEATURE_SET.version},
         ).one()
     print()
     print(f"partitions     {len(keys)} ({keys[0]} .. {keys[-1]}), {(len(keys) + batch - 1) // batch} run(s)")
-    print(f"bars stored    {bars} in ohlcv_1m")
-    print(f"vectors stored {vectors} in feature_vectors ({FEATURE_SET.version}, 1m)")
+    print(f"bars stored    {bars} in ohlcv_1m, {events} events in news_events")
+    print(f"vectors stored {vectors_1m} (1m) and {vectors_1d} (1d) in feature_vectors ({FEATURE_SET.version})")
     print(f"gate checks    {checks_passed} passed, {checks_failed} failed")
     if failed_runs:
         print(f"FAILED runs    {', '.join(failed_runs)}: open them in the UI (make ui) for the failed expectations")

@@ -10,7 +10,14 @@ import sqlalchemy as sa
 from pydantic import PrivateAttr
 
 from marketfs.db import engine_for, resolve_dsn
-from marketfs.sources import BarSource, LandingFolderBars, SyntheticBars
+from marketfs.sources import (
+    BarSource,
+    EventSource,
+    LandingFolderBars,
+    LandingFolderEvents,
+    SyntheticBars,
+    SyntheticEvents,
+)
 
 
 class FeatureStore(dg.ConfigurableResource):
@@ -36,20 +43,34 @@ class FeatureStore(dg.ConfigurableResource):
 
 
 class MarketData(dg.ConfigurableResource):
-    """Where raw bars come from: ``synthetic`` (deterministic demo data) or ``landing`` (a folder of files)."""
+    """Where raw bars and events come from: ``synthetic`` (deterministic demo data) or ``landing``
+    (``<landing_dir>/bars`` and ``<landing_dir>/events``)."""
 
     source: str = "synthetic"
     landing_dir: str = "landing"
     synthetic_instruments: int = 10
     synthetic_seed: int = 7
 
+    def _instruments(self) -> tuple[str, ...]:
+        return tuple(f"SYN{i:03d}" for i in range(self.synthetic_instruments))
+
+    def _check(self) -> None:
+        if self.source not in ("synthetic", "landing"):
+            raise dg.Failure(
+                f"unknown market data source {self.source!r}; set MARKETFS_SOURCE to 'synthetic' or 'landing'"
+            )
+
     def bar_source(self) -> BarSource:
+        self._check()
         if self.source == "synthetic":
-            instruments = tuple(f"SYN{i:03d}" for i in range(self.synthetic_instruments))
-            return SyntheticBars(instruments=instruments, seed=self.synthetic_seed)
-        if self.source == "landing":
-            return LandingFolderBars(Path(self.landing_dir))
-        raise dg.Failure(f"unknown market data source {self.source!r}; set MARKETFS_SOURCE to 'synthetic' or 'landing'")
+            return SyntheticBars(instruments=self._instruments(), seed=self.synthetic_seed)
+        return LandingFolderBars(Path(self.landing_dir) / "bars")
+
+    def event_source(self) -> EventSource:
+        self._check()
+        if self.source == "synthetic":
+            return SyntheticEvents(instruments=self._instruments(), seed=self.synthetic_seed)
+        return LandingFolderEvents(Path(self.landing_dir) / "events")
 
 
 def market_data_from_env() -> MarketData:

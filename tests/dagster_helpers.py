@@ -6,11 +6,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.features import feature_vectors_1m
-from assets.raw import raw_ohlcv
+from pipelines.definitions import ALL_ASSETS
 from pipelines.resources import FeatureStore, MarketData
 
-PIPELINE = [raw_ohlcv, feature_vectors_1m]
+PIPELINE = ALL_ASSETS
 
 
 def resources(dsn: str, landing_dir: Path | None = None, instruments: int = 3) -> dict:

@@ -31,9 +31,13 @@ def bars(closes: list[float], instrument: str = "A", start: datetime = T0) -> pl
     )
 
 
+def vectors(frame: pl.DataFrame, **kwargs) -> pl.DataFrame:
+    return compute_feature_vectors(frame, "1m", **kwargs).vectors
+
+
 def test_ret_1_and_ret_5_hand_computed() -> None:
     closes = [100.0, 101.0, 99.0, 102.0, 102.0, 105.0, 110.0]
-    out = compute_feature_vectors(bars(closes), "1m")
+    out = vectors(bars(closes))
     assert out["ret_1"].to_list()[1:] == pytest.approx(
         [0.01, 99 / 101 - 1, 102 / 99 - 1, 0.0, 105 / 102 - 1, 110 / 105 - 1]
     )
@@ -45,7 +49,7 @@ def test_ret_1_and_ret_5_hand_computed() -> None:
 
 def test_vol_20_is_sample_std_of_last_20_returns_including_this_bar() -> None:
     closes = [100 * (1 + 0.001 * ((i * 7) % 5 - 2)) ** i for i in range(25)]
-    out = compute_feature_vectors(bars(closes), "1m")
+    out = vectors(bars(closes))
     rets = [closes[i] / closes[i - 1] - 1 for i in range(1, 25)]
     assert out["vol_20"].to_list()[:20] == [None] * 20  # 20 returns need 21 bars
     for row in range(20, 25):
@@ -55,25 +59,43 @@ def test_vol_20_is_sample_std_of_last_20_returns_including_this_bar() -> None:
 
 def test_instruments_do_not_leak_into_each_other() -> None:
     frame = pl.concat([bars([10.0, 11.0, 12.0], "A"), bars([50.0, 25.0], "B")])
-    out = compute_feature_vectors(frame, "1m").sort("instrument_id", "ts")
-    assert out.filter(pl.col("instrument_id") == "B")["ret_1"].to_list() == [None, pytest.approx(-0.5)]
+    out = vectors(frame)
+    b = out.filter(pl.col("instrument_id") == "B")
+    assert b["ret_1"].to_list()[:2] == [None, pytest.approx(-0.5)]
+    # A traded a third minute and B did not: B's vector there says so instead of being silently absent.
+    assert b["ret_1"][2] is None and "MISSING_OHLCV" in b["quality_flags"][2]
     assert out.filter(pl.col("instrument_id") == "A")["ret_1"].to_list()[1:] == pytest.approx([0.1, 1 / 11])
 
 
 def test_warmup_bars_feed_lookback_but_get_no_vector() -> None:
-    frame = bars([100.0 + i for i in range(30)])
-    start = T0 + timedelta(minutes=25)
-    out = compute_feature_vectors(frame, "1m", start=start)
+    frame = bars([100.0 + (i % 7) for i in range(40)])
+    start = T0 + timedelta(minutes=35)
+    out = vectors(frame, start=start)
     assert out.height == 5
     assert out["ts"].min() == start
     assert out["vol_20"].null_count() == 0
-    assert all(flags == [] for flags in out["quality_flags"].to_list())
+    assert not any("INSUFFICIENT_OHLCV" in flags for flags in out["quality_flags"].to_list())
 
 
-def test_short_history_is_flagged_and_nonfinite_becomes_null_with_flag() -> None:
-    out = compute_feature_vectors(bars([100.0, 0.0, 5.0]), "1m")
-    assert "INSUFFICIENT_OHLCV" in out["quality_flags"][0]
-    # 5 / 0 - 1 is inf: stored as null and flagged, never as a silent number.
-    assert out["ret_1"][2] is None
-    assert "COMPUTATION_ERROR" in out["quality_flags"][2]
+def test_short_history_is_flagged() -> None:
+    out = vectors(bars([100.0, 101.0, 102.0]))
+    assert all("INSUFFICIENT_OHLCV" in flags for flags in out["quality_flags"])
+
+
+def test_zero_or_nan_price_is_a_missing_bar_not_a_number() -> None:
+    out = vectors(bars([100.0, 0.0, float("nan"), 105.0]))
+    assert out["quality_flags"][1].to_list() == out["quality_flags"][2].to_list()
+    assert "MISSING_OHLCV" in out["quality_flags"][1]
+    assert out["ret_1"][1] is None and out["ret_1"][2] is None
+    # The next valid bar is computed from the last valid one, not from the bad prints.
+    assert out["ret_1"][3] == pytest.approx(0.05)
+    assert "MISSING_OHLCV" not in out["quality_flags"][3]
+
+
+def test_non_finite_result_is_null_and_flagged() -> None:
+    # 20 identical closes: the Bollinger band has zero width and %b is 0/0.
+    out = vectors(bars([100.0] * 25))
+    assert out["bb_pct_b"][24] is None
+    assert "COMPUTATION_ERROR" in out["quality_flags"][24]
+    assert out["bb_upper"][24] == pytest.approx(100.0)
     assert not any(isinstance(v, float) and math.isinf(v) for v in out["ret_1"].to_list())

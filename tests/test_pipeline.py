@@ -11,8 +11,8 @@ from dagster_helpers import materialize_range
 
 from marketfs.features.compute import compute_feature_vectors
 from marketfs.features.registry import FS_V1
-from marketfs.sources import SyntheticBars
-from marketfs.store.feature_vectors import read_window
+from marketfs.sources import SyntheticBars, SyntheticEvents
+from marketfs.store.feature_vectors import read_vectors
 
 DAY = datetime(2024, 1, 3, tzinfo=UTC)
 NEXT = DAY + timedelta(days=1)
@@ -20,7 +20,7 @@ NEXT = DAY + timedelta(days=1)
 
 def stored(engine: sa.Engine, start: datetime = DAY, end: datetime = NEXT) -> pl.DataFrame:
     with engine.connect() as conn:
-        return read_window(conn, feature_set=FS_V1, timeframe="1m", start=start, end=end)
+        return read_vectors(conn, feature_set=FS_V1, timeframe="1m", start=start, end=end)
 
 
 def table_fingerprint(engine: sa.Engine, table: str, columns: str = "t.*") -> tuple:
@@ -34,12 +34,18 @@ def test_partition_rows_read_back_equal_the_computation(dsn: str, engine: sa.Eng
     result = materialize_range(dsn, "2024-01-02", "2024-01-03")
     assert result.success
     got = stored(engine)
-    source = SyntheticBars(instruments=("SYN000", "SYN001", "SYN002"))
-    expected = compute_feature_vectors(source.bars(DAY - timedelta(days=1), NEXT), "1m", start=DAY, end=NEXT)
+    instruments = ("SYN000", "SYN001", "SYN002")
+    history = (DAY - timedelta(days=1), NEXT)
+    expected = compute_feature_vectors(
+        SyntheticBars(instruments=instruments).bars(*history),
+        "1m",
+        events=SyntheticEvents(instruments=instruments).events(*history),
+        start=DAY,
+        end=NEXT,
+    ).vectors
     assert got.height == expected.height > 1000
     assert got.equals(expected)
-    [check] = result.get_asset_check_evaluations()
-    assert check.passed
+    assert all(check.passed for check in result.get_asset_check_evaluations())
 
 
 def test_rerun_gives_the_same_rows_not_twice_as_many(dsn: str, engine: sa.Engine) -> None:
@@ -51,10 +57,15 @@ def test_rerun_gives_the_same_rows_not_twice_as_many(dsn: str, engine: sa.Engine
     assert stored(engine).equals(first)
     assert table_fingerprint(engine, "ohlcv_1m", bar_values) == bars_first
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM feature_vectors")).scalar() == first.height
+        assert (
+            conn.execute(sa.text("SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'")).scalar()
+            == first.height
+        )
 
 
 def _landing_day(folder: Path, spike_at: int | None = None) -> None:
+    (folder / "bars").mkdir(exist_ok=True)
+    (folder / "events").mkdir(exist_ok=True)
     bars = SyntheticBars(instruments=("AAA", "BBB")).bars(DAY, NEXT)
     if spike_at is not None:
         # A bad print: one close ten times too high; the raw bar is well-formed, the returns are not.
@@ -68,7 +79,7 @@ def _landing_day(folder: Path, spike_at: int | None = None) -> None:
             .otherwise(pl.col("high"))
             .alias("high"),
         )
-    bars.write_parquet(folder / "bars.parquet")
+    bars.write_parquet(folder / "bars" / "bars.parquet")
 
 
 def test_breaching_partition_fails_run_and_leaves_feature_vectors_unchanged(
@@ -76,14 +87,16 @@ def test_breaching_partition_fails_run_and_leaves_feature_vectors_unchanged(
 ) -> None:
     _landing_day(tmp_path)
     assert materialize_range(dsn, "2024-01-03", landing_dir=tmp_path).success
-    before = table_fingerprint(engine, "feature_vectors")
+    # The 1m vectors are the breached asset's rows; the 1d asset passes its own gate and may write.
+    served_1m = "(SELECT * FROM feature_vectors WHERE timeframe = '1m')"
+    before = table_fingerprint(engine, served_1m)
 
     _landing_day(tmp_path, spike_at=100)
     result = materialize_range(dsn, "2024-01-03", landing_dir=tmp_path)
     assert not result.success
-    assert table_fingerprint(engine, "feature_vectors") == before
+    assert table_fingerprint(engine, served_1m) == before
 
-    [check] = result.get_asset_check_evaluations()
+    [check] = [c for c in result.get_asset_check_evaluations() if c.asset_key.to_user_string() == "feature_vectors_1m"]
     assert not check.passed
     failed = {k: v.value for k, v in check.metadata.items() if k.startswith("FAILED ")}
     assert "FAILED expect_column_values_to_be_between(ret_1)" in failed
@@ -95,7 +108,9 @@ def test_breaching_partition_fails_run_and_leaves_feature_vectors_unchanged(
 def test_malformed_landing_file_fails_with_clear_error_and_writes_nothing(
     dsn: str, engine: sa.Engine, tmp_path: Path
 ) -> None:
-    (tmp_path / "day.csv").write_text(
+    (tmp_path / "bars").mkdir()
+    (tmp_path / "events").mkdir()
+    (tmp_path / "bars" / "day.csv").write_text(
         "instrument_id,ts,open,high,low,close,volume\nAAA,2024-01-03T14:30:00Z,1,1,1,1,1\nAAA,not-a-time,1,1,1,1,1\n"
     )
     result = materialize_range(dsn, "2024-01-03", landing_dir=tmp_path)

@@ -16,7 +16,7 @@ from marketfs.embedded_pg import EmbeddedPostgres
 from marketfs.features.compute import compute_feature_vectors
 from marketfs.features.registry import FS_V1
 from marketfs.sources import SyntheticBars
-from marketfs.store.feature_vectors import read_window, upsert_window
+from marketfs.store.feature_vectors import read_vectors, upsert_window
 from marketfs.store.migrations import migrate
 
 DAY = datetime(2024, 1, 3, tzinfo=UTC)
@@ -24,7 +24,9 @@ NEXT = DAY + timedelta(days=1)
 
 
 def vectors() -> pl.DataFrame:
-    return compute_feature_vectors(SyntheticBars(instruments=("A", "B")).bars(DAY, NEXT), "1m", start=DAY, end=NEXT)
+    return compute_feature_vectors(
+        SyntheticBars(instruments=("A", "B")).bars(DAY, NEXT), "1m", start=DAY, end=NEXT
+    ).vectors
 
 
 def write(engine: sa.Engine, frame: pl.DataFrame) -> dict[str, int]:
@@ -34,7 +36,7 @@ def write(engine: sa.Engine, frame: pl.DataFrame) -> dict[str, int]:
 
 def read(engine: sa.Engine) -> pl.DataFrame:
     with engine.connect() as conn:
-        return read_window(conn, feature_set=FS_V1, timeframe="1m", start=DAY, end=NEXT)
+        return read_vectors(conn, feature_set=FS_V1, timeframe="1m", start=DAY, end=NEXT)
 
 
 def test_migrate_twice_applies_nothing_the_second_time(dsn: str) -> None:

@@ -1,20 +1,81 @@
-"""Quality flags carried by every feature vector, and what each one means."""
+"""Quality flags carried by every feature vector, what each one means, and their thresholds."""
 
 from __future__ import annotations
 
+import os
+import tomllib
+from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
+from pathlib import Path
+
+import polars as pl
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "quality_flags.toml"
 
 
 class QualityFlag(StrEnum):
     MISSING_OHLCV = "MISSING_OHLCV"
     INSUFFICIENT_OHLCV = "INSUFFICIENT_OHLCV"
+    NO_EVENTS = "NO_EVENTS"
+    LOW_EVENT_COUNT = "LOW_EVENT_COUNT"
+    LOW_SENTIMENT_CONFIDENCE = "LOW_SENTIMENT_CONFIDENCE"
+    TIMESTAMP_MISMATCH = "TIMESTAMP_MISMATCH"
     COMPUTATION_ERROR = "COMPUTATION_ERROR"
 
 
 FLAG_MEANINGS: dict[QualityFlag, str] = {
-    QualityFlag.MISSING_OHLCV: "The bar at ts is absent from the source and was not computed from data.",
-    QualityFlag.INSUFFICIENT_OHLCV: (
-        "Fewer bars precede ts (this bar included) than at least one feature's lookback; that feature is null."
+    QualityFlag.MISSING_OHLCV: (
+        "No usable bar at ts for this instrument (absent from the source, or with a non-finite, zero or "
+        "negative price, or high < low) while other instruments have one: market features are null, "
+        "nothing was computed from data for them."
     ),
-    QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN) and was stored as null.",
+    QualityFlag.INSUFFICIENT_OHLCV: (
+        "Fewer valid bars of history (this bar included) than at least one feature's lookback; those features are null."
+    ),
+    QualityFlag.NO_EVENTS: "No news event in the window; the sentiment features are null.",
+    QualityFlag.LOW_EVENT_COUNT: "Fewer events in the window than `low_event_count` (but at least one).",
+    QualityFlag.LOW_SENTIMENT_CONFIDENCE: "Mean confidence of the window's events below `low_sentiment_confidence`.",
+    QualityFlag.TIMESTAMP_MISMATCH: (
+        "The bar's ts is off the timeframe's grid, or the source delivered it out of order or more than once "
+        "(the last delivery is kept)."
+    ),
+    QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN); it is stored as null.",
 }
+
+
+@dataclass(frozen=True)
+class FlagConfig:
+    low_event_count: int = 3
+    low_sentiment_confidence: float = 0.3
+    stale_after: dict[str, timedelta] | None = None
+
+    def stale_after_for(self, timeframe: str) -> timedelta:
+        defaults = {"1m": timedelta(days=1), "1d": timedelta(days=7)}
+        return (self.stale_after or {}).get(timeframe, defaults[timeframe])
+
+
+def _duration(text: str) -> timedelta:
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    return timedelta(**{units[text[-1]]: float(text[:-1])})
+
+
+def load_flag_config(path: Path | None = None) -> FlagConfig:
+    """Thresholds from ``$MARKETFS_QUALITY_CONFIG`` or the packaged default; a bad file names the key."""
+    path = path or Path(os.environ.get("MARKETFS_QUALITY_CONFIG", DEFAULT_CONFIG))
+    try:
+        data = tomllib.loads(path.read_text())
+        return FlagConfig(
+            low_event_count=int(data.get("low_event_count", 3)),
+            low_sentiment_confidence=float(data.get("low_sentiment_confidence", 0.3)),
+            stale_after={k: _duration(v) for k, v in data.get("stale_after", {}).items()},
+        )
+    except (OSError, tomllib.TOMLDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: quality flag configuration is invalid ({exc}). Fix: see marketfs/config/quality_flags.toml"
+        ) from exc
+
+
+def flag_if(condition: pl.Expr, flag: QualityFlag) -> pl.Expr:
+    """A one-element list holding ``flag`` where ``condition`` holds, else an empty list."""
+    return pl.when(condition).then(pl.lit([flag.value])).otherwise(pl.lit([], pl.List(pl.String)))

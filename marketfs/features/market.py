@@ -1,27 +1,43 @@
-"""Market features over OHLCV bars.
+"""Market features over OHLCV bars that look at a fixed window of bars.
 
-Each function returns an expression evaluated on a frame sorted by (instrument_id, ts) that holds
-one instrument's bars per group; ``.over("instrument_id")`` keeps instruments apart.
+Each function returns expressions evaluated on valid bars sorted by (instrument_id, ts);
+``.over("instrument_id")`` keeps instruments apart.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from marketfs.features.windows import window_mean, window_std
+
 BY = "instrument_id"
+close = pl.col("close")
 
 
 def _ret(n: int) -> pl.Expr:
-    return pl.col("close") / pl.col("close").shift(n) - 1.0
+    return close / close.shift(n) - 1.0
 
 
-def ret_1() -> pl.Expr:
-    return _ret(1).over(BY)
+def returns() -> dict[str, pl.Expr]:
+    return {"ret_1": _ret(1).over(BY), "ret_5": _ret(5).over(BY)}
 
 
-def ret_5() -> pl.Expr:
-    return _ret(5).over(BY)
+def volatility() -> dict[str, pl.Expr]:
+    return {"vol_20": window_std(_ret(1), 20, ddof=1).over(BY)}
 
 
-def vol_20() -> pl.Expr:
-    return _ret(1).rolling_std(window_size=20, min_samples=20, ddof=1).over(BY)
+def bollinger(n: int = 20, k: float = 2.0) -> dict[str, pl.Expr]:
+    # TA-Lib BBANDS: SMA middle band, population standard deviation (ddof=0).
+    middle = window_mean(close, n)
+    width = k * window_std(close, n, ddof=0)
+    upper, lower = middle + width, middle - width
+    return {
+        "bb_upper": upper.over(BY),
+        "bb_lower": lower.over(BY),
+        "bb_pct_b": ((close - lower) / (upper - lower)).over(BY),
+    }
+
+
+def volume_z(n: int = 20) -> dict[str, pl.Expr]:
+    volume = pl.col("volume")
+    return {"volume_z_20": ((volume - window_mean(volume, n)) / window_std(volume, n, ddof=1)).over(BY)}

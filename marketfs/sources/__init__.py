@@ -1,7 +1,16 @@
 """Where raw data comes from: a deterministic synthetic generator or a landing folder of files."""
 
-from marketfs.sources.base import BAR_SCHEMA, BarSource, SourceFileError
-from marketfs.sources.landing import LandingFolderBars
-from marketfs.sources.synthetic import SyntheticBars
+from marketfs.sources.base import BAR_SCHEMA, BarSource, EventSource, SourceFileError
+from marketfs.sources.landing import LandingFolderBars, LandingFolderEvents
+from marketfs.sources.synthetic import SyntheticBars, SyntheticEvents
 
-__all__ = ["BAR_SCHEMA", "BarSource", "LandingFolderBars", "SourceFileError", "SyntheticBars"]
+__all__ = [
+    "BAR_SCHEMA",
+    "BarSource",
+    "EventSource",
+    "LandingFolderBars",
+    "LandingFolderEvents",
+    "SourceFileError",
+    "SyntheticBars",
+    "SyntheticEvents",
+]

@@ -21,7 +21,13 @@ BAR_SCHEMA: dict[str, pl.DataType] = {
 
 class BarSource(Protocol):
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
-        """One-minute bars with ``start <= ts < end`` in ``BAR_SCHEMA``, sorted by (instrument_id, ts)."""
+        """One-minute bars with ``start <= ts < end`` in ``BAR_SCHEMA``, in delivery order."""
+        ...
+
+
+class EventSource(Protocol):
+    def events(self, start: datetime, end: datetime) -> pl.DataFrame:
+        """News events with ``start <= published_at < end`` in ``EVENT_SCHEMA``, in delivery order."""
         ...
 
 

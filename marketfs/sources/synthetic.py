@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import polars as pl
 
+from marketfs.features.events import EVENT_SCHEMA
 from marketfs.sources.base import BAR_SCHEMA
 
 SESSION_OPEN_UTC = timedelta(hours=14, minutes=30)  # 09:30 New York in winter
@@ -79,3 +80,41 @@ class SyntheticBars:
             schema=BAR_SCHEMA,
         )
         return frame.filter(pl.Series(keep))
+
+
+@dataclass(frozen=True)
+class SyntheticEvents:
+    """About ``per_day`` news events per instrument and weekday, most of them during the session."""
+
+    instruments: tuple[str, ...] = tuple(f"SYN{i:03d}" for i in range(10))
+    seed: int = 7
+    per_day: int = 20
+
+    def events(self, start: datetime, end: datetime) -> pl.DataFrame:
+        frames = [self._day(i, d) for d in trading_days(start, end) for i in self.instruments]
+        if not frames:
+            return pl.DataFrame(schema=EVENT_SCHEMA)
+        out = pl.concat(frames)
+        return out.filter((pl.col("published_at") >= start) & (pl.col("published_at") < end)).sort(
+            "instrument_id", "published_at", "event_id"
+        )
+
+    def _day(self, instrument: str, day: date) -> pl.DataFrame:
+        rng = np.random.default_rng(_seed(self.seed, "events", instrument, day.isoformat()))
+        n = int(rng.poisson(self.per_day))
+        midnight = datetime.combine(day, datetime.min.time(), UTC)
+        in_session = rng.random(n) < 0.6
+        session_s = SESSION_OPEN_UTC.total_seconds() + rng.random(n) * BARS_PER_DAY * 60
+        offsets = np.where(in_session, session_s, rng.random(n) * 86_400)
+        published = [midnight + timedelta(seconds=float(s)) for s in np.floor(offsets)]
+        return pl.DataFrame(
+            {
+                "event_id": [f"{instrument}-{day.isoformat()}-{i:03d}" for i in range(n)],
+                "instrument_id": [instrument] * n,
+                "published_at": published,
+                "sentiment": np.tanh(rng.normal(0.05, 0.5, n)),
+                "confidence": rng.beta(4, 2, n),
+                "source": rng.choice(["newswire", "blog", "filing"], n).tolist(),
+            },
+            schema=EVENT_SCHEMA,
+        )

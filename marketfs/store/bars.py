@@ -1,4 +1,4 @@
-"""Raw one-minute bars: replace a time window atomically, read a window with its warm-up bars."""
+"""Bars (``ohlcv_1m``, ``ohlcv_1d``): replace a window atomically, read a window with its warm-up bars."""
 
 from __future__ import annotations
 
@@ -9,40 +9,38 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from marketfs.sources.base import BAR_SCHEMA
-from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
+from marketfs.store.copy import copy_query_out
+from marketfs.store.tables import replace_window, select_list
 
-BAR_COLUMNS = list(BAR_SCHEMA)
-
-
-def replace_bars(conn: sa.Connection, bars: pl.DataFrame, start: datetime, end: datetime) -> int:
-    """Make ``ohlcv_1m`` hold exactly ``bars`` for ``[start, end)``, inside the caller's transaction."""
-    outside = bars.filter((pl.col("ts") < start) | (pl.col("ts") >= end))
-    if outside.height:
-        raise ValueError(f"{outside.height} bar(s) fall outside the window [{start}, {end}) being replaced")
-    conn.execute(sa.text("DELETE FROM ohlcv_1m WHERE ts >= :start AND ts < :end"), {"start": start, "end": end})
-    return copy_frame_in(conn, "ohlcv_1m", bars.select(BAR_COLUMNS))
+STORED_BAR_SCHEMA: dict[str, pl.DataType] = {**BAR_SCHEMA, "source_flags": pl.List(pl.String())}
+BAR_TABLES = {"1m": "ohlcv_1m", "1d": "ohlcv_1d"}
 
 
-def read_bars(conn: sa.Connection, start: datetime, end: datetime, warmup_bars: int = 0) -> pl.DataFrame:
+def replace_bars(conn: sa.Connection, bars: pl.DataFrame, start: datetime, end: datetime, timeframe: str = "1m") -> int:
+    """Make the bar table of ``timeframe`` hold exactly ``bars`` for ``[start, end)``, in the caller's transaction."""
+    if "source_flags" not in bars.columns:
+        bars = bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
+    return replace_window(conn, BAR_TABLES[timeframe], bars.select(list(STORED_BAR_SCHEMA)), "ts", start, end)
+
+
+def read_bars(
+    conn: sa.Connection, start: datetime, end: datetime, warmup_bars: int = 0, timeframe: str = "1m"
+) -> pl.DataFrame:
     """Bars in ``[start, end)`` plus, per instrument present there, up to ``warmup_bars`` bars before ``start``.
 
     Warm-up is counted in bars, not days, so weekends, holidays and halts never shorten it.
     """
-    cols = sql.SQL(", ").join(
-        sql.SQL(EPOCH_US).format(col=sql.Identifier("ts")) if c == "ts" else sql.Identifier(c) for c in BAR_COLUMNS
-    )
+    table = sql.Identifier(BAR_TABLES[timeframe])
     query = sql.SQL(
         """
-        SELECT {cols} FROM ohlcv_1m WHERE ts >= %(start)s AND ts < %(end)s
+        SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s
         UNION ALL
-        SELECT {cols} FROM (
-            SELECT w.* FROM (SELECT DISTINCT instrument_id FROM ohlcv_1m WHERE ts >= %(start)s AND ts < %(end)s) i
-            CROSS JOIN LATERAL (
-                SELECT * FROM ohlcv_1m b WHERE b.instrument_id = i.instrument_id AND b.ts < %(start)s
-                ORDER BY b.ts DESC LIMIT %(warmup)s
-            ) w
-        ) warm
+        SELECT {warm_cols} FROM (SELECT DISTINCT instrument_id FROM {table} WHERE ts >= %(start)s AND ts < %(end)s) i
+        CROSS JOIN LATERAL (
+            SELECT * FROM {table} b WHERE b.instrument_id = i.instrument_id AND b.ts < %(start)s
+            ORDER BY b.ts DESC LIMIT %(warmup)s
+        ) w
         """
-    ).format(cols=cols)
-    frame = copy_query_out(conn, query, {"start": start, "end": end, "warmup": warmup_bars}, BAR_SCHEMA)
+    ).format(cols=select_list(STORED_BAR_SCHEMA, "b"), warm_cols=select_list(STORED_BAR_SCHEMA, "w"), table=table)
+    frame = copy_query_out(conn, query, {"start": start, "end": end, "warmup": warmup_bars}, STORED_BAR_SCHEMA)
     return frame.sort("instrument_id", "ts")

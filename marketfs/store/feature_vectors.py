@@ -1,4 +1,9 @@
-"""The served table: idempotent per-window upserts of feature vectors, and reads back."""
+"""The served table ``feature_vectors`` and the recursion state beside it (``feature_state``).
+
+Writes are idempotent per key (instrument_id, timeframe, ts, feature_set_version): COPY into a
+temporary staging table, one upsert, and a delete of the keys in the window that are no longer
+computed, together with the state of the same window, all in the caller's transaction.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,52 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
-from marketfs.features.compute import KEY_COLUMNS
+from marketfs.features.compute import KEY_COLUMNS, STATE_SCHEMA, FeatureComputation
 from marketfs.features.registry import FeatureSet
-from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
+from marketfs.store.copy import copy_frame_in, copy_query_out
+from marketfs.store.tables import replace_window, select_list
 
 STAGING = "feature_vectors_staging"
 
 
-def vector_schema(feature_set: FeatureSet) -> dict[str, pl.DataType]:
+def vector_schema(feature_set: FeatureSet, timeframe: str) -> dict[str, pl.DataType]:
     return {
         "instrument_id": pl.String(),
         "timeframe": pl.String(),
         "ts": pl.Datetime("us", "UTC"),
         "feature_set_version": pl.String(),
-        **{name: pl.Float64() for name in feature_set.names},
+        **{name: pl.Float64() for name in feature_set.names(timeframe)},
         "quality_flags": pl.List(pl.String()),
     }
+
+
+def write_features(
+    conn: sa.Connection,
+    computation: FeatureComputation,
+    *,
+    feature_set: FeatureSet,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    run_id: str | None = None,
+) -> dict[str, int]:
+    """Vectors and state of ``[start, end)``, written together (in the caller's transaction)."""
+    stats = upsert_window(
+        conn, computation.vectors, feature_set=feature_set, timeframe=timeframe, start=start, end=end, run_id=run_id
+    )
+    state = computation.state.with_columns(
+        pl.lit(timeframe).alias("timeframe"), pl.lit(feature_set.version).alias("feature_set_version")
+    )
+    stats["state_rows"] = replace_window(
+        conn,
+        "feature_state",
+        state,
+        "ts",
+        start,
+        end,
+        scope={"timeframe": timeframe, "feature_set_version": feature_set.version},
+    )
+    return stats
 
 
 def upsert_window(
@@ -36,13 +71,8 @@ def upsert_window(
     end: datetime,
     run_id: str | None = None,
 ) -> dict[str, int]:
-    """Make the table hold exactly ``vectors`` for this version, timeframe and ``[start, end)``.
-
-    COPY into a temporary staging table, one upsert, and a delete of keys in the window that
-    are no longer computed; all inside the caller's transaction, so a failure leaves the table
-    as it was and a re-run gives the same rows.
-    """
-    columns = list(vector_schema(feature_set))
+    """Make the table hold exactly ``vectors`` for this version, timeframe and ``[start, end)``."""
+    columns = list(vector_schema(feature_set, timeframe))
     stray = vectors.filter(
         (pl.col("ts") < start)
         | (pl.col("ts") >= end)
@@ -77,19 +107,15 @@ def upsert_window(
         "AND f.ts >= %(start)s AND f.ts < %(end)s AND NOT EXISTS ("
         "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts)"
     ).format(staging=ident(STAGING))
-    raw = conn.connection.driver_connection
-    with raw.cursor() as cur:
+    with conn.connection.driver_connection.cursor() as cur:
         cur.execute(upsert)
         upserted = cur.rowcount
-        cur.execute(
-            delete_stale,
-            {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end},
-        )
+        cur.execute(delete_stale, {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end})
         deleted = cur.rowcount
     return {"upserted": upserted, "deleted_stale": deleted}
 
 
-def read_window(
+def read_vectors(
     conn: sa.Connection,
     *,
     feature_set: FeatureSet,
@@ -99,16 +125,24 @@ def read_window(
     instruments: list[str] | None = None,
 ) -> pl.DataFrame:
     """Stored vectors of one version and timeframe in ``[start, end)``, sorted by instrument and ts."""
-    schema = vector_schema(feature_set)
-    cols = sql.SQL(", ").join(
-        sql.SQL(EPOCH_US).format(col=sql.Identifier(c)) if c == "ts" else sql.Identifier(c) for c in schema
-    )
+    schema = vector_schema(feature_set, timeframe)
     where = "feature_set_version = %(version)s AND timeframe = %(timeframe)s AND ts >= %(start)s AND ts < %(end)s"
     params: dict = {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end}
     if instruments is not None:
         where += " AND instrument_id = ANY(%(instruments)s)"
         params["instruments"] = instruments
-    query = sql.SQL("SELECT {cols} FROM feature_vectors WHERE " + where + " ORDER BY instrument_id, ts").format(
-        cols=cols
+    query = sql.SQL("SELECT {} FROM feature_vectors WHERE " + where + " ORDER BY instrument_id, ts").format(
+        select_list(schema)
     )
     return copy_query_out(conn, query, params, schema)
+
+
+def read_state_before(conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, start: datetime) -> pl.DataFrame:
+    """The latest stored recursion state per instrument strictly before ``start``."""
+    query = sql.SQL(
+        "SELECT DISTINCT ON (instrument_id) {} FROM feature_state "
+        "WHERE timeframe = %(timeframe)s AND feature_set_version = %(version)s AND ts < %(start)s "
+        "ORDER BY instrument_id, ts DESC"
+    ).format(select_list(STATE_SCHEMA))
+    params = {"timeframe": timeframe, "version": feature_set.version, "start": start}
+    return copy_query_out(conn, query, params, STATE_SCHEMA)

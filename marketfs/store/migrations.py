@@ -71,8 +71,83 @@ def _m001_base_tables(conn: sa.Connection, timescale: bool) -> None:
         )
 
 
+def _hypertable(conn: sa.Connection, table: str, column: str, chunk: str) -> None:
+    conn.execute(
+        sa.text(
+            "SELECT create_hypertable(CAST(:t AS regclass), by_range(:c, CAST(:i AS interval)), migrate_data => true)"
+        ),
+        {"t": table, "c": column, "i": chunk},
+    )
+
+
+def _m002_events_daily_bars_state(conn: sa.Connection, timescale: bool) -> None:
+    # What the source got wrong about a bar (e.g. TIMESTAMP_MISMATCH), carried into its vector.
+    conn.execute(sa.text("ALTER TABLE ohlcv_1m ADD COLUMN source_flags text[] NOT NULL DEFAULT '{}'"))
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE ohlcv_1d (
+                instrument_id text NOT NULL,
+                ts timestamptz NOT NULL,
+                open double precision NOT NULL,
+                high double precision NOT NULL,
+                low double precision NOT NULL,
+                close double precision NOT NULL,
+                volume double precision NOT NULL,
+                source_flags text[] NOT NULL DEFAULT '{}',
+                ingested_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (instrument_id, ts)
+            )
+            """
+        )
+    )
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE news_events (
+                event_id text NOT NULL,
+                instrument_id text NOT NULL,
+                published_at timestamptz NOT NULL,
+                sentiment double precision NOT NULL,
+                confidence double precision NOT NULL,
+                source text NOT NULL,
+                ingested_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (instrument_id, published_at, event_id)
+            )
+            """
+        )
+    )
+    conn.execute(sa.text("CREATE INDEX news_events_event_id ON news_events (event_id)"))
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE feature_state (
+                instrument_id text NOT NULL,
+                timeframe text NOT NULL,
+                feature_set_version text NOT NULL,
+                ts timestamptz NOT NULL,
+                bars_seen bigint NOT NULL,
+                ema_fast double precision,
+                ema_slow double precision,
+                macd_signal double precision,
+                rsi_avg_gain double precision,
+                rsi_avg_loss double precision,
+                atr double precision,
+                PRIMARY KEY (instrument_id, timeframe, feature_set_version, ts)
+            )
+            """
+        )
+    )
+    # Quality flags are queried as sets: WHERE quality_flags @> ARRAY['NO_EVENTS'].
+    conn.execute(sa.text("CREATE INDEX feature_vectors_flags ON feature_vectors USING gin (quality_flags)"))
+    if timescale:
+        _hypertable(conn, "ohlcv_1d", "ts", "28 days")
+        _hypertable(conn, "news_events", "published_at", "7 days")
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
+    (2, "news_events, ohlcv_1d, feature_state, bar source flags", _m002_events_daily_bars_state),
 ]
 
 

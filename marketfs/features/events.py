@@ -1,0 +1,68 @@
+"""News-event features over the window (ts - W, ts] of each vector.
+
+For each vector the events of its window are gathered explicitly and aggregated in a fixed order
+(instrument, published_at, event_id), so a value never depends on how many other events were
+loaded alongside it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+
+EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "instrument_id": pl.String(),
+    "published_at": pl.Datetime("us", "UTC"),
+    "sentiment": pl.Float64(),
+    "confidence": pl.Float64(),
+    "source": pl.String(),
+}
+
+EVENT_STATS = ("event_count", "sentiment_mean", "sentiment_conf_mean", "sentiment_weighted", "sentiment_std")
+
+
+def event_feature_names(suffix: str) -> list[str]:
+    return [f"{stat}_{suffix}" for stat in EVENT_STATS]
+
+
+def event_features(keys: pl.DataFrame, events: pl.DataFrame, window: timedelta, suffix: str) -> pl.DataFrame:
+    """``keys`` (instrument_id, ts) with the five event statistics of each window appended.
+
+    Windows are (ts - window, ts]: an event published exactly at ts counts, one published
+    exactly ``window`` earlier does not. Events published after ts never count.
+    """
+    names = event_feature_names(suffix)
+    ordered = events.sort("instrument_id", "published_at", "event_id").with_row_index("_e")
+    window_us = int(window / timedelta(microseconds=1))
+    pieces = []
+    for (instrument,), group in keys.with_row_index("_k").group_by("instrument_id", maintain_order=True):
+        mine = ordered.filter(pl.col("instrument_id") == instrument)
+        times = mine["published_at"].dt.epoch("us").to_numpy()
+        ts = group["ts"].dt.epoch("us").to_numpy()
+        first = mine["_e"][0] if mine.height else 0
+        hi = np.searchsorted(times, ts, side="right") + first
+        lo = np.searchsorted(times, ts - window_us, side="right") + first
+        pieces.append(pl.DataFrame({"_k": group["_k"], "_lo": lo, "_hi": hi}))
+    if not pieces:
+        return keys.with_columns([pl.lit(None, pl.Float64).alias(n) for n in names])
+    spans = pl.concat(pieces).with_columns(pl.col("_lo").cast(pl.UInt32), pl.col("_hi").cast(pl.UInt32))
+    members = (
+        spans.with_columns(pl.int_ranges("_lo", "_hi", dtype=pl.UInt32).alias("_e"))
+        .explode("_e")
+        .drop_nulls("_e")
+        .join(ordered.select("_e", "sentiment", "confidence"), on="_e", how="inner")
+        .sort("_k", "_e")
+    )
+    s, c = pl.col("sentiment"), pl.col("confidence")
+    stats = members.group_by("_k", maintain_order=True).agg(
+        pl.len().alias(names[0]),
+        s.mean().alias(names[1]),
+        c.mean().alias(names[2]),
+        pl.when(c.sum() > 0).then((s * c).sum() / c.sum()).alias(names[3]),
+        s.std(ddof=1).alias(names[4]),
+    )
+    out = keys.with_row_index("_k").join(stats, on="_k", how="left").sort("_k").drop("_k")
+    return out.with_columns(pl.col(names[0]).fill_null(0).cast(pl.Float64))

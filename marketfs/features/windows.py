@@ -1,0 +1,37 @@
+"""Rolling-window statistics that depend only on the values inside the window.
+
+polars' rolling_mean/rolling_sum update running sums, so the last bits of a value depend on where
+the series started. Feature vectors must come out identical whether a day is computed alone or
+inside a year-long backfill, so these helpers sum the window's values explicitly, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+def _terms(x: pl.Expr, n: int) -> list[pl.Expr]:
+    return [x.shift(k) for k in range(n)]
+
+
+def window_sum(x: pl.Expr, n: int) -> pl.Expr:
+    """Sum of the last ``n`` values, this one included; null until ``n`` values exist (nulls propagate)."""
+    terms = _terms(x, n)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def window_mean(x: pl.Expr, n: int) -> pl.Expr:
+    return window_sum(x, n) / n
+
+
+def window_std(x: pl.Expr, n: int, ddof: int) -> pl.Expr:
+    """Standard deviation of the last ``n`` values (two-pass: mean first, then squared deviations)."""
+    mean = window_mean(x, n)
+    squares = [(term - mean) ** 2 for term in _terms(x, n)]
+    total = squares[0]
+    for term in squares[1:]:
+        total = total + term
+    return (total / (n - ddof)).sqrt()

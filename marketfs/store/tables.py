@@ -1,0 +1,70 @@
+"""Window-shaped reads and writes shared by every table: replace a time window, read one back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+import sqlalchemy as sa
+from psycopg import sql
+
+from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
+
+
+def select_list(schema: dict[str, pl.DataType], alias: str | None = None) -> sql.Composable:
+    """Columns of ``schema`` for ``copy_query_out``: timestamps as epoch microseconds."""
+
+    def col(name: str) -> sql.Composable:
+        return sql.Identifier(alias, name) if alias else sql.Identifier(name)
+
+    return sql.SQL(", ").join(
+        sql.SQL(EPOCH_US).format(col=col(c)) if isinstance(t, pl.Datetime) else col(c) for c, t in schema.items()
+    )
+
+
+def replace_window(
+    conn: sa.Connection,
+    table: str,
+    frame: pl.DataFrame,
+    ts_column: str,
+    start: datetime,
+    end: datetime,
+    scope: dict[str, str] | None = None,
+) -> int:
+    """Make ``table`` hold exactly ``frame`` for ``start <= ts_column < end`` (and ``scope`` equalities).
+
+    Runs in the caller's transaction: a failure before commit leaves the table as it was.
+    """
+    outside = frame.filter((pl.col(ts_column) < start) | (pl.col(ts_column) >= end))
+    if outside.height:
+        raise ValueError(f"{outside.height} row(s) of {table} fall outside the window [{start}, {end}) being replaced")
+    conditions = [
+        sql.SQL("{} >= %(start)s AND {} < %(end)s").format(sql.Identifier(ts_column), sql.Identifier(ts_column))
+    ]
+    params: dict = {"start": start, "end": end}
+    for i, (column, value) in enumerate((scope or {}).items()):
+        conditions.append(sql.SQL("{} = %(s{})s").format(sql.Identifier(column), sql.SQL(str(i))))
+        params[f"s{i}"] = value
+    delete = sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(table), sql.SQL(" AND ").join(conditions))
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute(delete, params)
+    return copy_frame_in(conn, table, frame)
+
+
+def read_window(
+    conn: sa.Connection,
+    table: str,
+    schema: dict[str, pl.DataType],
+    ts_column: str,
+    start: datetime,
+    end: datetime,
+    order_by: tuple[str, ...],
+) -> pl.DataFrame:
+    query = sql.SQL("SELECT {} FROM {} WHERE {} >= %(start)s AND {} < %(end)s ORDER BY {}").format(
+        select_list(schema),
+        sql.Identifier(table),
+        sql.Identifier(ts_column),
+        sql.Identifier(ts_column),
+        sql.SQL(", ").join(map(sql.Identifier, order_by)),
+    )
+    return copy_query_out(conn, query, {"start": start, "end": end}, schema)
