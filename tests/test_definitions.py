@@ -37,3 +37,16 @@ def test_code_location_does_not_import_great_expectations() -> None:
     code = "import sys, pipelines.definitions; print('great_expectations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_feature_catalog_is_generated_from_the_registry() -> None:
+    from marketfs.catalog import CATALOG_PATH, render_catalog
+
+    assert CATALOG_PATH.read_text() == render_catalog(), "run: python -m marketfs.catalog --write"
+
+
+def test_backfills_run_in_bounded_batches() -> None:
+    from pipelines.definitions import ALL_ASSETS
+
+    for asset in ALL_ASSETS:
+        assert asset.backfill_policy.max_partitions_per_run == 31, asset.key

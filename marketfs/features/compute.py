@@ -83,8 +83,9 @@ def _positions(valid: pl.DataFrame, state: pl.DataFrame | None, start: datetime 
         row = mismatch.row(0, named=True)
         raise HistoryError(
             f"stored feature state of {row['instrument_id']} is at {row['_state_ts']}, but its last bar before "
-            f"{start} is at {row['_last_warm']}: the bars changed after the features were computed. Fix: "
-            "re-materialise the feature partitions from the first changed day on."
+            f"{start} is at {row['_last_warm']}: a feature partition in between was not materialised, or the "
+            f"bars changed after it was. Fix: materialise the previous partition first, i.e. the feature "
+            f"partitions from the day after {row['_state_ts']:%Y-%m-%d} on, in order (a backfill does that)."
         )
     if warmup_limit is not None:
         truncated = joined.filter(pl.col("_state_ts").is_null() & (pl.col("_n_warm") >= warmup_limit))

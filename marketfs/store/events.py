@@ -19,7 +19,8 @@ def replace_events(conn: sa.Connection, events: pl.DataFrame, start: datetime, e
     """
     existing = conn.execute(
         sa.text(
-            "SELECT event_id FROM news_events WHERE event_id = ANY(:ids) AND NOT (published_at >= :s AND published_at < :e)"
+            "SELECT event_id FROM news_events WHERE event_id = ANY(:ids) "
+            "AND NOT (published_at >= :s AND published_at < :e)"
         ),
         {"ids": events["event_id"].to_list(), "s": start, "e": end},
     ).scalars()
