@@ -5,21 +5,31 @@ stops downstream assets: the asset it checks would already have been written.
 """
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import dagster as dg
+import polars as pl
 
-from assets.metadata import flag_counts, frame_summary, gate_metadata
+from assets.gates import partition_label, record_and_enforce
+from assets.metadata import flag_counts, frame_summary
 from assets.partitions import BATCHED_BACKFILL, DAILY
 from assets.raw import bars_1d, raw_events, raw_ohlcv
+from expectations.gate import suite_path
 from marketfs.features.compute import WARMUP_BARS, HistoryError, compute_feature_vectors
 from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS
 from marketfs.store.bars import read_bars
 from marketfs.store.events import read_events
-from marketfs.store.feature_vectors import read_state_before, write_features
+from marketfs.store.feature_vectors import (
+    read_recent_partitions,
+    read_state_before,
+    read_vectors,
+    write_features,
+)
 from pipelines.resources import FeatureStore
 
 FEATURE_SET = DEFAULT_FEATURE_SET
 GATE_CHECK = "quality_gate"
+DRIFT_CHECK = "drift_gate"
 
 # Lineage of the warm-up: how many earlier daily partitions of bars a day's vectors may read.
 # Warm-up itself is read by bar count (WARMUP_BARS), so these only need to cover it: 40 minute
@@ -67,13 +77,27 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
                 asset=name,
                 blocking=True,
                 description=f"Great Expectations suite expectations/suites/{suite}.json; a breach blocks the write.",
-            )
+            ),
+            *(
+                [
+                    dg.AssetCheckSpec(
+                        DRIFT_CHECK,
+                        asset=name,
+                        blocking=True,
+                        description=f"Drift suite expectations/suites/{suite}_drift.json against its reference; "
+                        "a breach blocks the write.",
+                    )
+                ]
+                if suite_path(f"{suite}_drift").exists()
+                else []
+            ),
         ],
         description=f"Feature vectors {FEATURE_SET.version}, timeframe {timeframe} (event window {label}), "
         "in table feature_vectors.",
         metadata={"features": dg.MetadataValue.json(FEATURE_SET.names(timeframe))},
     )
     def _asset(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
+        from expectations.docs import DataDocs
         from expectations.gate import validate_frame
 
         start, end = context.partition_time_window
@@ -96,19 +120,23 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
             raise dg.Failure(description=str(exc)) from exc
         vectors = computation.vectors
 
-        gate = validate_frame(vectors, suite)
-        yield dg.AssetCheckResult(
-            check_name=GATE_CHECK,
-            passed=gate.passed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata=gate_metadata(gate),
+        docs = DataDocs.default()
+        checks = {
+            GATE_CHECK: [
+                validate_frame(
+                    vectors, suite, docs=docs, batch_label=f"{name}-{partition_label(context)}", run_name=context.run_id
+                )
+            ]
+        }
+        drift_file = suite_path(f"{suite}_drift")
+        if drift_file.exists():
+            checks[DRIFT_CHECK] = _drift(context, store, vectors, drift_file, name, timeframe, start, docs)
+        state_rows = computation.state.with_columns(
+            pl.lit(timeframe).alias("timeframe"), pl.lit(FEATURE_SET.version).alias("feature_set_version")
         )
-        if not gate.passed:
-            failed = "; ".join(f"{o.label}: {o.describe()}" for o in gate.blocking_failures)
-            raise dg.Failure(
-                description=f"suite {suite} failed for [{start}, {end}); nothing was written. {failed}",
-                metadata=gate_metadata(gate),
-            )
+        yield from record_and_enforce(
+            context, store, checks=checks, rows={"feature_vectors": vectors, "feature_state": state_rows}
+        )
 
         with store.engine().begin() as conn:
             stats = write_features(
@@ -126,6 +154,37 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
         yield dg.MaterializeResult(metadata=metadata)
 
     return _asset
+
+
+def _drift(context, store, vectors, drift_file, asset, timeframe, start, docs) -> list:
+    from expectations.drift import ReferenceSpec, drift_columns, evaluate_drift
+    from expectations.gate import load_suite_json
+
+    template = load_suite_json(drift_file)
+    spec = ReferenceSpec.from_suite(template)
+    with store.engine().connect() as conn:
+        if spec.kind == "trailing":
+            history = read_recent_partitions(
+                conn, feature_set=FEATURE_SET, timeframe=timeframe, before=start, partitions=spec.partitions
+            )
+        else:
+            history = read_vectors(
+                conn,
+                feature_set=FEATURE_SET,
+                timeframe=timeframe,
+                start=datetime.fromisoformat(spec.start).replace(tzinfo=UTC),
+                end=datetime.fromisoformat(spec.end).replace(tzinfo=UTC),
+            )
+    history = history.select("ts", *drift_columns(template))
+    return evaluate_drift(
+        vectors,
+        history,
+        template,
+        source=f"feature_vectors ({FEATURE_SET.version}, {timeframe})",
+        asset=asset,
+        docs=docs,
+        run_name=context.run_id,
+    )
 
 
 feature_vectors_1m = _feature_vectors_asset("1m", raw_ohlcv)

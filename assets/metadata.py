@@ -32,18 +32,30 @@ def flag_counts(vectors: pl.DataFrame) -> dict[str, int]:
     return {row["quality_flags"]: int(row["count"]) for row in counts.iter_rows(named=True)}
 
 
-def gate_metadata(gate: GateResult) -> dict[str, dg.MetadataValue]:
+def gate_metadata(gates: list[GateResult]) -> dict[str, dg.MetadataValue]:
+    """What the check shows in the UI: each failed expectation with its observed value, the reference, Data Docs."""
     meta: dict[str, dg.MetadataValue] = {
-        "suite": dg.MetadataValue.text(gate.suite),
-        "suite_file": dg.MetadataValue.path(str(gate.suite_file)),
-        "evaluated_expectations": dg.MetadataValue.int(len(gate.outcomes)),
-        "failed_expectations": dg.MetadataValue.int(len(gate.failures)),
+        "suite": dg.MetadataValue.text(", ".join(sorted({g.suite for g in gates})) or "-"),
+        "suite_file": dg.MetadataValue.path(str(gates[0].suite_file)) if gates else dg.MetadataValue.text("-"),
+        "evaluated_expectations": dg.MetadataValue.int(sum(len(g.outcomes) for g in gates)),
+        "failed_expectations": dg.MetadataValue.int(sum(len(g.failures) for g in gates)),
     }
-    for outcome in gate.failures:
-        meta[f"FAILED {outcome.label}"] = dg.MetadataValue.text(f"[{outcome.severity}] {outcome.describe()}")
-    if gate.failures:
-        rows = "\n".join(f"| `{o.label}` | {o.severity} | {o.describe().replace('|', '/')} |" for o in gate.failures)
+    references = sorted({g.reference for g in gates if g.reference})
+    if references:
+        meta["reference"] = dg.MetadataValue.text("; ".join(references)[:2000])
+    failures = [(g, o) for g in gates for o in g.failures]
+    for gate, outcome in failures[:40]:
+        key = f"FAILED {outcome.label}" if len(gates) == 1 else f"FAILED {outcome.label} @ {gate.label}"
+        meta[key] = dg.MetadataValue.text(f"[{outcome.severity}] {outcome.describe()}")
+    if failures:
+        rows = "\n".join(
+            f"| `{o.label}` | {o.severity} | {o.describe().replace('|', '/')} |" for _, o in failures[:200]
+        )
         meta["failures"] = dg.MetadataValue.md("| expectation | severity | observed |\n|---|---|---|\n" + rows)
+    failed_pages = [g.docs_url for g in gates if g.docs_url and g.failures]
+    pages = failed_pages or [g.docs_url for g in gates if g.docs_url]
+    if pages:
+        meta["data_docs"] = dg.MetadataValue.url(pages[0])
     return meta
 
 

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.gates import partition_label, record_and_enforce
 from assets.metadata import frame_summary
 from assets.partitions import BATCHED_BACKFILL, DAILY
 from marketfs.features.resample import daily_bars
@@ -10,6 +11,35 @@ from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
 from pipelines.resources import FeatureStore, MarketData
+
+GATE_CHECK = "quality_gate"
+
+
+def _gate_spec(asset: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec(
+            GATE_CHECK,
+            asset=asset,
+            blocking=True,
+            description=f"Great Expectations suite expectations/suites/{asset}.json on the delivered rows; "
+            "a breach quarantines the delivery and blocks the write.",
+        )
+    ]
+
+
+def _gate(context: dg.AssetExecutionContext, store: FeatureStore, delivered, table: str):
+    from expectations.docs import DataDocs
+    from expectations.gate import validate_frame
+
+    asset = context.asset_key.to_user_string()
+    gate = validate_frame(
+        delivered,
+        asset,
+        docs=DataDocs.default(),
+        batch_label=f"{asset}-{partition_label(context)}",
+        run_name=context.run_id,
+    )
+    yield from record_and_enforce(context, store, checks={GATE_CHECK: [gate]}, rows={table: delivered})
 
 
 def _source_failure(exc: SourceFileError) -> dg.Failure:
@@ -24,20 +54,22 @@ def _source_failure(exc: SourceFileError) -> dg.Failure:
     kinds={"postgres", "polars"},
     code_version="2",
     description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
+    check_specs=_gate_spec("raw_ohlcv"),
 )
-def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData) -> dg.MaterializeResult:
+def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
     start, end = context.partition_time_window
     try:
         delivered = market_data.bar_source().bars(start, end)
     except SourceFileError as exc:
         raise _source_failure(exc) from exc
+    yield from _gate(context, store, delivered, "ohlcv_1m")
     bars = normalize_bars(delivered)
     with store.engine().begin() as conn:
         replace_bars(conn, bars, start, end)
     metadata = frame_summary(bars.drop("source_flags"))
     metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
     metadata["flag_TIMESTAMP_MISMATCH"] = dg.MetadataValue.int(int(bars["source_flags"].list.len().gt(0).sum()))
-    return dg.MaterializeResult(metadata=metadata)
+    yield dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(
@@ -48,20 +80,22 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
     code_version="1",
     description="News events (event_id, instrument_id, published_at UTC, sentiment, confidence, source) "
     "in table news_events, partitioned by publication day; each event_id kept once.",
+    check_specs=_gate_spec("raw_events"),
 )
-def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData) -> dg.MaterializeResult:
+def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
     start, end = context.partition_time_window
     try:
         delivered = market_data.event_source().events(start, end)
     except SourceFileError as exc:
         raise _source_failure(exc) from exc
+    yield from _gate(context, store, delivered, "news_events")
     events = normalize_events(delivered)
     with store.engine().begin() as conn:
         written = replace_events(conn, events, start, end)
     metadata = frame_summary(events.rename({"published_at": "ts"}))
     metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
     metadata["duplicates_dropped"] = dg.MetadataValue.int(delivered.height - written)
-    return dg.MaterializeResult(metadata=metadata)
+    yield dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(

@@ -22,7 +22,7 @@ def _run(start: str, end: str) -> int:
     import dagster as dg
     import sqlalchemy as sa
 
-    from assets.features import FEATURE_SET, GATE_CHECK
+    from assets.features import FEATURE_SET
     from assets.partitions import BATCHED_BACKFILL, DAILY
     from marketfs.db import engine_for
     from pipelines.definitions import daily_features_job, defs
@@ -47,9 +47,8 @@ def _run(start: str, end: str) -> int:
         )
         print(f"run {result.run_id}: {chunk[0]} .. {chunk[-1]} {'succeeded' if result.success else 'FAILED'}")
         for evaluation in result.get_asset_check_evaluations():
-            if evaluation.check_name == GATE_CHECK:
-                checks_passed += evaluation.passed
-                checks_failed += not evaluation.passed
+            checks_passed += evaluation.passed
+            checks_failed += not evaluation.passed
         if not result.success:
             failed_runs.append(result.run_id)
 

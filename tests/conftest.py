@@ -22,6 +22,19 @@ from marketfs.embedded_pg import EmbeddedPostgres
 from marketfs.store.migrations import migrate
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Data Docs and other per-project files of the tests go to a temporary MARKETFS_HOME."""
+    home = tmp_path_factory.mktemp("marketfs-home")
+    previous = os.environ.get("MARKETFS_HOME")
+    os.environ["MARKETFS_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("MARKETFS_HOME", None)
+    else:
+        os.environ["MARKETFS_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def server_dsn() -> Iterator[str]:
     """DSN of a maintenance database on the test server."""

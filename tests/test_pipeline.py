@@ -96,7 +96,11 @@ def test_breaching_partition_fails_run_and_leaves_feature_vectors_unchanged(
     assert not result.success
     assert table_fingerprint(engine, served_1m) == before
 
-    [check] = [c for c in result.get_asset_check_evaluations() if c.asset_key.to_user_string() == "feature_vectors_1m"]
+    [check] = [
+        c
+        for c in result.get_asset_check_evaluations()
+        if c.asset_key.to_user_string() == "feature_vectors_1m" and c.check_name == "quality_gate"
+    ]
     assert not check.passed
     failed = {k: v.value for k, v in check.metadata.items() if k.startswith("FAILED ")}
     assert "FAILED expect_column_values_to_be_between(ret_1)" in failed

@@ -146,3 +146,20 @@ def read_state_before(conn: sa.Connection, *, feature_set: FeatureSet, timeframe
     ).format(select_list(STATE_SCHEMA))
     params = {"timeframe": timeframe, "version": feature_set.version, "start": start}
     return copy_query_out(conn, query, params, STATE_SCHEMA)
+
+
+def read_recent_partitions(
+    conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, before: datetime, partitions: int
+) -> pl.DataFrame:
+    """Stored vectors of the last ``partitions`` UTC days (that have vectors) before ``before``."""
+    first_day = conn.execute(
+        sa.text(
+            "SELECT min(day) FROM (SELECT DISTINCT date_trunc('day', ts) AS day FROM feature_vectors "
+            "WHERE feature_set_version = :v AND timeframe = :tf AND ts < :before "
+            "ORDER BY 1 DESC LIMIT :n) recent"
+        ),
+        {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions},
+    ).scalar()
+    if first_day is None:
+        return pl.DataFrame(schema=vector_schema(feature_set, timeframe))
+    return read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=first_day, end=before)

@@ -145,9 +145,72 @@ def _m002_events_daily_bars_state(conn: sa.Connection, timescale: bool) -> None:
         _hypertable(conn, "news_events", "published_at", "7 days")
 
 
+def _m003_quality_log_and_quarantine(conn: sa.Connection, timescale: bool) -> None:
+    # Every verdict of every gate, and every human decision about quarantined data.
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE quality_log (
+                id bigserial PRIMARY KEY,
+                logged_at timestamptz NOT NULL DEFAULT now(),
+                run_id text,
+                asset text NOT NULL,
+                partition text NOT NULL,
+                suite text NOT NULL,
+                kind text NOT NULL DEFAULT 'validation',
+                expectation text NOT NULL,
+                column_name text,
+                severity text,
+                success boolean NOT NULL,
+                observed_value jsonb,
+                unexpected_count bigint,
+                element_count bigint,
+                reference text,
+                docs_url text,
+                batch_id bigint,
+                actor text,
+                note text
+            )
+            """
+        )
+    )
+    conn.execute(sa.text("CREATE INDEX quality_log_asset_partition ON quality_log (asset, partition, logged_at)"))
+    conn.execute(sa.text("CREATE INDEX quality_log_run ON quality_log (run_id)"))
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE quarantine_batches (
+                batch_id bigserial PRIMARY KEY,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                run_id text,
+                asset text NOT NULL,
+                partition text NOT NULL,
+                window_start timestamptz NOT NULL,
+                window_end timestamptz NOT NULL,
+                reason text NOT NULL,
+                status text NOT NULL DEFAULT 'held' CHECK (status IN ('held', 'released', 'discarded')),
+                decided_at timestamptz,
+                decided_by text,
+                note text
+            )
+            """
+        )
+    )
+    # Rejected rows keep their served table's columns, so they are inspected with the same SQL.
+    for table in ("ohlcv_1m", "news_events", "feature_vectors", "feature_state"):
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE quarantine_{table} (batch_id bigint NOT NULL REFERENCES quarantine_batches "
+                f"ON DELETE CASCADE, delivery_order bigint NOT NULL, LIKE {table} INCLUDING DEFAULTS)"
+            )
+        )
+        conn.execute(sa.text(f"CREATE INDEX quarantine_{table}_batch ON quarantine_{table} (batch_id)"))
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
     (2, "news_events, ohlcv_1d, feature_state, bar source flags", _m002_events_daily_bars_state),
+    (3, "quality_log, quarantine tables", _m003_quality_log_and_quarantine),
 ]
 
 
@@ -172,16 +235,19 @@ def _ensure_timescaledb(conn: sa.Connection) -> bool:
 
 
 def _ensure_feature_columns(conn: sa.Connection) -> None:
-    existing = {
-        row[0]
-        for row in conn.execute(
-            sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = 'feature_vectors'")
-        )
-    }
-    for name in all_feature_columns():
-        if name not in existing:
-            # Feature names come from the registry, not from users; quoted as identifiers all the same.
-            conn.execute(sa.text(f'ALTER TABLE feature_vectors ADD COLUMN "{name}" double precision'))
+    for table in ("feature_vectors", "quarantine_feature_vectors"):
+        existing = {
+            row[0]
+            for row in conn.execute(
+                sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"), {"t": table}
+            )
+        }
+        if not existing:
+            continue
+        for name in all_feature_columns():
+            if name not in existing:
+                # Feature names come from the registry, not from users; quoted as identifiers all the same.
+                conn.execute(sa.text(f'ALTER TABLE {table} ADD COLUMN "{name}" double precision'))
 
 
 def migrate(dsn: str) -> list[str]:

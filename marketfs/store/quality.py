@@ -1,0 +1,204 @@
+"""The quality log and the quarantine: every verdict kept, rejected data kept until a person decides.
+
+A gate that fails writes its rows to ``quarantine_<table>`` under a batch in ``quarantine_batches``
+and its verdict to ``quality_log``. ``release`` moves a batch into the served tables (through the
+same writers a passing run uses) and ``discard`` drops it; both record who decided and why in
+``quality_log``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+from psycopg import sql
+
+from marketfs.features.compute import STATE_SCHEMA, FeatureComputation
+from marketfs.features.events import EVENT_SCHEMA
+from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet
+from marketfs.sources.base import BAR_SCHEMA
+from marketfs.store.copy import copy_frame_in, copy_query_out
+from marketfs.store.tables import select_list
+
+
+class QuarantineError(ValueError):
+    """A release or discard that cannot be done (unknown batch, already decided)."""
+
+
+def log_verdicts(
+    conn: sa.Connection,
+    *,
+    run_id: str | None,
+    asset: str,
+    partition: str,
+    suite: str,
+    outcomes: Iterable[dict[str, Any]],
+    reference: str | None = None,
+    docs_url: str | None = None,
+    batch_id: int | None = None,
+) -> int:
+    """One ``quality_log`` row per expectation outcome (keys as in ``ExpectationOutcome.as_log_row``)."""
+    rows = [
+        {
+            "run_id": run_id,
+            "asset": asset,
+            "partition": partition,
+            "suite": suite,
+            "expectation": o["expectation"],
+            "column_name": o.get("column"),
+            "severity": o.get("severity"),
+            "success": bool(o["success"]),
+            "observed_value": json.dumps(o.get("observed_value")),
+            "unexpected_count": o.get("unexpected_count"),
+            "element_count": o.get("element_count"),
+            "reference": reference,
+            "docs_url": docs_url,
+            "batch_id": batch_id,
+        }
+        for o in outcomes
+    ]
+    if rows:
+        conn.execute(
+            sa.text(
+                "INSERT INTO quality_log (run_id, asset, partition, suite, expectation, column_name, severity, "
+                "success, observed_value, unexpected_count, element_count, reference, docs_url, batch_id) VALUES "
+                "(:run_id, :asset, :partition, :suite, :expectation, :column_name, :severity, :success, "
+                "CAST(:observed_value AS jsonb), :unexpected_count, :element_count, :reference, :docs_url, :batch_id)"
+            ),
+            rows,
+        )
+    return len(rows)
+
+
+def open_batch(
+    conn: sa.Connection, *, run_id: str | None, asset: str, partition: str, start: datetime, end: datetime, reason: str
+) -> int:
+    return int(
+        conn.execute(
+            sa.text(
+                "INSERT INTO quarantine_batches (run_id, asset, partition, window_start, window_end, reason) "
+                "VALUES (:r, :a, :p, :s, :e, :why) RETURNING batch_id"
+            ),
+            {"r": run_id, "a": asset, "p": partition, "s": start, "e": end, "why": reason},
+        ).scalar_one()
+    )
+
+
+def quarantine_rows(conn: sa.Connection, batch_id: int, table: str, frame: pl.DataFrame) -> int:
+    """Keep ``frame`` (in its given order) under ``batch_id`` in ``quarantine_<table>``."""
+    rows = frame.with_row_index("delivery_order").with_columns(pl.lit(batch_id, pl.Int64).alias("batch_id"))
+    return copy_frame_in(conn, f"quarantine_{table}", rows)
+
+
+def read_quarantined(conn: sa.Connection, batch_id: int, table: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    query = sql.SQL("SELECT {} FROM {} WHERE batch_id = %(b)s ORDER BY delivery_order").format(
+        select_list(schema), sql.Identifier(f"quarantine_{table}")
+    )
+    return copy_query_out(conn, query, {"b": batch_id}, schema)
+
+
+def list_batches(conn: sa.Connection, status: str | None = None) -> list[dict[str, Any]]:
+    query = "SELECT * FROM quarantine_batches"
+    params: dict = {}
+    if status:
+        query += " WHERE status = :status"
+        params["status"] = status
+    return [dict(row._mapping) for row in conn.execute(sa.text(query + " ORDER BY batch_id"), params)]
+
+
+def _decided_batch(conn: sa.Connection, batch_id: int) -> dict[str, Any]:
+    row = conn.execute(
+        sa.text("SELECT * FROM quarantine_batches WHERE batch_id = :b FOR UPDATE"), {"b": batch_id}
+    ).first()
+    if row is None:
+        raise QuarantineError(f"no quarantine batch {batch_id}; list them with `marketfs quarantine list`")
+    batch = dict(row._mapping)
+    if batch["status"] != "held":
+        raise QuarantineError(
+            f"batch {batch_id} was already {batch['status']} by {batch['decided_by']} at {batch['decided_at']}"
+        )
+    return batch
+
+
+def _record_decision(conn: sa.Connection, batch: dict[str, Any], status: str, actor: str, note: str) -> None:
+    conn.execute(
+        sa.text(
+            "UPDATE quarantine_batches SET status = :s, decided_at = now(), decided_by = :a, note = :n "
+            "WHERE batch_id = :b"
+        ),
+        {"s": status, "a": actor, "n": note, "b": batch["batch_id"]},
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO quality_log (asset, partition, suite, kind, expectation, success, batch_id, actor, note) "
+            "VALUES (:asset, :p, '(human review)', :kind, :exp, true, :b, :a, :n)"
+        ),
+        {
+            "asset": batch["asset"],
+            "p": batch["partition"],
+            "kind": {"released": "release", "discarded": "discard"}[status],
+            "exp": f"{status} quarantine batch {batch['batch_id']} ({batch['reason']})",
+            "b": batch["batch_id"],
+            "a": actor,
+            "n": note,
+        },
+    )
+
+
+def _feature_timeframe(asset: str) -> str:
+    return asset.rsplit("_", 1)[-1]
+
+
+def release(
+    conn: sa.Connection, batch_id: int, *, actor: str, note: str, feature_set: FeatureSet = DEFAULT_FEATURE_SET
+) -> dict[str, Any]:
+    """Write a held batch into its served tables, as a passing run would have, and log who released it."""
+    from marketfs.sources.normalize import normalize_bars, normalize_events
+    from marketfs.store.bars import replace_bars
+    from marketfs.store.events import replace_events
+    from marketfs.store.feature_vectors import vector_schema, write_features
+
+    if not actor.strip() or not note.strip():
+        raise QuarantineError("a release needs the name of the person who reviewed it and a note saying why")
+    batch = _decided_batch(conn, batch_id)
+    start, end, asset = batch["window_start"], batch["window_end"], batch["asset"]
+    if asset == "raw_ohlcv":
+        written = replace_bars(
+            conn, normalize_bars(read_quarantined(conn, batch_id, "ohlcv_1m", BAR_SCHEMA)), start, end
+        )
+    elif asset == "raw_events":
+        events = normalize_events(read_quarantined(conn, batch_id, "news_events", EVENT_SCHEMA))
+        written = replace_events(conn, events, start, end)
+    elif asset.startswith("feature_vectors_"):
+        timeframe = _feature_timeframe(asset)
+        vectors = read_quarantined(conn, batch_id, "feature_vectors", vector_schema(feature_set, timeframe))
+        state = read_quarantined(conn, batch_id, "feature_state", STATE_SCHEMA)
+        stats = write_features(
+            conn,
+            FeatureComputation(vectors=vectors, state=state),
+            feature_set=feature_set,
+            timeframe=timeframe,
+            start=start,
+            end=end,
+            run_id=batch["run_id"],
+        )
+        written = stats["upserted"]
+    else:
+        raise QuarantineError(f"batch {batch_id} belongs to {asset!r}, which has no release path")
+    _record_decision(conn, batch, "released", actor, note)
+    return {**batch, "rows_written": written}
+
+
+def discard(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dict[str, Any]:
+    """Drop a held batch's rows (the batch row and the log entries stay, for the audit trail)."""
+    if not actor.strip() or not note.strip():
+        raise QuarantineError("a discard needs the name of the person who decided it and a note saying why")
+    batch = _decided_batch(conn, batch_id)
+    for table in ("ohlcv_1m", "news_events", "feature_vectors", "feature_state"):
+        conn.execute(sa.text(f"DELETE FROM quarantine_{table} WHERE batch_id = :b"), {"b": batch_id})
+    _record_decision(conn, batch, "discarded", actor, note)
+    return batch
