@@ -70,7 +70,7 @@ def record_and_enforce(
         )
     if breached:
         detail = "; ".join(
-            f"{g.suite} [{g.reference or 'no reference'}]: "
+            f"{g.suite}{f' [{g.reference}]' if g.reference else ''}: "
             + ", ".join(f"{o.label} {o.describe()}" for o in g.blocking_failures)
             for n in breached
             for g in failed[n]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,8 @@ class GateResult:
 
 
 def suite_path(name: str) -> Path:
-    return SUITES_DIR / f"{name}.json"
+    """``$MARKETFS_SUITES_DIR/<name>.json`` when set (e.g. a reviewed copy), else the suites in this package."""
+    return Path(os.environ.get("MARKETFS_SUITES_DIR", SUITES_DIR)) / f"{name}.json"
 
 
 def load_suite_json(path: Path) -> dict[str, Any]:

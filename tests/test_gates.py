@@ -1,0 +1,167 @@
+"""Quality gates: each expectation triggered by a crafted frame, and suite files that are wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from expectations.gate import SUITES_DIR, SuiteFileError, validate_frame
+from marketfs.features.compute import compute_feature_vectors
+from marketfs.features.events import EVENT_SCHEMA
+from marketfs.sources import SyntheticBars, SyntheticEvents
+
+D = datetime(2024, 1, 3, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def clean_bars() -> pl.DataFrame:
+    return SyntheticBars(instruments=("A", "B")).bars(D, D + timedelta(days=1))
+
+
+@pytest.fixture(scope="module")
+def clean_vectors() -> pl.DataFrame:
+    start = D - timedelta(days=1)
+    bars = SyntheticBars(instruments=("A", "B")).bars(start, D + timedelta(days=1))
+    events = SyntheticEvents(instruments=("A", "B")).events(start, D + timedelta(days=1))
+    return compute_feature_vectors(bars, "1m", events=events, start=D).vectors
+
+
+def failed(frame: pl.DataFrame, suite: str) -> set[str]:
+    gate = validate_frame(frame, suite)
+    return {o.label for o in gate.blocking_failures}
+
+
+def at(frame: pl.DataFrame, row: int, **values) -> pl.DataFrame:
+    hit = pl.int_range(pl.len()) == row
+    return frame.with_columns(
+        [pl.when(hit).then(pl.lit(v, frame.schema[c])).otherwise(pl.col(c)).alias(c) for c, v in values.items()]
+    )
+
+
+def test_clean_partitions_pass(clean_bars: pl.DataFrame, clean_vectors: pl.DataFrame) -> None:
+    assert failed(clean_bars, "raw_ohlcv") == set()
+    assert failed(clean_vectors, "feature_vectors_1m") == set()
+
+
+@pytest.mark.parametrize(
+    ("change", "expectation"),
+    [
+        ({"low": 1e6}, "expect_column_pair_values_a_to_be_greater_than_b(high,low)"),
+        ({"open": 1e6}, "expect_column_pair_values_a_to_be_greater_than_b(high,open)"),
+        ({"close": 1e-6}, "expect_column_pair_values_a_to_be_greater_than_b(close,low)"),
+        ({"open": 1e-6}, "expect_column_pair_values_a_to_be_greater_than_b(open,low)"),
+        ({"close": 1e6}, "expect_column_pair_values_a_to_be_greater_than_b(high,close)"),
+        ({"open": 0.0, "low": 0.0}, "expect_column_values_to_be_between(open)"),
+        ({"low": -1.0}, "expect_column_values_to_be_between(low)"),
+        ({"volume": -5.0}, "expect_column_values_to_be_between(volume)"),
+        ({"close": float("nan")}, "expect_column_values_to_not_be_null(close)"),
+        ({"instrument_id": None}, "expect_column_values_to_not_be_null(instrument_id)"),
+    ],
+)
+def test_each_raw_bar_expectation_blocks(clean_bars: pl.DataFrame, change: dict, expectation: str) -> None:
+    assert expectation in failed(at(clean_bars, 10, **change), "raw_ohlcv")
+
+
+def test_duplicate_and_off_grid_bars_are_warnings_not_blocks(clean_bars: pl.DataFrame) -> None:
+    crafted = pl.concat([clean_bars, clean_bars[:1], clean_bars[1:2].with_columns(pl.col("ts") + timedelta(seconds=7))])
+    gate = validate_frame(crafted, "raw_ohlcv")
+    assert gate.passed
+    assert {o.label for o in gate.failures} == {
+        "expect_compound_columns_to_be_unique(instrument_id,ts)",
+        "expect_column_values_to_be_in_set(ts_offgrid_us)",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "expectation"),
+    [
+        ({"sentiment": 1.5}, "expect_column_values_to_be_between(sentiment)"),
+        ({"confidence": -0.1}, "expect_column_values_to_be_between(confidence)"),
+        ({"published_at": None}, "expect_column_values_to_not_be_null(published_at)"),
+    ],
+)
+def test_each_raw_event_expectation_blocks(change: dict, expectation: str) -> None:
+    events = pl.DataFrame(
+        [(f"e{i}", "A", D + timedelta(minutes=i), 0.1, 0.5, "wire") for i in range(5)],
+        schema=EVENT_SCHEMA,
+        orient="row",
+    )
+    assert failed(events, "raw_events") == set()
+    assert expectation in failed(at(events, 2, **change), "raw_events")
+
+
+@pytest.mark.parametrize(
+    ("change", "expectation"),
+    [
+        ({"rsi_14": 101.0}, "expect_column_values_to_be_between(rsi_14)"),
+        ({"vol_20": -0.01}, "expect_column_values_to_be_between(vol_20)"),
+        ({"ret_1": 0.9}, "expect_column_values_to_be_between(ret_1)"),
+        ({"atr_14": -1.0}, "expect_column_values_to_be_between(atr_14)"),
+        ({"volume_z_20": 5.0}, "expect_column_values_to_be_between(volume_z_20)"),
+        ({"sentiment_mean_1h": -1.2}, "expect_column_values_to_be_between(sentiment_mean_1h)"),
+        ({"sentiment_conf_mean_1h": 1.1}, "expect_column_values_to_be_between(sentiment_conf_mean_1h)"),
+        ({"bb_lower": 1e9}, "expect_column_pair_values_a_to_be_greater_than_b(bb_upper,bb_lower)"),
+        ({"macd": None}, "expect_column_values_to_be_in_set(unexplained_nulls)"),
+        ({"instrument_id": None}, "expect_column_values_to_not_be_null(instrument_id)"),
+    ],
+)
+def test_each_vector_expectation_blocks(clean_vectors: pl.DataFrame, change: dict, expectation: str) -> None:
+    assert expectation in failed(at(clean_vectors, 100, **change), "feature_vectors_1m")
+
+
+def test_duplicate_vector_keys_block(clean_vectors: pl.DataFrame) -> None:
+    crafted = pl.concat([clean_vectors, clean_vectors[5:6]])
+    assert "expect_compound_columns_to_be_unique(instrument_id,timeframe,ts,feature_set_version)" in failed(
+        crafted, "feature_vectors_1m"
+    )
+
+
+def test_share_of_a_flag_above_its_ceiling_blocks(clean_vectors: pl.DataFrame) -> None:
+    n = clean_vectors.height
+    crafted = clean_vectors.with_columns(
+        pl.when(pl.int_range(pl.len()) < n // 10)
+        .then(pl.col("quality_flags").list.concat(pl.lit(["MISSING_OHLCV"])))
+        .otherwise(pl.col("quality_flags"))
+    )
+    assert "expect_column_values_to_be_in_set(flag_MISSING_OHLCV)" in failed(crafted, "feature_vectors_1m")
+
+
+def test_editing_a_threshold_in_the_json_changes_the_gate(
+    clean_vectors: pl.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    path = suites / "feature_vectors_1m.json"
+    suite = json.loads(path.read_text())
+    for e in suite["expectations"]:
+        if e["kwargs"].get("column") == "ret_1":
+            e["kwargs"]["max_value"] = 0.0001
+    path.write_text(json.dumps(suite))
+    monkeypatch.setenv("MARKETFS_SUITES_DIR", str(suites))
+    assert "expect_column_values_to_be_between(ret_1)" in failed(clean_vectors, "feature_vectors_1m")
+
+
+def test_malformed_suite_files_name_the_file_and_expectation(clean_vectors: pl.DataFrame, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x", "expectations": [\n  {"type": oops}\n]}')
+    with pytest.raises(SuiteFileError, match=r"broken.json: not valid JSON at line 2"):
+        validate_frame(clean_vectors, "x", suite_file=broken)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "expectations": [
+                    {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "ts"}},
+                    {"type": "expect_column_values_to_be_betwen", "kwargs": {"column": "ret_1", "min_value": 0}},
+                ],
+            }
+        )
+    )
+    with pytest.raises(SuiteFileError, match=r"wrong.json: expectation #2 \(expect_column_values_to_be_betwen\)"):
+        validate_frame(clean_vectors, "x", suite_file=wrong)
