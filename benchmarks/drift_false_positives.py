@@ -16,7 +16,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,8 @@ def main() -> int:
         "",
         "## No planted drift",
         "",
-        f"- partitions validated: {len(evaluated)} (trading days {evaluated[0].label[-10:]}..{evaluated[-1].label[-10:]}; "
+        f"- partitions validated: {len(evaluated)} "
+        f"(trading days {evaluated[0].label[-10:]}..{evaluated[-1].label[-10:]}; "
         f"the first {len(results) - len(evaluated)} days are the reference warm-up)",
         f"- partitions that tripped the gate: **{len(tripped)}** ({100 * len(tripped) / len(evaluated):.1f}%)",
         f"- expectations evaluated: {checks}, failed: {len(failed_checks)}",
