@@ -15,8 +15,9 @@ from assets.metadata import flag_counts, frame_summary
 from assets.partitions import BATCHED_BACKFILL, DAILY
 from assets.raw import bars_1d, raw_events, raw_ohlcv
 from expectations.gate import suite_path
+from marketfs.catalog import catalog_table
 from marketfs.features.compute import WARMUP_BARS, HistoryError, compute_feature_vectors
-from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS
+from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS, definitions_hash
 from marketfs.store.bars import read_bars
 from marketfs.store.events import read_events
 from marketfs.store.feature_vectors import (
@@ -48,7 +49,8 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
         backfill_policy=BATCHED_BACKFILL,
         group_name="features",
         kinds={"postgres", "polars"},
-        code_version=f"{FEATURE_SET.version}-2",
+        # Derived from the definitions: editing a formula or lookback marks the asset stale in the UI.
+        code_version=f"{FEATURE_SET.version}-{definitions_hash(FEATURE_SET, timeframe)}-2",
         deps=[
             dg.AssetDep(
                 bars_asset,
@@ -94,7 +96,10 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
         ],
         description=f"Feature vectors {FEATURE_SET.version}, timeframe {timeframe} (event window {label}), "
         "in table feature_vectors.",
-        metadata={"features": dg.MetadataValue.json(FEATURE_SET.names(timeframe))},
+        metadata={
+            "feature_catalog": dg.MetadataValue.md(catalog_table(FEATURE_SET, timeframe)),
+            "owner": dg.MetadataValue.text("quant-platform"),
+        },
     )
     def _asset(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
         from expectations.docs import DataDocs

@@ -11,9 +11,19 @@ from pathlib import Path
 
 from marketfs.features.compute import DAILY_STAMP_US, WARMUP_BARS
 from marketfs.features.flags import FLAG_MEANINGS, load_flag_config
-from marketfs.features.registry import EVENT_WINDOWS, FEATURE_SETS
+from marketfs.features.registry import EVENT_WINDOWS, FEATURE_SETS, FeatureSet
 
 CATALOG_PATH = Path(__file__).resolve().parents[1] / "docs" / "features.md"
+
+
+def catalog_table(fs: FeatureSet, timeframe: str) -> str:
+    """The markdown table of one feature set and timeframe (also shown on the asset in the Dagster UI)."""
+    window = EVENT_WINDOWS[timeframe][1]
+    lines = ["| name | formula | lookback | inputs | version | owner |", "|---|---|---|---|---|---|"]
+    for f in fs.for_timeframe(timeframe):
+        lookback = f"{f.lookback} bars" if f.lookback else f"events in (ts - {window}, ts]"
+        lines.append(f"| `{f.name}` | {f.formula} | {lookback} | {', '.join(f.inputs)} | {f.version} | {f.owner} |")
+    return "\n".join(lines)
 
 
 def render_catalog() -> str:
@@ -36,18 +46,7 @@ def render_catalog() -> str:
         lines += [f"## {version}", ""]
         for timeframe in fs.timeframes:
             window = EVENT_WINDOWS[timeframe][1]
-            lines += [
-                f"### timeframe `{timeframe}` (event window {window})",
-                "",
-                "| name | formula | lookback | inputs | version | owner |",
-                "|---|---|---|---|---|---|",
-            ]
-            for f in fs.for_timeframe(timeframe):
-                lookback = f"{f.lookback} bars" if f.lookback else f"events in (ts - {window}, ts]"
-                lines.append(
-                    f"| `{f.name}` | {f.formula} | {lookback} | {', '.join(f.inputs)} | {f.version} | {f.owner} |"
-                )
-            lines.append("")
+            lines += [f"### timeframe `{timeframe}` (event window {window})", "", catalog_table(fs, timeframe), ""]
     lines += [
         "## Quality flags",
         "",

@@ -79,6 +79,38 @@ def _quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(args: argparse.Namespace) -> int:
+    import json
+
+    from marketfs import snapshots
+    from marketfs.store.migrations import migrate
+
+    dsn = resolve_dsn()
+    migrate(dsn)
+    try:
+        if args.action == "list":
+            with engine_for(dsn).connect() as conn:
+                rows = snapshots.list_snapshots(conn)
+            if not rows:
+                print("no snapshots")
+            for r in rows:
+                print(
+                    f"{r['snapshot_id']}  {r['row_count']:>10} rows  {r['instruments']:>4} instruments  "
+                    f"created {r['created_at']:%Y-%m-%d %H:%M}  {r['content_hash'][:19]}"
+                )
+        elif args.action == "describe":
+            with engine_for(dsn).connect() as conn:
+                print(json.dumps(snapshots.describe_snapshot(conn, args.id), indent=2))
+        else:
+            with engine_for(dsn).begin() as conn:
+                snapshots.delete_snapshot(conn, args.id, actor=args.by, note=args.note)
+            print(f"deleted {args.id} (logged in snapshot_log)")
+    except snapshots.SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="marketfs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -96,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("batch", type=int)
         p.add_argument("--by", required=True, help="who reviewed it")
         p.add_argument("--note", required=True, help="why")
+    snap = sub.add_parser("snapshot").add_subparsers(dest="action", required=True)
+    snap.add_parser("list")
+    snap.add_parser("describe").add_argument("id")
+    delete = snap.add_parser("delete")
+    delete.add_argument("id")
+    delete.add_argument("--by", required=True, help="who deletes it")
+    delete.add_argument("--note", required=True, help="why")
     args = parser.parse_args(argv)
 
     server = EmbeddedPostgres(default_home())
@@ -109,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedded server home: {server.home}")
         print(f"data directory: {server.data_dir}")
         print(f"running: {'yes' if server._running_port() else 'no'}")
+    elif args.command == "snapshot":
+        return _snapshot(args)
     else:
         return _quarantine(args)
     return 0

@@ -52,6 +52,23 @@ def _run(start: str, end: str) -> int:
         if not result.success:
             failed_runs.append(result.run_id)
 
+    snapshot_id = None
+    if not failed_runs:
+        end_day = DAILY.time_window_for_partition_key(keys[-1]).end.date().isoformat()
+        snapshot = defs.resolve_job_def("snapshot").execute_in_process(
+            instance=instance,
+            run_config={
+                "ops": {"feature_snapshots": {"config": {"start": keys[0], "end": end_day, "timeframe": "1m"}}},
+                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+            },
+            raise_on_error=False,
+        )
+        if snapshot.success:
+            [materialization] = snapshot.asset_materializations_for_node("feature_snapshots")
+            snapshot_id = materialization.metadata["snapshot_id"].value
+        else:
+            failed_runs.append(snapshot.run_id)
+
     window_start = DAILY.time_window_for_partition_key(keys[0]).start
     window_end = DAILY.time_window_for_partition_key(keys[-1]).end
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:
@@ -71,6 +88,8 @@ def _run(start: str, end: str) -> int:
     print(f"bars stored    {bars} in ohlcv_1m, {events} events in news_events")
     print(f"vectors stored {vectors_1m} (1m) and {vectors_1d} (1d) in feature_vectors ({FEATURE_SET.version})")
     print(f"gate checks    {checks_passed} passed, {checks_failed} failed")
+    if snapshot_id:
+        print(f"snapshot       {snapshot_id} (1m vectors of the range; marketfs snapshot describe {snapshot_id})")
     if failed_runs:
         print(f"FAILED runs    {', '.join(failed_runs)}: open them in the UI (make ui) for the failed expectations")
     print('look           make ui (Dagster UI on http://127.0.0.1:3000), make dsn (psql "$(make -s dsn)")')

@@ -133,3 +133,11 @@ def all_feature_columns() -> list[str]:
         for feature in fs.features:
             seen.setdefault(feature.name, None)
     return list(seen)
+
+
+def definitions_hash(fs: FeatureSet, timeframe: str) -> str:
+    """A short hash of every definition of a timeframe: changes whenever a formula, lookback or version does."""
+    import hashlib
+
+    text = repr([(f.name, f.formula, f.lookback, f.inputs, f.family, f.version) for f in fs.for_timeframe(timeframe)])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]

@@ -17,7 +17,7 @@ def raw_connection(conn: sa.Connection) -> psycopg.Connection:
     return conn.connection.driver_connection  # type: ignore[return-value]
 
 
-def _csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
+def csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
     out = []
     for name, dtype in frame.schema.items():
         col = pl.col(name)
@@ -36,7 +36,7 @@ def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
     if frame.is_empty():
         return 0
     buffer = io.BytesIO()
-    _csv_ready(frame).write_csv(buffer, include_header=False, null_value="")
+    csv_ready(frame).write_csv(buffer, include_header=False, null_value="")
     statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
         sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
     )

@@ -207,10 +207,77 @@ def _m003_quality_log_and_quarantine(conn: sa.Connection, timescale: bool) -> No
         conn.execute(sa.text(f"CREATE INDEX quarantine_{table}_batch ON quarantine_{table} (batch_id)"))
 
 
+def _m004_snapshots(conn: sa.Connection, timescale: bool) -> None:
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE feature_snapshots (
+                snapshot_id text PRIMARY KEY,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                feature_set_version text NOT NULL,
+                timeframe text NOT NULL,
+                instruments text[] NOT NULL,
+                window_start timestamptz NOT NULL,
+                window_end timestamptz NOT NULL,
+                row_count bigint NOT NULL,
+                content_hash text NOT NULL,
+                manifest jsonb NOT NULL,
+                run_id text
+            )
+            """
+        )
+    )
+    # Frozen copies of vectors; the trigger below makes them read-only except for an explicit delete.
+    conn.execute(
+        sa.text(
+            "CREATE TABLE feature_snapshot_rows (snapshot_id text NOT NULL REFERENCES feature_snapshots "
+            "ON DELETE CASCADE, LIKE feature_vectors INCLUDING DEFAULTS)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "CREATE INDEX feature_snapshot_rows_lookup ON feature_snapshot_rows (snapshot_id, instrument_id, ts DESC)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            """
+            CREATE FUNCTION refuse_snapshot_update() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'snapshots are immutable: % on % refused', TG_OP, TG_TABLE_NAME;
+            END $$
+            """
+        )
+    )
+    for table in ("feature_snapshot_rows", "feature_snapshots"):
+        conn.execute(
+            sa.text(
+                f"CREATE TRIGGER {table}_immutable BEFORE UPDATE ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_snapshot_update()"
+            )
+        )
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE snapshot_log (
+                id bigserial PRIMARY KEY,
+                logged_at timestamptz NOT NULL DEFAULT now(),
+                snapshot_id text NOT NULL,
+                action text NOT NULL,
+                actor text,
+                note text,
+                manifest jsonb
+            )
+            """
+        )
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
     (2, "news_events, ohlcv_1d, feature_state, bar source flags", _m002_events_daily_bars_state),
     (3, "quality_log, quarantine tables", _m003_quality_log_and_quarantine),
+    (4, "feature snapshots", _m004_snapshots),
 ]
 
 
@@ -235,7 +302,7 @@ def _ensure_timescaledb(conn: sa.Connection) -> bool:
 
 
 def _ensure_feature_columns(conn: sa.Connection) -> None:
-    for table in ("feature_vectors", "quarantine_feature_vectors"):
+    for table in ("feature_vectors", "quarantine_feature_vectors", "feature_snapshot_rows"):
         existing = {
             row[0]
             for row in conn.execute(

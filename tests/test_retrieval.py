@@ -1,0 +1,121 @@
+"""Point-in-time joins and latest() on hand-built vectors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from marketfs import snapshots
+from marketfs.features.registry import FS_V1
+from marketfs.retrieval import OnlineReader, RetrievalError, latest, training_frame
+from marketfs.store.feature_vectors import upsert_window, vector_schema
+
+DAY = datetime(2024, 1, 3, tzinfo=UTC)
+T = DAY + timedelta(hours=10)
+
+
+def vectors(instrument: str, minutes: list[int], values: list[float], timeframe: str = "1m") -> pl.DataFrame:
+    schema = vector_schema(FS_V1, timeframe)
+    rows = {name: [None] * len(minutes) for name in schema}
+    rows.update(
+        instrument_id=[instrument] * len(minutes),
+        timeframe=[timeframe] * len(minutes),
+        ts=[T + timedelta(minutes=m) for m in minutes],
+        feature_set_version=["fs_v1"] * len(minutes),
+        ret_1=values,
+        quality_flags=[[] for _ in minutes],
+    )
+    if timeframe == "1m":
+        rows["rsi_14"] = [v * 10 for v in values]
+    return pl.DataFrame(rows, schema=schema)
+
+
+@pytest.fixture
+def stored(dsn: str, engine: sa.Engine) -> str:
+    with engine.begin() as conn:
+        frame = pl.concat([vectors("A", [0, 5, 10], [1.0, 2.0, 3.0]), vectors("B", [7], [7.0])])
+        upsert_window(conn, frame, feature_set=FS_V1, timeframe="1m", start=DAY, end=DAY + timedelta(days=1))
+        daily = vectors("A", [11], [99.0], timeframe="1d")
+        upsert_window(conn, daily, feature_set=FS_V1, timeframe="1d", start=DAY, end=DAY + timedelta(days=1))
+    return dsn
+
+
+def entities(*rows: tuple[str, int | float]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"instrument_id": [r[0] for r in rows], "ts": [T + timedelta(minutes=r[1]) for r in rows]},
+        schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+
+
+def test_point_in_time_cases(stored: str) -> None:
+    e = entities(
+        ("A", 5),  # exact hit
+        ("A", 6),  # between vectors: the earlier one
+        ("A", 12),  # 2 minutes after the last vector: inside a 2-minute tolerance (inclusive)
+        ("A", 12.5),  # 2.5 minutes after: gap longer than the tolerance
+        ("A", -60),  # before any data
+        ("A", 6),  # a duplicate entity row stays a row
+        ("B", 8),
+        ("C", 8),  # an instrument with no vectors
+    )
+    out = training_frame(e, ["ret_1", "rsi_14"], timedelta(minutes=2), dsn=stored, include_feature_ts=True)
+    assert out["ret_1"].to_list() == [2.0, 2.0, 3.0, None, None, 2.0, 7.0, None]
+    assert out["rsi_14"].to_list() == [20.0, 20.0, 30.0, None, None, 20.0, 70.0, None]
+    assert out["feature_ts"][1] == T + timedelta(minutes=5)
+    assert out.select("instrument_id", "ts").equals(e)  # entity rows, in order
+    # The 1d vector at T+11 never leaks into 1m results, and the other way round.
+    daily = training_frame(entities(("A", 12)), ["ret_1"], timedelta(hours=1), dsn=stored, timeframe="1d")
+    assert daily["ret_1"].to_list() == [99.0]
+
+
+def test_future_vectors_never_match(stored: str) -> None:
+    out = training_frame(entities(("A", 9.99)), ["ret_1"], timedelta(hours=1), dsn=stored)
+    assert out["ret_1"].to_list() == [2.0]  # the vector at 10 is in the entity's future
+
+
+def test_pandas_in_pandas_out(stored: str) -> None:
+    frame = entities(("A", 5), ("B", 7)).to_pandas()
+    out = training_frame(frame, ["ret_1"], timedelta(0), dsn=stored, output="pandas")
+    assert isinstance(out, pd.DataFrame)
+    assert out["ret_1"].tolist() == [2.0, 7.0]
+
+
+def test_caller_errors_are_clear(stored: str) -> None:
+    e = entities(("A", 5))
+    with pytest.raises(RetrievalError, match="unknown feature.*nope.*known: ret_1"):
+        training_frame(e, ["nope"], timedelta(minutes=1), dsn=stored)
+    with pytest.raises(RetrievalError, match="timezone-naive"):
+        training_frame(e.with_columns(pl.col("ts").dt.replace_time_zone(None)), ["ret_1"], timedelta(1), dsn=stored)
+    with pytest.raises(RetrievalError, match="empty"):
+        training_frame(e.clear(), ["ret_1"], timedelta(minutes=1), dsn=stored)
+    with pytest.raises(snapshots.SnapshotError, match="unknown snapshot 'missing'"):
+        training_frame(e, ["ret_1"], timedelta(minutes=1), snapshot="missing", dsn=stored)
+    with pytest.raises(RetrievalError, match="missing ts"):
+        training_frame(e.drop("ts"), ["ret_1"], timedelta(minutes=1), dsn=stored)
+
+
+def test_training_frame_from_a_snapshot_ignores_later_changes(stored: str, engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        snap = snapshots.create_snapshot(
+            conn, feature_set_version="fs_v1", timeframe="1m", start=DAY, end=DAY + timedelta(days=1)
+        )
+        conn.execute(sa.text("UPDATE feature_vectors SET ret_1 = -1"))
+    e = entities(("A", 6), ("B", 8))
+    assert training_frame(e, ["ret_1"], timedelta(minutes=5), dsn=stored)["ret_1"].to_list() == [-1.0, -1.0]
+    frozen = training_frame(e, ["ret_1"], timedelta(minutes=5), snapshot=snap.snapshot_id, dsn=stored)
+    assert frozen["ret_1"].to_list() == [2.0, 7.0]
+
+
+def test_latest_returns_the_newest_vector_per_instrument(stored: str) -> None:
+    out = latest(["B", "A", "C"], ["ret_1", "rsi_14"], dsn=stored)
+    assert out["instrument_id"].to_list() == ["B", "A", "C"]
+    assert out["ret_1"].to_list() == [7.0, 3.0, None]
+    assert out["ts"][1] == T + timedelta(minutes=10)
+    records = OnlineReader(stored).latest(["A"], ["ret_1"], output="records")
+    assert records == [{"instrument_id": "A", "ts": T + timedelta(minutes=10), "quality_flags": [], "ret_1": 3.0}]
+    with pytest.raises(RetrievalError, match="unknown feature"):
+        latest(["A"], ["bogus"], dsn=stored)
