@@ -1,0 +1,210 @@
+"""Retrieval: training_frame on 100,000 entities over 1,000,000 vectors, and latest() latency.
+
+    python benchmarks/retrieval.py [--vectors 1000000] [--entities 100000] [--calls 2000]
+
+Baselines in the same run: the typical point-in-time join (read the vectors of the entities'
+instruments and range into pandas, then ``pandas.merge_asof``), and a latest() done the typical
+way (a new connection and an unprepared query per request). Each measurement runs in a fresh
+subprocess, so peak memory is that approach's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+from common import bench_database, machine, peak_rss_mb  # noqa: F401  (sys.path set up there)
+
+from marketfs.features.registry import FS_V1
+from marketfs.store.copy import copy_frame_in
+from marketfs.store.feature_vectors import vector_schema
+
+START = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+INSTRUMENTS = 50
+
+
+def load_vectors(dsn: str, n: int) -> tuple[datetime, datetime]:
+    from marketfs.db import engine_for
+
+    per_instrument = n // INSTRUMENTS
+    schema = vector_schema(FS_V1, "1m")
+    rng = np.random.default_rng(3)
+    ts = pl.datetime_range(START, START + timedelta(minutes=per_instrument - 1), "1m", eager=True, time_zone="UTC")
+    frames = []
+    for i in range(INSTRUMENTS):
+        data = {name: rng.standard_normal(per_instrument) for name, t in schema.items() if t == pl.Float64}
+        frames.append(
+            pl.DataFrame(
+                {
+                    "instrument_id": f"SYN{i:03d}",
+                    "timeframe": "1m",
+                    "ts": ts,
+                    "feature_set_version": "fs_v1",
+                    **data,
+                    "quality_flags": [[]] * per_instrument,
+                }
+            )
+            .select(list(schema))
+            .cast(schema)
+        )
+    with engine_for(dsn).begin() as conn:
+        copy_frame_in(conn, "feature_vectors", pl.concat(frames))
+        conn.exec_driver_sql("ANALYZE feature_vectors")
+    return START, START + timedelta(minutes=per_instrument)
+
+
+def entities(n: int, start: datetime, end: datetime) -> pl.DataFrame:
+    rng = np.random.default_rng(4)
+    span = (end - start).total_seconds()
+    return pl.DataFrame(
+        {
+            "instrument_id": [f"SYN{i:03d}" for i in rng.integers(0, INSTRUMENTS, n)],
+            "ts": [start + timedelta(seconds=float(s)) for s in rng.uniform(0, span, n)],
+        },
+        schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+
+
+FEATURES = ["ret_1", "ret_5", "vol_20", "rsi_14", "macd", "bb_pct_b", "sentiment_mean_1h"]
+
+
+def child(mode: str, dsn: str, n_entities: int, start: str, end: str, calls: int) -> dict:
+    """One measurement, in its own process."""
+    s, e = datetime.fromisoformat(start), datetime.fromisoformat(end)
+    if mode in ("training_frame", "baseline_merge_asof"):
+        ents = entities(n_entities, s, e)
+        base = peak_rss_mb()
+        t0 = time.perf_counter()
+        if mode == "training_frame":
+            from marketfs.retrieval import training_frame
+
+            out = training_frame(ents, FEATURES, timedelta(minutes=5), dsn=dsn)
+            matched = out["ret_1"].is_not_null().sum()
+        else:
+            import pandas as pd
+            import sqlalchemy as sa
+
+            from marketfs.db import engine_for
+
+            cols = ", ".join(["instrument_id", "ts", *FEATURES])
+            with engine_for(dsn).connect() as conn:
+                table = pd.read_sql(
+                    sa.text(
+                        f"SELECT {cols} FROM feature_vectors WHERE timeframe = '1m' AND feature_set_version = "
+                        "'fs_v1' AND instrument_id = ANY(:i) AND ts <= :e"
+                    ),
+                    conn,
+                    params={"i": ents["instrument_id"].unique().to_list(), "e": e},
+                )
+            left = ents.to_pandas().reset_index().sort_values("ts")
+            out = pd.merge_asof(
+                left,
+                table.sort_values("ts"),
+                on="ts",
+                by="instrument_id",
+                tolerance=pd.Timedelta(minutes=5),
+                direction="backward",
+            ).sort_values("index")
+            matched = int(out["ret_1"].notna().sum())
+        seconds = time.perf_counter() - t0
+        return {
+            "mode": mode,
+            "seconds": seconds,
+            "rows_per_s": n_entities / seconds,
+            "matched": int(matched),
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_before_mb": base,
+        }
+    latencies = []
+    if mode == "latest":
+        from marketfs.retrieval import OnlineReader
+
+        reader = OnlineReader(dsn)
+        reader.latest(["SYN007"], FEATURES)  # connect and prepare
+        for i in range(calls):
+            t0 = time.perf_counter()
+            reader.latest([f"SYN{i % INSTRUMENTS:03d}"], FEATURES)
+            latencies.append(time.perf_counter() - t0)
+    else:
+        import psycopg
+
+        cols = ", ".join(FEATURES)
+        for i in range(calls):
+            t0 = time.perf_counter()
+            with psycopg.connect(dsn) as conn:
+                conn.execute(
+                    f"SELECT ts, {cols} FROM feature_vectors WHERE instrument_id = %s AND timeframe = '1m' "
+                    "AND feature_set_version = 'fs_v1' ORDER BY ts DESC LIMIT 1",
+                    (f"SYN{i % INSTRUMENTS:03d}",),
+                ).fetchall()
+            latencies.append(time.perf_counter() - t0)
+    q = statistics.quantiles(latencies, n=100)
+    return {"mode": mode, "calls": calls, "p50_ms": q[49] * 1e3, "p95_ms": q[94] * 1e3, "p99_ms": q[98] * 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--entities", type=int, default=100_000)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, dsn, n, start, end, calls = args.child
+        print(json.dumps(child(mode, dsn, int(n), start, end, int(calls))))
+        return 0
+    with bench_database() as dsn:
+        t0 = time.perf_counter()
+        start, end = load_vectors(dsn, args.vectors)
+        load_s = time.perf_counter() - t0
+        results = []
+        for mode in ("training_frame", "baseline_merge_asof", "latest", "baseline_latest_new_connection"):
+            calls = args.calls if mode == "latest" else max(args.calls // 10, 100)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    dsn,
+                    str(args.entities),
+                    start.isoformat(),
+                    end.isoformat(),
+                    str(calls),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"# retrieval benchmark — {datetime.now(UTC):%Y-%m-%d}, {machine()}")
+    print(
+        f"# {args.vectors:,} vectors ({INSTRUMENTS} instruments, 1m), loaded in {load_s:.1f} s; "
+        f"{args.entities:,} entities, tolerance 5 min, {len(FEATURES)} features"
+    )
+    print("| measurement | time | rows/s | peak RSS |")
+    print("|---|---|---|---|")
+    for r in results[:2]:
+        print(
+            f"| {r['mode']} | {r['seconds']:.2f} s | {r['rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} MB "
+            f"(matched {r['matched']:,}) |"
+        )
+    print("| measurement | p50 | p95 | p99 |")
+    print("|---|---|---|---|")
+    for r in results[2:]:
+        print(
+            f"| {r['mode']} ({r['calls']} calls, 1 instrument) | {r['p50_ms']:.3f} ms | {r['p95_ms']:.3f} ms | "
+            f"{r['p99_ms']:.3f} ms |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
