@@ -17,7 +17,7 @@ DEFAULT_START = "2024-01-02"
 DEFAULT_END = "2024-01-12"
 
 
-def _run(start: str, end: str) -> int:
+def _run(start: str, end: str, snapshot: bool = True) -> int:
     prepare_environment()
     import dagster as dg
     import sqlalchemy as sa
@@ -53,7 +53,7 @@ def _run(start: str, end: str) -> int:
             failed_runs.append(result.run_id)
 
     snapshot_id = None
-    if not failed_runs:
+    if snapshot and not failed_runs:
         end_day = DAILY.time_window_for_partition_key(keys[-1]).end.date().isoformat()
         snapshot = defs.resolve_job_def("snapshot").execute_in_process(
             instance=instance,
@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="materialise raw bars and feature vectors for a range of days")
     run.add_argument("--start", default=DEFAULT_START, type=date.fromisoformat)
     run.add_argument("--end", default=DEFAULT_END, type=date.fromisoformat, help="last partition, inclusive")
+    run.add_argument("--no-snapshot", action="store_true", help="skip the sample snapshot at the end")
     ui = sub.add_parser("ui", help="Dagster webserver and daemon on the same database")
     ui.add_argument("--port", type=int, default=3000)
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run(args.start.isoformat(), args.end.isoformat())
+        return _run(args.start.isoformat(), args.end.isoformat(), snapshot=not args.no_snapshot)
     return _ui(args.port)
 
 
