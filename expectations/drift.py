@@ -119,7 +119,9 @@ def evaluate_drift(
     stored = with_partition(history).select(columns)
     pool = pl.concat([stored, current]) if spec.kind == "trailing" else stored
     results = []
-    for day in sorted(current[PARTITION].unique().to_list()):
+    days = sorted(current[PARTITION].unique().to_list())
+    last_day = days[-1] if days else None
+    for day in days:
         reference = trailing_reference(pool, day, spec) if spec.kind == "trailing" else stored
         found = reference[PARTITION].n_unique()
         if found < spec.min_partitions:
@@ -134,15 +136,18 @@ def evaluate_drift(
                 )
             )
             continue
-        results.append(
-            validate_frame(
-                current.filter(pl.col(PARTITION) == day).drop(PARTITION),
-                template["name"],
-                suite=render_drift_suite(template, reference),
-                reference=describe_reference(reference, spec, source),
-                docs=docs,
-                batch_label=f"{asset}-{day}",
-                run_name=run_name,
+        frame = current.filter(pl.col(PARTITION) == day).drop(PARTITION)
+        kwargs = {
+            "suite": render_drift_suite(template, reference),
+            "reference": describe_reference(reference, spec, source),
+        }
+        result = validate_frame(frame, template["name"], **kwargs)
+        if docs is not None and (not result.passed or day == last_day):
+            # Pages for the days a person needs: breaches, and the newest day. Every verdict is in the
+            # quality log either way; rendering one page per day of a long backfill costs more than
+            # validating it.
+            result = validate_frame(
+                frame, template["name"], docs=docs, batch_label=f"{asset}-{day}", run_name=run_name, **kwargs
             )
-        )
+        results.append(result)
     return results

@@ -43,7 +43,9 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
             },
             raise_on_error=False,
             # Per-event DEBUG lines drown the summary; the full event log is in the UI.
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            run_config={
+                "loggers": {"console": {"config": {"log_level": os.environ.get("MARKETFS_LOG_LEVEL", "WARNING")}}}
+            },
         )
         print(f"run {result.run_id}: {chunk[0]} .. {chunk[-1]} {'succeeded' if result.success else 'FAILED'}")
         for evaluation in result.get_asset_check_evaluations():
@@ -69,6 +71,9 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
         else:
             failed_runs.append(snapshot.run_id)
 
+    from expectations.docs import DataDocs
+
+    docs_index = DataDocs.default().build_index()
     window_start = DAILY.time_window_for_partition_key(keys[0]).start
     window_end = DAILY.time_window_for_partition_key(keys[-1]).end
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:

@@ -91,7 +91,7 @@ def test_plain_postgres_gets_a_plain_table_with_the_same_key(engine: sa.Engine) 
                 "WHERE i.indrelid = 'feature_vectors'::regclass AND i.indisprimary"
             )
         ).scalar()
-    assert key == ["instrument_id", "timeframe", "ts", "feature_set_version"]
+    assert key == ["instrument_id", "timeframe", "feature_set_version", "ts"]
 
 
 def test_embedded_server_restarts_on_loopback_and_keeps_its_data() -> None:

@@ -2,7 +2,9 @@
 
 Writes are idempotent per key (instrument_id, timeframe, ts, feature_set_version): COPY into a
 temporary staging table, one upsert, and a delete of the keys in the window that are no longer
-computed, together with the state of the same window, all in the caller's transaction.
+computed, together with the state of the same window, all in the caller's transaction. When
+the window holds no rows yet (the common case: a new day, a first backfill), there is nothing to
+update, and the rows are COPYed straight into the table.
 """
 
 from __future__ import annotations
@@ -81,13 +83,30 @@ def upsert_window(
     )
     if stray.height:
         raise ValueError(f"{stray.height} vector(s) fall outside the window or version being written")
+    staged = vectors.select(columns).with_columns(pl.lit(run_id, pl.String).alias("run_id"))
+    # Writers of one version and timeframe take turns: overlapping windows (a backfill and a
+    # scheduled run, or the same partition twice) then see each other's committed rows.
+    conn.execute(
+        sa.text("SELECT pg_advisory_xact_lock(hashtext('feature_vectors'), hashtext(:scope))"),
+        {"scope": f"{feature_set.version}/{timeframe}"},
+    )
+    window_has_rows = conn.execute(
+        sa.text(
+            "SELECT EXISTS (SELECT 1 FROM feature_vectors WHERE feature_set_version = :v AND timeframe = :tf "
+            "AND ts >= :s AND ts < :e)"
+        ),
+        {"v": feature_set.version, "tf": timeframe, "s": start, "e": end},
+    ).scalar()
+    if not window_has_rows:
+        # First write of the window: nothing to update or delete, so COPY straight into the table.
+        return {"upserted": copy_frame_in(conn, "feature_vectors", staged), "deleted_stale": 0}
+
     conn.execute(
         sa.text(
             f"CREATE TEMP TABLE IF NOT EXISTS {STAGING} (LIKE feature_vectors INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
     )
     conn.execute(sa.text(f"TRUNCATE {STAGING}"))
-    staged = vectors.select(columns).with_columns(pl.lit(run_id, pl.String).alias("run_id"))
     copy_frame_in(conn, STAGING, staged)
 
     ident = sql.Identifier

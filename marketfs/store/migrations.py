@@ -273,11 +273,27 @@ def _m004_snapshots(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+def _m005_lean_feature_indexes(conn: sa.Connection, timescale: bool) -> None:
+    # One index serves the upsert key, latest() and point-in-time lookups: key columns ordered
+    # (instrument, timeframe, version, ts). The separate version index and the GIN index on flags
+    # cost more on every write than they saved on reads (docs/benchmarks.md).
+    conn.execute(sa.text("DROP INDEX IF EXISTS feature_vectors_flags"))
+    conn.execute(sa.text("DROP INDEX IF EXISTS feature_vectors_version_ts"))
+    conn.execute(sa.text("ALTER TABLE feature_vectors DROP CONSTRAINT feature_vectors_pkey"))
+    conn.execute(
+        sa.text(
+            "ALTER TABLE feature_vectors ADD CONSTRAINT feature_vectors_pkey "
+            "PRIMARY KEY (instrument_id, timeframe, feature_set_version, ts)"
+        )
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
     (2, "news_events, ohlcv_1d, feature_state, bar source flags", _m002_events_daily_bars_state),
     (3, "quality_log, quarantine tables", _m003_quality_log_and_quarantine),
     (4, "feature snapshots", _m004_snapshots),
+    (5, "one key index on feature_vectors", _m005_lean_feature_indexes),
 ]
 
 
