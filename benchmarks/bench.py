@@ -323,16 +323,17 @@ def main() -> int:
         f"| 1. feature computation (fs_v1, 1m) | {r['compute']['seconds']:.2f} s | {rate(r['compute']):,.0f} | "
         f"{r['compute']['peak_mb']:.0f} MB |",
         f"| 2. GX validation: quality suite + drift suite per day (import {r['validate']['import_s']:.1f} s, quality "
-        f"{r['validate']['quality_s']:.1f} s, drift {r['validate']['drift_s']:.1f} s) | {r['validate']['seconds']:.2f} s "
-        f"| {rate(r['validate']):,.0f} | {r['validate']['peak_mb']:.0f} MB |",
+        f"{r['validate']['quality_s']:.1f} s, drift {r['validate']['drift_s']:.1f} s) | "
+        f"{r['validate']['seconds']:.2f} s | {rate(r['validate']):,.0f} | {r['validate']['peak_mb']:.0f} MB |",
         f"| 3a. write path, first write (COPY into the table under an advisory lock), per 31-day run | "
         f"{r['write_ours']['seconds']:.2f} s | "
         f"{rate(r['write_ours']):,.0f} | {r['write_ours']['peak_mb']:.0f} MB |",
         f"| 3a'. write path, re-run over existing keys (COPY to staging, upsert, delete stale) | "
         f"{r['write_ours']['rerun_s']:.2f} s | "
         f"{rows / r['write_ours']['rerun_s']:,.0f} | |",
-        f"| 3b. baseline: pandas per instrument + executemany INSERT ON CONFLICT | {r['write_typical']['seconds']:.2f} s"
-        f" | {rate(r['write_typical']):,.0f} | {r['write_typical']['peak_mb']:.0f} MB |",
+        f"| 3b. baseline: pandas per instrument + executemany INSERT ON CONFLICT | "
+        f"{r['write_typical']['seconds']:.2f} s | {rate(r['write_typical']):,.0f} | "
+        f"{r['write_typical']['peak_mb']:.0f} MB |",
         f"| 3c. limit proxy: COPY into UNLOGGED table, no index | {r['write_copy_limit']['seconds']:.2f} s | "
         f"{rate(r['write_copy_limit']):,.0f} | {r['write_copy_limit']['peak_mb']:.0f} MB |",
     ]

@@ -97,6 +97,7 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
         print(f"snapshot       {snapshot_id} (1m vectors of the range; marketfs snapshot describe {snapshot_id})")
     if failed_runs:
         print(f"FAILED runs    {', '.join(failed_runs)}: open them in the UI (make ui) for the failed expectations")
+    print(f"data docs      {docs_index}")
     print('look           make ui (Dagster UI on http://127.0.0.1:3000), make dsn (psql "$(make -s dsn)")')
     return 1 if failed_runs else 0
 
