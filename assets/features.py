@@ -26,7 +26,7 @@ from marketfs.store.feature_vectors import (
     read_vectors,
     write_features,
 )
-from pipelines.resources import FeatureStore
+from pipelines.resources import DATABASE_RETRY, FeatureStore
 
 FEATURE_SET = DEFAULT_FEATURE_SET
 GATE_CHECK = "quality_gate"
@@ -49,6 +49,8 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
         backfill_policy=BATCHED_BACKFILL,
         group_name="features",
         kinds={"postgres", "polars"},
+        pool="feature_store",
+        retry_policy=DATABASE_RETRY,
         # Derived from the definitions: editing a formula or lookback marks the asset stale in the UI.
         code_version=f"{FEATURE_SET.version}-{definitions_hash(FEATURE_SET, timeframe)}-2",
         deps=[
@@ -122,7 +124,7 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
                 warmup_limit=WARMUP_BARS,
             )
         except HistoryError as exc:
-            raise dg.Failure(description=str(exc)) from exc
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
         vectors = computation.vectors
 
         docs = DataDocs.default()

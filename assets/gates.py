@@ -82,4 +82,5 @@ def record_and_enforce(
                 f"marketfs quarantine release {batch_id} --by NAME --note WHY). {detail}"
             )[:4000],
             metadata={"quarantine_batch": dg.MetadataValue.int(batch_id)},
+            allow_retries=False,  # the same rows would breach the same gate again
         )

@@ -10,7 +10,7 @@ from marketfs.sources import SourceFileError
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
-from pipelines.resources import FeatureStore, MarketData
+from pipelines.resources import DATABASE_RETRY, FeatureStore, MarketData
 
 GATE_CHECK = "quality_gate"
 
@@ -44,7 +44,9 @@ def _gate(context: dg.AssetExecutionContext, store: FeatureStore, delivered, tab
 
 def _source_failure(exc: SourceFileError) -> dg.Failure:
     # Raised before any write: the table keeps what it had.
-    return dg.Failure(description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))})
+    return dg.Failure(
+        description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))}, allow_retries=False
+    )
 
 
 @dg.asset(
@@ -52,6 +54,8 @@ def _source_failure(exc: SourceFileError) -> dg.Failure:
     backfill_policy=BATCHED_BACKFILL,
     group_name="raw",
     kinds={"postgres", "polars"},
+    pool="feature_store",
+    retry_policy=DATABASE_RETRY,
     code_version="2",
     description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
     check_specs=_gate_spec("raw_ohlcv"),
@@ -77,6 +81,8 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
     backfill_policy=BATCHED_BACKFILL,
     group_name="raw",
     kinds={"postgres", "polars"},
+    pool="feature_store",
+    retry_policy=DATABASE_RETRY,
     code_version="1",
     description="News events (event_id, instrument_id, published_at UTC, sentiment, confidence, source) "
     "in table news_events, partitioned by publication day; each event_id kept once.",
@@ -103,6 +109,8 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
     backfill_policy=BATCHED_BACKFILL,
     group_name="raw",
     kinds={"postgres", "polars"},
+    pool="feature_store",
+    retry_policy=DATABASE_RETRY,
     code_version="1",
     deps=[raw_ohlcv],
     description="Daily bars resampled from ohlcv_1m (open first, high max, low min, close last, volume sum), "

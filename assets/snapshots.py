@@ -27,6 +27,7 @@ def _utc(day: str) -> datetime:
     deps=[feature_vectors_1m, feature_vectors_1d],
     group_name="snapshots",
     kinds={"postgres"},
+    pool="feature_store",
     code_version="1",
     description="An immutable snapshot of feature vectors with a manifest (content hash, schema, feature "
     "definitions, suite versions, upstream partitions); each materialisation freezes what its config selects.",
@@ -49,7 +50,7 @@ def feature_snapshots(
                 extra_manifest={"dagster_upstream": upstream},
             )
     except SnapshotError as exc:
-        raise dg.Failure(description=str(exc)) from exc
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     return dg.MaterializeResult(
         metadata={
             "snapshot_id": dg.MetadataValue.text(snapshot.snapshot_id),

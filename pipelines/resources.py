@@ -34,12 +34,33 @@ class FeatureStore(dg.ConfigurableResource):
         from marketfs.store.migrations import migrate
 
         self._dsn = self.dsn or resolve_dsn()
-        applied = migrate(self._dsn)
+        try:
+            applied = migrate(self._dsn)
+        except sa.exc.OperationalError as exc:
+            raise database_unreachable(self._dsn, exc) from exc
         if applied and context.log:
             context.log.info(f"schema migrations applied: {', '.join(applied)}")
 
     def engine(self) -> sa.Engine:
         return engine_for(self._dsn or self.dsn or resolve_dsn())
+
+
+def database_unreachable(dsn: str, exc: Exception) -> dg.Failure:
+    """The failure a run ends with when the feature store database cannot be reached (retries allowed)."""
+    url = sa.make_url(dsn)
+    reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+    return dg.Failure(
+        description=(
+            f"cannot reach the feature store database {url.host}:{url.port}/{url.database} ({reason}). "
+            "Nothing was written by this step. Check that the server runs and that MARKETFS_DSN points at it "
+            "(`make dsn` starts the embedded one)."
+        ),
+        allow_retries=True,
+    )
+
+
+# Safe to retry: every write is one transaction, so a step that failed wrote nothing.
+DATABASE_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 
 class MarketData(dg.ConfigurableResource):

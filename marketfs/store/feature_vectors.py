@@ -19,6 +19,7 @@ from marketfs.features.compute import KEY_COLUMNS, STATE_SCHEMA, FeatureComputat
 from marketfs.features.registry import FeatureSet
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
+from marketfs.store.timescale import lift_decompression_limit
 
 STAGING = "feature_vectors_staging"
 
@@ -90,6 +91,7 @@ def upsert_window(
         sa.text("SELECT pg_advisory_xact_lock(hashtext('feature_vectors'), hashtext(:scope))"),
         {"scope": f"{feature_set.version}/{timeframe}"},
     )
+    lift_decompression_limit(conn)
     window_has_rows = conn.execute(
         sa.text(
             "SELECT EXISTS (SELECT 1 FROM feature_vectors WHERE feature_set_version = :v AND timeframe = :tf "

@@ -288,12 +288,26 @@ def _m005_lean_feature_indexes(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+def _m006_timescale_compression_and_rollup(conn: sa.Connection, timescale: bool) -> None:
+    if not timescale:
+        return
+    from marketfs.store import timescale as ts
+
+    ts.enable_compression(conn)
+    ts.create_daily_quality_rollup(conn)
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
     (2, "news_events, ohlcv_1d, feature_state, bar source flags", _m002_events_daily_bars_state),
     (3, "quality_log, quarantine tables", _m003_quality_log_and_quarantine),
     (4, "feature snapshots", _m004_snapshots),
     (5, "one key index on feature_vectors", _m005_lean_feature_indexes),
+    (
+        6,
+        "TimescaleDB compression settings and the feature_quality_daily continuous aggregate",
+        _m006_timescale_compression_and_rollup,
+    ),
 ]
 
 
@@ -356,4 +370,8 @@ def migrate(dsn: str) -> list[str]:
             )
             applied_now.append(name)
         _ensure_feature_columns(conn)
+        if timescale:
+            from marketfs.store.timescale import apply_policies
+
+            apply_policies(conn)
     return applied_now

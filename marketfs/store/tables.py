@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
+from marketfs.store.timescale import lift_decompression_limit
 
 
 def select_list(schema: dict[str, pl.DataType], alias: str | None = None) -> sql.Composable:
@@ -45,6 +46,10 @@ def replace_window(
     for i, (column, value) in enumerate((scope or {}).items()):
         conditions.append(sql.SQL("{} = %(s{})s").format(sql.Identifier(column), sql.SQL(str(i))))
         params[f"s{i}"] = value
+    lift_decompression_limit(conn)
+    # Writers of one table take turns, so two runs of the same partition end as one consistent result.
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('replace_window'), hashtext(%s))", (table,))
     delete = sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(table), sql.SQL(" AND ").join(conditions))
     with conn.connection.driver_connection.cursor() as cur:
         cur.execute(delete, params)

@@ -1,0 +1,99 @@
+"""Concurrency and faults: same partition twice at once, a writer killed mid-transaction, the database gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import sqlalchemy as sa
+from dagster_helpers import PIPELINE, materialize_range, resources
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED = (
+    "SELECT count(*), md5(string_agg(f::text, '' ORDER BY f::text)) FROM (SELECT instrument_id, timeframe, ts, "
+    "ret_1, rsi_14, macd, quality_flags FROM feature_vectors) f"
+)
+
+
+def fingerprint(engine: sa.Engine) -> tuple:
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.text(SERVED)).one())
+
+
+def test_two_runs_of_one_partition_at_once_end_consistent(dsn: str, engine: sa.Engine) -> None:
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(materialize_range(dsn, "2024-01-03"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.success for r in results] == [True, True]
+    both = fingerprint(engine)
+    with engine.connect() as conn:
+        duplicates = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM (SELECT 1 FROM feature_vectors GROUP BY instrument_id, timeframe, ts, "
+                "feature_set_version HAVING count(*) > 1) d"
+            )
+        ).scalar()
+    assert duplicates == 0
+    assert materialize_range(dsn, "2024-01-03").success  # and a third, alone, changes nothing
+    assert fingerprint(engine) == both
+
+
+def test_writer_killed_mid_transaction_leaves_the_table_as_it_was(dsn: str, engine: sa.Engine, tmp_path: Path) -> None:
+    assert materialize_range(dsn, "2024-01-03").success
+    before = fingerprint(engine)
+    marker = tmp_path / "inside-transaction"
+    script = textwrap.dedent(f"""
+        import time, pathlib
+        from datetime import datetime, timedelta, UTC
+        import polars as pl
+        from marketfs.db import engine_for
+        from marketfs.features.registry import FS_V1
+        from marketfs.store.feature_vectors import read_vectors, upsert_window
+        start = datetime(2024, 1, 3, tzinfo=UTC); end = start + timedelta(days=1)
+        engine = engine_for({dsn!r})
+        with engine.begin() as conn:
+            current = read_vectors(conn, feature_set=FS_V1, timeframe="1m", start=start, end=end)
+            changed = current.with_columns(pl.col("ret_1") * 7).head(current.height // 2)
+            upsert_window(conn, changed, feature_set=FS_V1, timeframe="1m", start=start, end=end)
+            pathlib.Path({str(marker)!r}).write_text("written, not committed")
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "the writer died before it wrote"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)  # as an OOM killer or a lost node would
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    engine.dispose()
+    assert fingerprint(engine) == before
+    assert materialize_range(dsn, "2024-01-03").success  # a re-run completes (no lock left behind)
+    assert fingerprint(engine) == before
+
+
+def test_database_gone_fails_with_a_clear_message() -> None:
+    gone = "postgresql://marketfs:secret@127.0.0.1:1/marketfs"
+    result = dg.materialize(PIPELINE[:1], partition_key="2024-01-03", resources=resources(gone), raise_on_error=False)
+    assert not result.success
+    [init_failure] = [e for e in result.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE"]
+    error, messages = init_failure.event_specific_data.error, ""
+    while error is not None:  # the chain: resource error -> our Failure -> the driver's error
+        messages += error.message
+        error = error.cause
+    assert "cannot reach the feature store database 127.0.0.1:1/marketfs" in messages
+    assert "secret" not in messages
