@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import dagster as dg
 
 from assets.features import feature_vectors_1d, feature_vectors_1m
 from assets.raw import bars_1d, raw_events, raw_ohlcv
 from assets.snapshots import feature_snapshots
 from pipelines.resources import FeatureStore, market_data_from_env
+from pipelines.sensors import build_landing_sensor
 
 ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, feature_vectors_1m, feature_vectors_1d]
 
@@ -27,11 +31,26 @@ snapshot_job = dg.define_asset_job(
     description="Freeze feature vectors into an immutable snapshot (configure the range in the launchpad).",
 )
 
-daily_features_schedule = dg.build_schedule_from_partitioned_job(daily_features_job, hour_of_day=0, minute_of_hour=30)
+
+@dg.schedule(
+    job=daily_features_job,
+    cron_schedule=os.environ.get("MARKETFS_DAILY_CRON", "30 0 * * *"),
+    execution_timezone="UTC",
+    description="The day that just ended (UTC), at 00:30; MARKETFS_DAILY_CRON changes when it ticks.",
+)
+def daily_features_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    # As build_schedule_from_partitioned_job does: the last complete partition before the tick. Written
+    # out so the cron can be set from the environment; the run key makes each day launch once.
+    day = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
+    return dg.RunRequest(run_key=day, partition_key=day)
+
+
+landing_files_sensor = build_landing_sensor(daily_features_job)
 
 defs = dg.Definitions(
     assets=[*ALL_ASSETS, feature_snapshots],
     jobs=[daily_features_job, snapshot_job],
     schedules=[daily_features_schedule],
+    sensors=[landing_files_sensor],
     resources={"store": FeatureStore(), "market_data": market_data_from_env()},
 )

@@ -1,0 +1,133 @@
+"""The landing sensor and the daily schedule: evaluated directly, and firing for real under dagster-daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from marketfs.sources import SyntheticBars, SyntheticEvents
+from pipelines.definitions import daily_features_schedule, landing_files_sensor
+from pipelines.resources import MarketData
+
+ROOT = Path(__file__).resolve().parents[1]
+DAY = datetime(2024, 1, 3, tzinfo=UTC)
+
+
+def drop(landing: Path, day: datetime, name: str | None = None) -> None:
+    end = day + timedelta(days=1)
+    (landing / "bars").mkdir(parents=True, exist_ok=True)
+    (landing / "events").mkdir(parents=True, exist_ok=True)
+    name = name or f"{day:%Y-%m-%d}"
+    SyntheticBars(instruments=("AAA", "BBB")).bars(day, end).write_parquet(landing / "bars" / f"{name}.parquet")
+    SyntheticEvents(instruments=("AAA", "BBB")).events(day, end).write_parquet(landing / "events" / f"{name}.parquet")
+
+
+def evaluate(landing: Path, cursor: str | None = None):
+    with dg.build_sensor_context(
+        cursor=cursor, resources={"market_data": MarketData(source="landing", landing_dir=str(landing))}
+    ) as context:
+        result = landing_files_sensor(context)
+        return (result if isinstance(result, list) else []), context.cursor
+
+
+def test_sensor_requests_the_days_a_new_file_touches(tmp_path: Path) -> None:
+    drop(tmp_path, DAY)
+    requests, cursor = evaluate(tmp_path)
+    assert [r.partition_key for r in requests] == ["2024-01-03"]
+    assert evaluate(tmp_path, cursor)[0] == []  # nothing new
+    drop(tmp_path, DAY + timedelta(days=1), name="late-delivery")
+    requests, cursor = evaluate(tmp_path, cursor)
+    assert [r.partition_key for r in requests] == ["2024-01-04"]
+    (tmp_path / "bars" / "broken.csv").write_text("instrument_id,ts\nAAA,2024-01-05T14:30:00Z\n")
+    assert evaluate(tmp_path, cursor)[0] == []  # a malformed file launches nothing (its run would fail)
+
+
+def test_schedule_asks_for_the_day_that_just_ended() -> None:
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 4, 0, 30, tzinfo=UTC))
+    request = daily_features_schedule(context)
+    assert (request.partition_key, request.run_key) == ("2024-01-03", "2024-01-03")
+
+
+def test_daemon_fires_the_sensor_and_the_schedule(
+    dsn: str, server_dsn: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    instance_dsn = request.getfixturevalue("empty_dsn")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    landing = tmp_path / "landing"
+    drop(landing, DAY)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MARKETFS_HOME": str(tmp_path),
+        "MARKETFS_DSN": dsn,
+        "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
+        .set(drivername="postgresql+psycopg2")
+        .render_as_string(hide_password=False),
+        "MARKETFS_SOURCE": "landing",
+        "MARKETFS_LANDING_DIR": str(landing),
+        "MARKETFS_DAILY_CRON": "* * * * *",
+        "PYTHONWARNINGS": "ignore",
+    }
+    dagster = [sys.executable, "-m", "dagster"]
+    workspace = ["-w", str(ROOT / "workspace.yaml")]
+    for kind, name in (("sensor", "landing_files_sensor"), ("schedule", "daily_features_schedule")):
+        subprocess.run([*dagster, kind, "start", name, *workspace], env=env, cwd=ROOT, check=True, capture_output=True)
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", *workspace],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        sensor_run = schedule_run = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (sensor_run and schedule_run):
+            time.sleep(3)
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            runs = _runs(env)
+            sensor_run = next((r for r in runs if r["sensor"] and r["status"] == "SUCCESS"), None)
+            schedule_run = next((r for r in runs if r["schedule"] and r["status"] == "SUCCESS"), None)
+            failed = [r for r in runs if r["status"] == "FAILURE"]
+            assert not failed, f"a daemon-launched run failed: {failed}"
+        assert sensor_run, f"no successful sensor run; daemon log:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}"
+        assert schedule_run, f"no successful schedule run; runs: {_runs(env)}"
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    assert sensor_run["partition"] == "2024-01-03"
+    assert schedule_run["partition"] < datetime.now(UTC).date().isoformat()  # a complete day
+    from marketfs.db import engine_for
+
+    with engine_for(dsn).connect() as conn:
+        vectors = conn.execute(
+            sa.text("SELECT count(*) FROM feature_vectors WHERE ts >= :d AND ts < :e AND timeframe = '1m'"),
+            {"d": DAY, "e": DAY + timedelta(days=1)},
+        ).scalar()
+    assert vectors > 700
+
+
+def _runs(env: dict[str, str]) -> list[dict]:
+    """Runs in the daemon's instance, read in a subprocess (its DAGSTER_HOME is not this process's)."""
+    code = (
+        "import json, dagster as dg; inst = dg.DagsterInstance.get(); "
+        "print(json.dumps([{'status': r.status.value, 'partition': r.tags.get('dagster/partition'), "
+        "'sensor': r.tags.get('dagster/sensor_name'), 'schedule': r.tags.get('dagster/schedule_name')} "
+        "for r in inst.get_runs()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
