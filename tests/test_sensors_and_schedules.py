@@ -83,7 +83,7 @@ def test_daemon_fires_the_sensor_and_the_schedule(
     workspace = ["-w", str(ROOT / "workspace.yaml")]
     for kind, name in (("sensor", "landing_files_sensor"), ("schedule", "daily_features_schedule")):
         subprocess.run([*dagster, kind, "start", name, *workspace], env=env, cwd=ROOT, check=True, capture_output=True)
-    log = open(tmp_path / "daemon.log", "w")
+    log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115 - outlives this block; closed in finally
     daemon = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", *workspace],
         env=env,
@@ -107,6 +107,7 @@ def test_daemon_fires_the_sensor_and_the_schedule(
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
+        log.close()
     assert sensor_run["partition"] == "2024-01-03"
     assert schedule_run["partition"] < datetime.now(UTC).date().isoformat()  # a complete day
     from marketfs.db import engine_for
