@@ -18,6 +18,8 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# The project's embedded server, wherever the script is started from.
+os.environ.setdefault("MARKETFS_HOME", str(ROOT / ".marketfs"))
 
 from marketfs.db import resolve_dsn  # noqa: E402
 from marketfs.store.migrations import migrate  # noqa: E402

@@ -1,0 +1,192 @@
+"""The Dagster UI in a real browser: lineage, a partition materialised from the UI, a breaching partition's check.
+
+Drives headless Chromium (Debian's package, /usr/bin/chromium) with Playwright against `dagster dev`
+started by the test on the test database. Screenshots are kept in test-artifacts/ui/.
+`.ci/run` installs Chromium; where it is absent the test skips and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from marketfs.sources import SyntheticBars, SyntheticEvents
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "ui"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: pip install -e '.[dev]'")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium installed (apt-get install chromium); .ci/run installs it"
+)
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def landing_days(root: Path) -> None:
+    for kind in ("bars", "events"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+    for day, bad in ((datetime(2024, 1, 3, tzinfo=UTC), False), (datetime(2024, 1, 4, tzinfo=UTC), True)):
+        end = day + timedelta(days=1)
+        bars = SyntheticBars(instruments=("AAA", "BBB")).bars(day, end)
+        if bad:  # one bar whose low is above its high: the raw suite blocks the day
+            bars = bars.with_columns(
+                pl.when(pl.int_range(pl.len()) == 5).then(pl.col("high") * 2).otherwise(pl.col("low")).alias("low")
+            )
+        bars.write_parquet(root / "bars" / f"{day:%Y-%m-%d}.parquet")
+        SyntheticEvents(instruments=("AAA", "BBB")).events(day, end).write_parquet(
+            root / "events" / f"{day:%Y-%m-%d}.parquet"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def dagster_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
+    instance_dsn = request.getfixturevalue("empty_dsn")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    landing_days(tmp_path / "landing")
+    port = free_port()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MARKETFS_HOME": str(tmp_path),
+        "MARKETFS_DSN": dsn,
+        "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
+        .set(drivername="postgresql+psycopg2")
+        .render_as_string(hide_password=False),
+        "MARKETFS_SOURCE": "landing",
+        "MARKETFS_LANDING_DIR": str(tmp_path / "landing"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    log = (tmp_path / "dagster-dev.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            str(ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/server_info", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "dagster dev did not come up"
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def launch_partition(page, base: str, asset: str, partition: str) -> str:
+    """Materialise one partition through the asset's Materialize dialog; return the launched run's short id."""
+    page.goto(f"{base}/assets/{asset}")
+    page.get_by_role("button", name="Materialize…").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Show all partitions").click()
+    box = dialog.locator("input").first
+    box.click()
+    box.fill(partition)
+    box.press("Enter")
+    dialog.get_by_role("button", name="Launch 1 run").click()
+    toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
+    toast.wait_for()
+    return re.search(r"[0-9a-f]{8}", toast.inner_text()).group(0)
+
+
+def wait_for_run(page, base: str, run_id: str, status: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    page.goto(f"{base}/runs")
+    while time.monotonic() < deadline:
+        body = page.inner_text("body")
+        at = body.find(run_id)
+        # The run's row: its id, tags, target and launcher come before its status.
+        if at >= 0 and status in body[at : at + 400]:
+            return
+        page.wait_for_timeout(2500)
+        page.reload()
+    raise AssertionError(f"run {run_id} did not reach {status}: {page.inner_text('body')[:1500]}")
+
+
+def test_lineage_materialise_and_failed_check_in_a_browser(dagster_ui: str) -> None:
+    base = dagster_ui
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(f"{base}/assets/feature_snapshots?view=lineage&lineageScope=upstream&lineageDepth=5")
+            page.wait_for_timeout(3000)
+            if page.get_by_role("button", name="Skip").count():  # the newsletter prompt of a fresh instance
+                page.get_by_role("button", name="Skip").click()
+            for asset in ("raw_ohlcv", "raw_events", "bars_1d", "feature_vectors_1m", "feature_vectors_1d"):
+                assert page.get_by_text(asset, exact=True).first.is_visible(), asset
+            page.screenshot(path=ARTIFACTS / "01-lineage.png")
+
+            run_id = launch_partition(page, base, "raw_ohlcv", "2024-01-03")
+            wait_for_run(page, base, run_id, "Success")
+            page.screenshot(path=ARTIFACTS / "02-partition-succeeded.png")
+
+            run_id = launch_partition(page, base, "raw_ohlcv", "2024-01-04")
+            wait_for_run(page, base, run_id, "Failure")
+            page.goto(f"{base}/assets/raw_ohlcv?view=checks")
+            page.wait_for_timeout(3000)
+            page.get_by_text("quality_gate").first.click()
+            page.wait_for_timeout(2500)
+            body = page.inner_text("body")
+            assert "Failed" in body, body[:2000]
+            assert "FAILED expect_column_pair_values_a_to_be_greater_than_b(high,low)" in body
+            assert "quarantine_batch" in body and "data_docs" in body
+            page.screenshot(path=ARTIFACTS / "03-failed-check.png")
+        finally:
+            page.screenshot(path=ARTIFACTS / "99-last.png")
+            browser.close()
