@@ -6,15 +6,17 @@ stops downstream assets: the asset it checks would already have been written.
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from assets.gates import partition_label, record_and_enforce
 from assets.metadata import flag_counts, frame_summary
-from assets.partitions import BATCHED_BACKFILL, DAILY
+from assets.partitions import DAILY_WRITER
 from assets.raw import bars_1d, raw_events, raw_ohlcv
-from expectations.gate import suite_path
+from expectations.docs import DataDocs
+from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
 from marketfs.features.compute import WARMUP_BARS, HistoryError, compute_feature_vectors
 from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS, definitions_hash
@@ -26,7 +28,7 @@ from marketfs.store.feature_vectors import (
     read_vectors,
     write_features,
 )
-from pipelines.resources import DATABASE_RETRY, FeatureStore
+from pipelines.resources import FeatureStore
 
 FEATURE_SET = DEFAULT_FEATURE_SET
 GATE_CHECK = "quality_gate"
@@ -45,12 +47,8 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
 
     @dg.asset(
         name=name,
-        partitions_def=DAILY,
-        backfill_policy=BATCHED_BACKFILL,
+        **DAILY_WRITER,
         group_name="features",
-        kinds={"postgres", "polars"},
-        pool="feature_store",
-        retry_policy=DATABASE_RETRY,
         # Derived from the definitions: editing a formula or lookback marks the asset stale in the UI.
         code_version=f"{FEATURE_SET.version}-{definitions_hash(FEATURE_SET, timeframe)}-2",
         deps=[
@@ -104,7 +102,6 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
         },
     )
     def _asset(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
-        from expectations.docs import DataDocs
         from expectations.gate import validate_frame
 
         start, end = context.partition_time_window
@@ -163,7 +160,16 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
     return _asset
 
 
-def _drift(context, store, vectors, drift_file, asset, timeframe, start, docs) -> list:
+def _drift(
+    context: dg.AssetExecutionContext,
+    store: FeatureStore,
+    vectors: pl.DataFrame,
+    drift_file: Path,
+    asset: str,
+    timeframe: str,
+    start: datetime,
+    docs: DataDocs,
+) -> list[GateResult]:
     from expectations.drift import ReferenceSpec, drift_columns, evaluate_drift
     from expectations.gate import load_suite_json
 

@@ -4,13 +4,13 @@ import dagster as dg
 
 from assets.gates import partition_label, record_and_enforce
 from assets.metadata import frame_summary
-from assets.partitions import BATCHED_BACKFILL, DAILY
+from assets.partitions import DAILY_WRITER
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
-from pipelines.resources import DATABASE_RETRY, FeatureStore, MarketData
+from pipelines.resources import FeatureStore, MarketData
 
 GATE_CHECK = "quality_gate"
 
@@ -50,12 +50,8 @@ def _source_failure(exc: SourceFileError) -> dg.Failure:
 
 
 @dg.asset(
-    partitions_def=DAILY,
-    backfill_policy=BATCHED_BACKFILL,
+    **DAILY_WRITER,
     group_name="raw",
-    kinds={"postgres", "polars"},
-    pool="feature_store",
-    retry_policy=DATABASE_RETRY,
     code_version="2",
     description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
     check_specs=_gate_spec("raw_ohlcv"),
@@ -77,12 +73,8 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
 
 
 @dg.asset(
-    partitions_def=DAILY,
-    backfill_policy=BATCHED_BACKFILL,
+    **DAILY_WRITER,
     group_name="raw",
-    kinds={"postgres", "polars"},
-    pool="feature_store",
-    retry_policy=DATABASE_RETRY,
     code_version="1",
     description="News events (event_id, instrument_id, published_at UTC, sentiment, confidence, source) "
     "in table news_events, partitioned by publication day; each event_id kept once.",
@@ -105,12 +97,8 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
 
 
 @dg.asset(
-    partitions_def=DAILY,
-    backfill_policy=BATCHED_BACKFILL,
+    **DAILY_WRITER,
     group_name="raw",
-    kinds={"postgres", "polars"},
-    pool="feature_store",
-    retry_policy=DATABASE_RETRY,
     code_version="1",
     deps=[raw_ohlcv],
     description="Daily bars resampled from ohlcv_1m (open first, high max, low min, close last, volume sum), "

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "status":
         print(f"embedded server home: {server.home}")
         print(f"data directory: {server.data_dir}")
-        print(f"running: {'yes' if server._running_port() else 'no'}")
+        print(f"running: {'yes' if server.running_port() else 'no'}")
     elif args.command == "snapshot":
         return _snapshot(args)
     else:

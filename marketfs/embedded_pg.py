@@ -97,7 +97,7 @@ class EmbeddedPostgres:
             state = self._read_state()
             if not (self.data_dir / "PG_VERSION").exists():
                 state = self._initdb()
-            running_port = self._running_port()
+            running_port = self.running_port()
             if running_port is None:
                 port = state["port"] if _port_is_free(state["port"]) else _free_port()
                 self._start(port)
@@ -116,7 +116,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> bool:
         """Stop the server; return False when it was not running."""
-        if not (self.data_dir / "PG_VERSION").exists() or self._running_port() is None:
+        if not (self.data_dir / "PG_VERSION").exists() or self.running_port() is None:
             return False
         self._pg("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
         return True
@@ -222,7 +222,7 @@ class EmbeddedPostgres:
         self._write_state(state)
         return state
 
-    def _running_port(self) -> int | None:
+    def running_port(self) -> int | None:
         pid_file = self.data_dir / "postmaster.pid"
         if not pid_file.exists():
             return None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
+import sqlalchemy as sa
 
 from pipelines.definitions import ALL_ASSETS
 from pipelines.resources import FeatureStore, MarketData
@@ -46,3 +49,20 @@ def materialize_selection(dsn: str, names: list[str], partition: str) -> dg.Exec
     """Only the named assets of the pipeline, for one partition."""
     selected = [a for a in PIPELINE if a.key.to_user_string() in names]
     return dg.materialize(selected, partition_key=partition, resources=resources(dsn), raise_on_error=False)
+
+
+def dagster_process_env(dsn: str, instance_dsn: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for Dagster processes (daemon, webserver, runs) of a test: its own instance and home."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "dagster.yaml", home / "dagster.yaml")
+    instance_url = sa.make_url(instance_dsn).set(drivername="postgresql+psycopg2")
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MARKETFS_HOME": str(tmp_path),
+        "MARKETFS_DSN": dsn,
+        "MARKETFS_DAGSTER_PG_URL": instance_url.render_as_string(hide_password=False),
+        "PYTHONWARNINGS": "ignore",
+        **extra,
+    }

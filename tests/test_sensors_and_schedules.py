@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+from dagster_helpers import dagster_process_env
 
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from pipelines.definitions import daily_features_schedule, landing_files_sensor
@@ -60,25 +59,16 @@ def test_schedule_asks_for_the_day_that_just_ended() -> None:
 def test_daemon_fires_the_sensor_and_the_schedule(
     dsn: str, server_dsn: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    instance_dsn = request.getfixturevalue("empty_dsn")
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
     landing = tmp_path / "landing"
     drop(landing, DAY)
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "MARKETFS_HOME": str(tmp_path),
-        "MARKETFS_DSN": dsn,
-        "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
-        .set(drivername="postgresql+psycopg2")
-        .render_as_string(hide_password=False),
-        "MARKETFS_SOURCE": "landing",
-        "MARKETFS_LANDING_DIR": str(landing),
-        "MARKETFS_DAILY_CRON": "* * * * *",
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = dagster_process_env(
+        dsn,
+        request.getfixturevalue("empty_dsn"),
+        tmp_path,
+        MARKETFS_SOURCE="landing",
+        MARKETFS_LANDING_DIR=str(landing),
+        MARKETFS_DAILY_CRON="* * * * *",
+    )
     dagster = [sys.executable, "-m", "dagster"]
     workspace = ["-w", str(ROOT / "workspace.yaml")]
     for kind, name in (("sensor", "landing_files_sensor"), ("schedule", "daily_features_schedule")):

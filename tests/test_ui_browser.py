@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import sqlalchemy as sa
+from dagster_helpers import dagster_process_env
 
 from marketfs.sources import SyntheticBars, SyntheticEvents
 
@@ -68,24 +68,15 @@ def free_port() -> int:
 
 @pytest.fixture
 def dagster_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
-    instance_dsn = request.getfixturevalue("empty_dsn")
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
     landing_days(tmp_path / "landing")
     port = free_port()
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "MARKETFS_HOME": str(tmp_path),
-        "MARKETFS_DSN": dsn,
-        "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
-        .set(drivername="postgresql+psycopg2")
-        .render_as_string(hide_password=False),
-        "MARKETFS_SOURCE": "landing",
-        "MARKETFS_LANDING_DIR": str(tmp_path / "landing"),
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = dagster_process_env(
+        dsn,
+        request.getfixturevalue("empty_dsn"),
+        tmp_path,
+        MARKETFS_SOURCE="landing",
+        MARKETFS_LANDING_DIR=str(tmp_path / "landing"),
+    )
     log = (tmp_path / "dagster-dev.log").open("w")
     proc = subprocess.Popen(
         [

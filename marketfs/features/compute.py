@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import polars as pl
 
 from marketfs.features import market, recursive
-from marketfs.features.events import EVENT_SCHEMA, event_features
+from marketfs.features.events import EVENT_SCHEMA, event_feature_names, event_features
 from marketfs.features.flags import FlagConfig, QualityFlag, flag_if, load_flag_config
 from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS, FeatureSet
 
@@ -184,10 +184,7 @@ def compute_feature_vectors(
         window, label = EVENT_WINDOWS[timeframe]
         event_frame = events if events is not None else pl.DataFrame(schema=EVENT_SCHEMA)
         vectors = event_features(vectors, event_frame, window, label)
-        event_names = [
-            f"{s}_{label}"
-            for s in ("event_count", "sentiment_mean", "sentiment_conf_mean", "sentiment_weighted", "sentiment_std")
-        ]
+        event_names = event_feature_names(label)
 
     non_finite = pl.any_horizontal([pl.col(n).is_nan() | pl.col(n).is_infinite() for n in names])
     flags = [
