@@ -8,7 +8,7 @@ export MARKETFS_HOME ?= $(CURDIR)/.marketfs
 export DAGSTER_HOME ?= $(MARKETFS_HOME)/dagster_home
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: run test ui dsn stop lint install clean-db
+.PHONY: run test ui dsn stop lint install clean-db bench docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ dsn: $(STAMP)  ## print the feature store DSN (starts the embedded server if nee
 
 stop: $(STAMP)  ## stop the embedded server; data stays in .marketfs/postgres
 	@$(BIN)/marketfs stop
+
+bench: $(STAMP)  ## benchmarks at the default size (a few minutes); ARGS="--days 252" for a year
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+	$(BIN)/python benchmarks/retrieval.py
+
+docs: $(STAMP)  ## regenerate docs/features.md from the feature registry
+	$(BIN)/python -m marketfs.catalog --write
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
