@@ -28,7 +28,7 @@ from marketfs.store.feature_vectors import (
     read_vectors,
     write_features,
 )
-from pipelines.resources import FeatureStore
+from pipelines.resources import FeatureStore, translate_database_errors
 
 FEATURE_SET = DEFAULT_FEATURE_SET
 GATE_CHECK = "quality_gate"
@@ -101,6 +101,7 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
             "owner": dg.MetadataValue.text("quant-platform"),
         },
     )
+    @translate_database_errors
     def _asset(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
         from expectations.gate import validate_frame
 
@@ -180,6 +181,10 @@ def _drift(
             history = read_recent_partitions(
                 conn, feature_set=FEATURE_SET, timeframe=timeframe, before=start, partitions=spec.partitions
             )
+        elif spec.kind == "snapshot":
+            from marketfs.snapshots import read_snapshot
+
+            history = read_snapshot(conn, spec.snapshot)
         else:
             history = read_vectors(
                 conn,

@@ -10,7 +10,7 @@ from marketfs.sources import SourceFileError
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
-from pipelines.resources import FeatureStore, MarketData
+from pipelines.resources import FeatureStore, MarketData, translate_database_errors
 
 GATE_CHECK = "quality_gate"
 
@@ -56,6 +56,7 @@ def _source_failure(exc: SourceFileError) -> dg.Failure:
     description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
     check_specs=_gate_spec("raw_ohlcv"),
 )
+@translate_database_errors
 def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
     start, end = context.partition_time_window
     try:
@@ -80,6 +81,7 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
     "in table news_events, partitioned by publication day; each event_id kept once.",
     check_specs=_gate_spec("raw_events"),
 )
+@translate_database_errors
 def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
     start, end = context.partition_time_window
     try:
@@ -104,6 +106,7 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
     description="Daily bars resampled from ohlcv_1m (open first, high max, low min, close last, volume sum), "
     "stamped 23:59 UTC, in table ohlcv_1d.",
 )
+@translate_database_errors
 def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> dg.MaterializeResult:
     start, end = context.partition_time_window
     with store.engine().begin() as conn:

@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets.features import feature_vectors_1d, feature_vectors_1m
 from marketfs.snapshots import SnapshotError, create_snapshot
-from pipelines.resources import FeatureStore
+from pipelines.resources import FeatureStore, translate_database_errors
 
 
 class SnapshotConfig(dg.Config):
@@ -32,6 +32,7 @@ def _utc(day: str) -> datetime:
     description="An immutable snapshot of feature vectors with a manifest (content hash, schema, feature "
     "definitions, suite versions, upstream partitions); each materialisation freezes what its config selects.",
 )
+@translate_database_errors
 def feature_snapshots(
     context: dg.AssetExecutionContext, config: SnapshotConfig, store: FeatureStore
 ) -> dg.MaterializeResult:

@@ -21,21 +21,31 @@ PARTITION = "_partition"
 
 @dataclass(frozen=True)
 class ReferenceSpec:
-    kind: str  # "trailing" or "window"
+    kind: str  # "trailing", "window" or "snapshot"
     partitions: int = 20
     min_partitions: int = 5
     start: str | None = None
     end: str | None = None
+    snapshot: str | None = None
 
     @classmethod
     def from_suite(cls, suite: dict[str, Any]) -> ReferenceSpec:
         raw = dict(suite.get("meta", {}).get("reference", {"kind": "trailing"}))
-        spec = cls(**raw)
-        if spec.kind not in ("trailing", "window") or (spec.kind == "window" and not (spec.start and spec.end)):
+        try:
+            spec = cls(**raw)
+        except TypeError:
+            spec = None
+        if (
+            spec is None
+            or spec.kind not in ("trailing", "window", "snapshot")
+            or (spec.kind == "window" and not (spec.start and spec.end))
+            or (spec.kind == "snapshot" and not spec.snapshot)
+        ):
             raise ValueError(
                 f"drift suite {suite.get('name')}: meta.reference {raw} is invalid. Fix: use "
-                '{"kind": "trailing", "partitions": 20} or '
-                '{"kind": "window", "start": "2024-01-02", "end": "2024-02-01"}'
+                '{"kind": "trailing", "partitions": 20}, '
+                '{"kind": "window", "start": "2024-01-02", "end": "2024-02-01"} or '
+                '{"kind": "snapshot", "snapshot": "<snapshot id>"}'
             )
         return spec
 
@@ -83,7 +93,11 @@ def describe_reference(reference: pl.DataFrame, spec: ReferenceSpec, source: str
     keys = sorted(reference[PARTITION].unique().to_list())
     if not keys:
         return f"{spec.kind} reference: no partitions"
-    what = f"trailing {len(keys)} partitions" if spec.kind == "trailing" else f"pinned window {spec.start}..{spec.end}"
+    what = {
+        "trailing": f"trailing {len(keys)} partitions",
+        "window": f"pinned window {spec.start}..{spec.end}",
+        "snapshot": f"pinned snapshot {spec.snapshot}",
+    }[spec.kind]
     return f"{what} {keys[0]}..{keys[-1]} of {source} ({reference.height} vectors)"
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
 
@@ -57,6 +60,38 @@ def database_unreachable(dsn: str, exc: Exception) -> dg.Failure:
         ),
         allow_retries=True,
     )
+
+
+def translate_database_errors(fn):
+    """Wrap an asset body: a database lost mid-run ends in the clear, retryable failure above.
+
+    Works for plain and generator asset functions; the wrapped signature is what Dagster sees.
+    """
+
+    def failure(kwargs: dict, exc: Exception) -> dg.Failure:
+        store = kwargs.get("store")
+        dsn = (store._dsn or store.dsn) if isinstance(store, FeatureStore) else resolve_dsn()
+        return database_unreachable(dsn, exc)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
+                raise failure(kwargs, exc) from exc
+
+        return generator
+
+    @functools.wraps(fn)
+    def plain(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
+            raise failure(kwargs, exc) from exc
+
+    return plain
 
 
 # Safe to retry: every write is one transaction, so a step that failed wrote nothing.

@@ -97,3 +97,25 @@ def test_database_gone_fails_with_a_clear_message() -> None:
         error = error.cause
     assert "cannot reach the feature store database 127.0.0.1:1/marketfs" in messages
     assert "secret" not in messages
+
+
+def test_database_lost_mid_run_becomes_the_clear_retryable_failure() -> None:
+    import psycopg
+
+    from pipelines.resources import FeatureStore, translate_database_errors
+
+    @translate_database_errors
+    def body(context=None, store=None):
+        yield "started"
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    steps = body(store=FeatureStore(dsn="postgresql://u:p@db.example:5432/marketfs"))
+    assert next(steps) == "started"
+    try:
+        next(steps)
+    except dg.Failure as failure:
+        assert "cannot reach the feature store database db.example:5432/marketfs" in failure.description
+        assert "server closed the connection" in failure.description
+        assert failure.allow_retries
+    else:
+        raise AssertionError("no failure")

@@ -158,3 +158,35 @@ def test_drift_gate_blocks_a_shifted_partition_and_says_what_drifted(
     assert (
         count(engine, "SELECT count(*) FROM quality_log WHERE suite = 'feature_vectors_1m_drift' AND NOT success") > 0
     )
+
+
+def test_drift_against_a_pinned_snapshot(
+    dsn: str, engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    from expectations.gate import SUITES_DIR
+    from marketfs import snapshots
+
+    days = [DAY + timedelta(days=i) for i in range(8)]
+    for day in days[:-1]:
+        land(tmp_path / "landing", day)
+    assert materialize_range(dsn, "2024-01-03", "2024-01-09", landing_dir=tmp_path / "landing").success
+    with engine.begin() as conn:
+        snap = snapshots.create_snapshot(conn, feature_set_version="fs_v1", timeframe="1m", start=days[0], end=days[-1])
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    drift_file = suites / "feature_vectors_1m_drift.json"
+    suite = json.loads(drift_file.read_text())
+    suite["meta"]["reference"] = {"kind": "snapshot", "snapshot": snap.snapshot_id}
+    drift_file.write_text(json.dumps(suite))
+    monkeypatch.setenv("MARKETFS_SUITES_DIR", str(suites))
+
+    noisy = SyntheticBars(instruments=INSTRUMENTS, minute_vol=0.0032).bars(days[-1], days[-1] + timedelta(days=1))
+    land(tmp_path / "landing", days[-1], bars=noisy)
+    result = materialize_range(dsn, "2024-01-10", landing_dir=tmp_path / "landing")
+    assert not result.success
+    drift = check(result, "feature_vectors_1m", "drift_gate")
+    assert not drift.passed
+    assert f"pinned snapshot {snap.snapshot_id}" in drift.metadata["reference"].value
