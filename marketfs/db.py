@@ -32,11 +32,17 @@ def sqlalchemy_url(dsn: str) -> sa.URL:
 
 @lru_cache(maxsize=16)
 def engine_for(dsn: str) -> sa.Engine:
-    """One pooled engine per DSN and process; every session runs in UTC."""
+    """One pooled engine per DSN and process; every session runs in UTC.
+
+    No automatic server-side prepares: psycopg prepares a statement on its fifth run, and the generic
+    plan PostgreSQL then reuses ignores the statistics of freshly loaded staging tables (seen: a
+    stale-key anti-join turned nested loop, minutes instead of seconds). These are bulk statements
+    where planning is noise anyway; ``latest()`` keeps its own prepared connection.
+    """
     return sa.create_engine(
         sqlalchemy_url(dsn),
         pool_pre_ping=True,
-        connect_args={"options": "-c timezone=UTC", "connect_timeout": 10},
+        connect_args={"options": "-c timezone=UTC", "connect_timeout": 10, "prepare_threshold": None},
     )
 
 
