@@ -53,11 +53,15 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
             checks_failed += not evaluation.passed
         if not result.success:
             failed_runs.append(result.run_id)
+            # Later days continue the features' recursion state from this range: they would fail too.
+            if chunk[-1] != keys[-1]:
+                print(f"stopped: {keys[keys.index(chunk[-1]) + 1]} .. {keys[-1]} not attempted")
+            break
 
     snapshot_id = None
     if snapshot and not failed_runs:
         end_day = DAILY.time_window_for_partition_key(keys[-1]).end.date().isoformat()
-        snapshot = defs.resolve_job_def("snapshot").execute_in_process(
+        snapshot_result = defs.resolve_job_def("snapshot").execute_in_process(
             instance=instance,
             run_config={
                 "ops": {"feature_snapshots": {"config": {"start": keys[0], "end": end_day, "timeframe": "1m"}}},
@@ -65,11 +69,11 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
             },
             raise_on_error=False,
         )
-        if snapshot.success:
-            [materialization] = snapshot.asset_materializations_for_node("feature_snapshots")
+        if snapshot_result.success:
+            [materialization] = snapshot_result.asset_materializations_for_node("feature_snapshots")
             snapshot_id = materialization.metadata["snapshot_id"].value
         else:
-            failed_runs.append(snapshot.run_id)
+            failed_runs.append(snapshot_result.run_id)
 
     from expectations.docs import DataDocs
 
