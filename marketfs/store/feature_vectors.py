@@ -139,8 +139,8 @@ def upsert_window(
         # A hash anti-join is the only sane plan here, so ask for it for this statement.
         cur.execute("SET LOCAL enable_nestloop = off")
         cur.execute(delete_stale, {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end})
-        cur.execute("SET LOCAL enable_nestloop = on")
         deleted = cur.rowcount
+        cur.execute("SET LOCAL enable_nestloop = on")
     return {"upserted": upserted, "deleted_stale": deleted}
 
 
