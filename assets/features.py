@@ -176,10 +176,16 @@ def _drift(
 
     template = load_suite_json(drift_file)
     spec = ReferenceSpec.from_suite(template)
+    columns = drift_columns(template)  # the reference spans weeks of vectors: read only what drift compares
     with store.engine().connect() as conn:
         if spec.kind == "trailing":
             history = read_recent_partitions(
-                conn, feature_set=FEATURE_SET, timeframe=timeframe, before=start, partitions=spec.partitions
+                conn,
+                feature_set=FEATURE_SET,
+                timeframe=timeframe,
+                before=start,
+                partitions=spec.partitions,
+                columns=columns,
             )
         elif spec.kind == "snapshot":
             from marketfs.snapshots import read_snapshot
@@ -192,8 +198,9 @@ def _drift(
                 timeframe=timeframe,
                 start=datetime.fromisoformat(spec.start).replace(tzinfo=UTC),
                 end=datetime.fromisoformat(spec.end).replace(tzinfo=UTC),
+                columns=columns,
             )
-    history = history.select("ts", *drift_columns(template))
+    history = history.select("ts", *columns)
     return evaluate_drift(
         vectors,
         history,

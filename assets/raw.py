@@ -1,6 +1,10 @@
 """Raw inputs as they arrived, and what is derived from them alone: minute bars, news events, daily bars."""
 
+from collections.abc import Callable
+from datetime import datetime
+
 import dagster as dg
+import polars as pl
 
 from assets.gates import partition_label, record_and_enforce
 from assets.metadata import frame_summary
@@ -42,11 +46,14 @@ def _gate(context: dg.AssetExecutionContext, store: FeatureStore, delivered, tab
     yield from record_and_enforce(context, store, checks={GATE_CHECK: [gate]}, rows={table: delivered})
 
 
-def _source_failure(exc: SourceFileError) -> dg.Failure:
-    # Raised before any write: the table keeps what it had.
-    return dg.Failure(
-        description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))}, allow_retries=False
-    )
+def _delivered(fetch: Callable[[datetime, datetime], pl.DataFrame], start: datetime, end: datetime) -> pl.DataFrame:
+    """What the source delivers for the window; a bad file fails the run before anything is written."""
+    try:
+        return fetch(start, end)
+    except SourceFileError as exc:
+        raise dg.Failure(
+            description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))}, allow_retries=False
+        ) from exc
 
 
 @dg.asset(
@@ -59,10 +66,7 @@ def _source_failure(exc: SourceFileError) -> dg.Failure:
 @translate_database_errors
 def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
     start, end = context.partition_time_window
-    try:
-        delivered = market_data.bar_source().bars(start, end)
-    except SourceFileError as exc:
-        raise _source_failure(exc) from exc
+    delivered = _delivered(market_data.bar_source().bars, start, end)
     yield from _gate(context, store, delivered, "ohlcv_1m")
     bars = normalize_bars(delivered)
     with store.engine().begin() as conn:
@@ -84,10 +88,7 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
 @translate_database_errors
 def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
     start, end = context.partition_time_window
-    try:
-        delivered = market_data.event_source().events(start, end)
-    except SourceFileError as exc:
-        raise _source_failure(exc) from exc
+    delivered = _delivered(market_data.event_source().events, start, end)
     yield from _gate(context, store, delivered, "news_events")
     events = normalize_events(delivered)
     with store.engine().begin() as conn:

@@ -1,6 +1,6 @@
 """Snapshots: immutable, hashed copies of feature vectors for reproducible training sets."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import dagster as dg
 
@@ -69,9 +69,10 @@ def _upstream_data_versions(context: dg.AssetExecutionContext, asset: str, start
     """The latest materialisation of each upstream partition in the window: run id and data version."""
     from assets.partitions import DAILY
 
-    keys = [k for k in DAILY.get_partition_keys() if start <= k < end]
-    if not keys:
+    last = (datetime.fromisoformat(end) - timedelta(days=1)).date().isoformat()
+    if last < start:
         return {}
+    keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, last))
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=keys), limit=10 * len(keys)
     ).records

@@ -83,10 +83,12 @@ def render_drift_suite(template: dict[str, Any], reference: pl.DataFrame) -> dic
     return suite
 
 
-def trailing_reference(history: pl.DataFrame, partition: str, spec: ReferenceSpec) -> pl.DataFrame:
-    """The ``spec.partitions`` partitions of ``history`` before ``partition`` (keys sort as dates)."""
-    keys = sorted(k for k in history[PARTITION].unique().to_list() if k < partition)[-spec.partitions :]
-    return history.filter(pl.col(PARTITION).is_in(keys))
+def trailing_reference(by_partition: dict[str, pl.DataFrame], partition: str, spec: ReferenceSpec) -> pl.DataFrame:
+    """The ``spec.partitions`` partitions before ``partition`` (keys sort as dates), from frames split by partition."""
+    keys = sorted(k for k in by_partition if k < partition)[-spec.partitions :]
+    if not keys:
+        return next(iter(by_partition.values())).clear()
+    return pl.concat([by_partition[k] for k in keys])
 
 
 def describe_reference(reference: pl.DataFrame, spec: ReferenceSpec, source: str) -> str:
@@ -131,12 +133,15 @@ def evaluate_drift(
     columns = [PARTITION, *drift_columns(template)]
     current = with_partition(vectors).select(columns)
     stored = with_partition(history).select(columns)
-    pool = pl.concat([stored, current]) if spec.kind == "trailing" else stored
+    # Split once: a backfill of a year would otherwise rescan the whole pool for every day.
+    by_partition = {
+        key: frame for (key,), frame in pl.concat([stored, current]).partition_by(PARTITION, as_dict=True).items()
+    }
     results = []
     days = sorted(current[PARTITION].unique().to_list())
     last_day = days[-1] if days else None
     for day in days:
-        reference = trailing_reference(pool, day, spec) if spec.kind == "trailing" else stored
+        reference = trailing_reference(by_partition, day, spec) if spec.kind == "trailing" else stored
         found = reference[PARTITION].n_unique()
         if found < spec.min_partitions:
             results.append(

@@ -14,19 +14,17 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
+from expectations.gate import suite_path
 from marketfs.features.registry import FeatureSet, feature_set
 from marketfs.store.copy import copy_frame_in, copy_query_out, csv_ready
 from marketfs.store.feature_vectors import vector_schema
 from marketfs.store.tables import select_list
-
-SUITES_DIR = Path(__file__).resolve().parents[1] / "expectations" / "suites"
 
 
 class SnapshotError(ValueError):
@@ -51,7 +49,8 @@ def content_hash(frame: pl.DataFrame) -> str:
 
 def _suite_versions(timeframe: str) -> dict[str, dict[str, str]]:
     versions = {}
-    for path in sorted(SUITES_DIR.glob(f"feature_vectors_{timeframe}*.json")):
+    # The suites the gates use (MARKETFS_SUITES_DIR honoured), not a second idea of where they live.
+    for path in sorted(suite_path(f"feature_vectors_{timeframe}").parent.glob(f"feature_vectors_{timeframe}*.json")):
         text = path.read_bytes()
         meta = json.loads(text).get("meta", {})
         versions[path.stem] = {

@@ -23,7 +23,10 @@ def prepare_environment() -> dict[str, str]:
     else:
         server = EmbeddedPostgres(default_home())
         dsn = server.ensure_running()
-        instance_dsn = os.environ.get(DAGSTER_PG_ENV) or server.dsn("dagster")
+        # Same embedded server, its `dagster` database: no second probe of the server.
+        instance_dsn = os.environ.get(DAGSTER_PG_ENV) or sa.make_url(dsn).set(database="dagster").render_as_string(
+            hide_password=False
+        )
     os.environ[DSN_ENV] = dsn
     # dagster-postgres ships psycopg2; SQLAlchemy 2.1 would otherwise pick psycopg 3 for postgresql://.
     os.environ[DAGSTER_PG_ENV] = (

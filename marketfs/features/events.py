@@ -37,9 +37,10 @@ def event_features(keys: pl.DataFrame, events: pl.DataFrame, window: timedelta, 
     names = event_feature_names(suffix)
     ordered = events.sort("instrument_id", "published_at", "event_id").with_row_index("_e")
     window_us = int(window / timedelta(microseconds=1))
+    by_instrument = {key: frame for (key,), frame in ordered.partition_by("instrument_id", as_dict=True).items()}
     pieces = []
     for (instrument,), group in keys.with_row_index("_k").group_by("instrument_id", maintain_order=True):
-        mine = ordered.filter(pl.col("instrument_id") == instrument)
+        mine = by_instrument.get(instrument, ordered.clear())
         times = mine["published_at"].dt.epoch("us").to_numpy()
         ts = group["ts"].dt.epoch("us").to_numpy()
         first = mine["_e"][0] if mine.height else 0

@@ -106,7 +106,11 @@ class SyntheticEvents:
         in_session = rng.random(n) < 0.6
         session_s = SESSION_OPEN_UTC.total_seconds() + rng.random(n) * BARS_PER_DAY * 60
         offsets = np.where(in_session, session_s, rng.random(n) * 86_400)
-        published = [midnight + timedelta(seconds=float(s)) for s in np.floor(offsets)]
+        published = (
+            pl.Series(np.datetime64(midnight.replace(tzinfo=None), "us") + (offsets * 1e6).astype("timedelta64[us]"))
+            .dt.truncate("1s")
+            .dt.replace_time_zone("UTC")
+        )
         return pl.DataFrame(
             {
                 "event_id": [f"{instrument}-{day.isoformat()}-{i:03d}" for i in range(n)],

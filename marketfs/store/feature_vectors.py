@@ -152,9 +152,16 @@ def read_vectors(
     start: datetime,
     end: datetime,
     instruments: list[str] | None = None,
+    columns: list[str] | None = None,
 ) -> pl.DataFrame:
-    """Stored vectors of one version and timeframe in ``[start, end)``, sorted by instrument and ts."""
+    """Stored vectors of one version and timeframe in ``[start, end)``, sorted by instrument and ts.
+
+    ``columns`` limits the read (``instrument_id`` and ``ts`` always come along).
+    """
     schema = vector_schema(feature_set, timeframe)
+    if columns is not None:
+        wanted = {"instrument_id", "ts", *columns}
+        schema = {name: dtype for name, dtype in schema.items() if name in wanted}
     where = "feature_set_version = %(version)s AND timeframe = %(timeframe)s AND ts >= %(start)s AND ts < %(end)s"
     params: dict = {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end}
     if instruments is not None:
@@ -178,7 +185,13 @@ def read_state_before(conn: sa.Connection, *, feature_set: FeatureSet, timeframe
 
 
 def read_recent_partitions(
-    conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, before: datetime, partitions: int
+    conn: sa.Connection,
+    *,
+    feature_set: FeatureSet,
+    timeframe: str,
+    before: datetime,
+    partitions: int,
+    columns: list[str] | None = None,
 ) -> pl.DataFrame:
     """Stored vectors of the last ``partitions`` UTC days (that have vectors) before ``before``."""
     first_day = conn.execute(
@@ -190,5 +203,9 @@ def read_recent_partitions(
         {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions},
     ).scalar()
     if first_day is None:
-        return pl.DataFrame(schema=vector_schema(feature_set, timeframe))
-    return read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=first_day, end=before)
+        return read_vectors(
+            conn, feature_set=feature_set, timeframe=timeframe, start=before, end=before, columns=columns
+        )
+    return read_vectors(
+        conn, feature_set=feature_set, timeframe=timeframe, start=first_day, end=before, columns=columns
+    )
