@@ -151,7 +151,7 @@ def evaluate_drift(
                     suite_version=str(template.get("meta", {}).get("suite_version", "")),
                     outcomes=[],
                     reference=f"not evaluated: {found} reference partition(s), {spec.min_partitions} needed",
-                    label=day,
+                    label=f"{asset}-{day}",
                 )
             )
             continue
@@ -159,14 +159,13 @@ def evaluate_drift(
         kwargs = {
             "suite": render_drift_suite(template, reference),
             "reference": describe_reference(reference, spec, source),
+            "batch_label": f"{asset}-{day}",
         }
         result = validate_frame(frame, template["name"], **kwargs)
         if docs is not None and (not result.passed or day == last_day):
             # Pages for the days a person needs: breaches, and the newest day. Every verdict is in the
             # quality log either way; rendering one page per day of a long backfill costs more than
             # validating it.
-            result = validate_frame(
-                frame, template["name"], docs=docs, batch_label=f"{asset}-{day}", run_name=run_name, **kwargs
-            )
+            result = validate_frame(frame, template["name"], docs=docs, run_name=run_name, **kwargs)
         results.append(result)
     return results
