@@ -136,6 +136,8 @@ def wait_for_run(page, base: str, run_id: str, status: str, timeout_s: float = 1
     deadline = time.monotonic() + timeout_s
     page.goto(f"{base}/runs")
     while time.monotonic() < deadline:
+        # The list renders "Loading runs…" first: read it only once it has loaded.
+        page.get_by_text("Loading runs…").wait_for(state="hidden")
         body = page.inner_text("body")
         at = body.find(run_id)
         # The run's row: its id, tags, target and launcher come before its status.
