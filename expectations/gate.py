@@ -6,6 +6,7 @@ Dagster code location must load without it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -139,6 +140,198 @@ def _bounds(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+DAY = "day"
+DAY_SCOPE = "day"
+
+
+def split_scopes(data: dict[str, Any], path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The suite's row-scope and day-scope expectations.
+
+    Row scope: every row of a day must meet the expectation, so a day's verdict is the same whatever
+    else ran beside it. A share (``mostly``) is a property of a day, not of a run's rows: it must be
+    declared on the day's profile (``meta.scope: day``, column ``share__<column>``), else a day's
+    verdict would depend on how many days ran together.
+    """
+    rows, days = [], []
+    for index, expectation in enumerate(data["expectations"]):
+        scope = (expectation.get("meta") or {}).get("scope", "row")
+        if scope == DAY_SCOPE:
+            days.append(expectation)
+        elif "mostly" in expectation.get("kwargs", {}):
+            raise SuiteFileError(
+                f"{path}: expectation #{index + 1} ({expectation.get('type')}) has `mostly` over rows, so its "
+                "verdict would depend on how many days a run validates together. Fix: declare the share on the "
+                'day profile: expect_column_values_to_be_between(column="share__<column>", max_value=<1 - mostly>) '
+                'with "meta": {"scope": "day"}'
+            )
+        else:
+            rows.append(expectation)
+    return rows, days
+
+
+def _gx_suite(name: str, data: dict[str, Any], expectations: list[dict[str, Any]]) -> Any:
+    import great_expectations as gx
+
+    fields = {k: v for k, v in data.items() if k not in ("id", "name", "expectations")}
+    return gx.ExpectationSuite(**fields, expectations=expectations, name=name)
+
+
+def _ephemeral_context() -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _columns_of(config: Any) -> str | None:
+    columns = config.kwargs.get("column") or ",".join(
+        config.kwargs.get("column_list")
+        or [c for c in (config.kwargs.get("column_A"), config.kwargs.get("column_B")) if c]
+    )
+    return columns or None
+
+
+def _severity(config: Any) -> str:
+    return str(getattr(config, "severity", "critical") or "critical").split(".")[-1].lower()
+
+
+def _example(row: dict[str, Any], examples: tuple[str, ...]) -> str:
+    """``instrument ts value`` of one unexpected row, as a person would search for it."""
+    parts = [str(row[c]) for c in examples if c in row and row[c] is not None]
+    values = [f"{k}={_jsonable(v)}" for k, v in row.items() if k not in examples and k != DAY]
+    return " ".join(parts + values)
+
+
+def _per_day_outcomes(
+    result: Any, day_rows: dict[str, int], examples: tuple[str, ...], profile: pl.DataFrame | None
+) -> dict[str, list[ExpectationOutcome]]:
+    """Split one validation's results into one outcome per expectation and day.
+
+    Row scope: a day fails an expectation when any of its rows is unexpected (GX names them through
+    ``unexpected_index_column_names``). Day scope (``profile`` given, one row per day): the day's
+    profile value is the observed value.
+    """
+    outcomes: dict[str, list[ExpectationOutcome]] = {day: [] for day in day_rows}
+    for item in result.results:
+        config = item.expectation_config
+        details = item.result or {}
+        label_columns = _columns_of(config)
+        by_day: dict[str, list[dict[str, Any]]] = {}
+        for row in details.get("unexpected_index_list") or []:
+            by_day.setdefault(str(row[DAY]), []).append(row)
+        if not item.success and not by_day and details.get("unexpected_count") is None:
+            # An expectation that failed as a whole (e.g. a missing column): every day fails it.
+            by_day = {day: [] for day in day_rows}
+        observed_by_day: dict[str, Any] = {}
+        if profile is not None and label_columns in profile.columns:
+            observed_by_day = dict(zip(profile[DAY].to_list(), profile[label_columns].to_list(), strict=True))
+        for day, rows in day_rows.items():
+            unexpected = by_day.get(day)
+            success = unexpected is None
+            if profile is not None:
+                observed = _jsonable(observed_by_day.get(day))
+                count = None
+            else:
+                observed = None if success else {"unexpected_rows": len(unexpected)}
+                count = 0 if success else len(unexpected)
+            outcomes[day].append(
+                ExpectationOutcome(
+                    expectation=config.type,
+                    column=label_columns,
+                    severity=_severity(config),
+                    success=success,
+                    observed_value=observed,
+                    unexpected_count=count,
+                    element_count=rows,
+                    partial_unexpected=[_example(r, examples) for r in (unexpected or [])[:10]],
+                    bounds=_bounds(config.kwargs),
+                    unexpected_percent=(100.0 * count / rows) if count is not None and rows else None,
+                )
+            )
+    return outcomes
+
+
+def day_profile(rows: pl.DataFrame, expectations: list[dict[str, Any]]) -> pl.DataFrame:
+    """One row per day: ``rows`` and every ``share__<column>`` the day-scope expectations read."""
+    columns = {e["kwargs"].get("column", "") for e in expectations}
+    shares = sorted(c for c in columns if c.startswith("share__"))
+    missing = [c for c in shares if c.removeprefix("share__") not in rows.columns]
+    if missing:
+        raise SuiteFileError(f"day-scope expectations read {missing}, but the validated rows have no such column")
+    return (
+        rows.group_by(DAY)
+        .agg(
+            pl.len().alias("rows"),
+            *[pl.col(c.removeprefix("share__")).cast(pl.Float64).mean().alias(c) for c in shares],
+        )
+        .sort(DAY)
+    )
+
+
+def validate_days(
+    frame: pl.DataFrame,
+    suite_name: str,
+    *,
+    suite: dict[str, Any] | None = None,
+    suite_file: Path | None = None,
+    day_column: str = DAY,
+    examples: tuple[str, ...] = ("instrument_id", "ts"),
+) -> dict[str, GateResult]:
+    """One verdict per day of ``frame`` (``day_column`` holds YYYY-MM-DD), from at most two GX validations.
+
+    Row-scope expectations run once over every row; day-scope ones once over the day profile (one
+    row per day). Each unexpected row is attributed to its day, so a day's verdict is the one it
+    would get alone, and the cost does not grow with the number of days. ``suite`` (already loaded,
+    e.g. a drift suite) overrides the file.
+    """
+    path = suite_file or suite_path(suite_name)
+    data = suite if suite is not None else load_suite_json(path)
+    check_expectations(path, data)
+    row_expectations, day_expectations = split_scopes(data, path)
+    from expectations.derived import for_validation
+
+    rows = for_validation(frame, suite_name)
+    if day_column != DAY:
+        rows = rows.rename({day_column: DAY})
+    day_rows = {str(k): int(v) for k, v in rows.group_by(DAY).len().sort(DAY).iter_rows()}
+    outcomes: dict[str, list[ExpectationOutcome]] = {day: [] for day in day_rows}
+    if day_rows:
+        context = _ephemeral_context()
+        index_columns = [DAY, *[c for c in examples if c in rows.columns]]
+        if row_expectations:
+            result = _batch(context, rows.to_pandas()).validate(
+                _gx_suite(suite_name, data, row_expectations),
+                result_format={
+                    "result_format": "COMPLETE",
+                    "unexpected_index_column_names": index_columns,
+                    "return_unexpected_index_query": False,
+                    "partial_unexpected_count": 0,
+                },
+            )
+            for day, found in _per_day_outcomes(result, day_rows, tuple(index_columns[1:]), None).items():
+                outcomes[day].extend(found)
+        if day_expectations:
+            profile = day_profile(rows, day_expectations)
+            result = _batch(context, profile.to_pandas()).validate(
+                _gx_suite(suite_name, data, day_expectations),
+                result_format={
+                    "result_format": "COMPLETE",
+                    "unexpected_index_column_names": [DAY],
+                    "return_unexpected_index_query": False,
+                    "partial_unexpected_count": 0,
+                },
+            )
+            for day, found in _per_day_outcomes(result, day_rows, (), profile).items():
+                outcomes[day].extend(found)
+    version = str(data.get("meta", {}).get("suite_version", ""))
+    return {
+        day: GateResult(suite=suite_name, suite_file=path, suite_version=version, outcomes=found, label=day)
+        for day, found in outcomes.items()
+    }
+
+
 def validate_frame(
     frame: pl.DataFrame,
     suite_name: str,
@@ -150,61 +343,57 @@ def validate_frame(
     batch_label: str | None = None,
     run_name: str | None = None,
 ) -> GateResult:
-    """Validate ``frame`` against a suite; ``passed`` is False when any critical expectation fails.
+    """Validate ``frame`` as one batch (one day); ``passed`` is False when any critical expectation fails.
 
-    ``suite`` (already loaded, e.g. a drift suite with its bounds filled in) overrides the file.
-    With ``docs`` (a ``DataDocs``) the result is stored and its Data Docs page built.
+    With ``docs`` (a ``DataDocs``) the validation is stored and its Data Docs page built.
     """
-    import great_expectations as gx
-
-    from expectations.derived import for_validation
-
+    label = batch_label or suite_name
+    results = validate_days(
+        frame.with_columns(pl.lit(label).alias(DAY)), suite_name, suite=suite, suite_file=suite_file
+    )
     path = suite_file or suite_path(suite_name)
     data = suite if suite is not None else load_suite_json(path)
-    check_expectations(path, data)
-    gx_suite = gx.ExpectationSuite(**{k: v for k, v in data.items() if k not in ("id", "name")}, name=suite_name)
-    if docs is not None:
-        context = docs.context()
-    else:
-        from great_expectations.data_context.types.base import ProgressBarsConfig
-
-        context = gx.get_context(mode="ephemeral")
-        context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = _batch(context, for_validation(frame, suite_name).to_pandas())
-    # batch.validate, not ValidationDefinition.run: the latter crashes serialising numpy bools (GX 1.24).
-    result = batch.validate(gx_suite, result_format="SUMMARY")
-    outcomes = []
-    for item in result.results:
-        config = item.expectation_config
-        details = item.result or {}
-        columns = config.kwargs.get("column") or ",".join(
-            config.kwargs.get("column_list")
-            or [c for c in (config.kwargs.get("column_A"), config.kwargs.get("column_B")) if c]
-        )
-        outcomes.append(
-            ExpectationOutcome(
-                expectation=config.type,
-                column=columns or None,
-                severity=str(getattr(config, "severity", "critical") or "critical").split(".")[-1].lower(),
-                success=bool(item.success),
-                observed_value=_jsonable(details.get("observed_value")),
-                unexpected_count=details.get("unexpected_count"),
-                element_count=details.get("element_count"),
-                partial_unexpected=[_jsonable(v) for v in details.get("partial_unexpected_list", []) or []][:10],
-                bounds=_bounds(config.kwargs),
-                unexpected_percent=_jsonable(details.get("unexpected_percent")),
-            )
-        )
-    docs_url = docs.publish(result, suite_name, batch_label or suite_name, run_name) if docs is not None else None
-    return GateResult(
-        suite=suite_name,
-        suite_file=path,
-        suite_version=str(data.get("meta", {}).get("suite_version", "")),
-        outcomes=outcomes,
-        reference=reference,
-        docs_url=docs_url,
-        label=batch_label,
+    result = results.get(label) or GateResult(
+        suite=suite_name, suite_file=path, suite_version=str(data.get("meta", {}).get("suite_version", "")), outcomes=[]
     )
+    docs_url = publish_day(frame, suite_name, data, docs=docs, label=label, run_name=run_name) if docs else None
+    return dataclasses.replace(result, reference=reference, docs_url=docs_url, label=label)
+
+
+def publish_day(
+    frame: pl.DataFrame,
+    suite_name: str,
+    data: dict[str, Any],
+    *,
+    docs: Any,
+    label: str,
+    run_name: str | None,
+    profile_extra: pl.DataFrame | None = None,
+) -> str | None:
+    """Render one day's Data Docs page: its rows against the row scope, its profile against the day scope.
+
+    Called for the days a person needs to read (breaches), after the verdict: the page is a report,
+    not part of the gate, so a failure to render it is logged by the caller and never stops a run.
+    """
+    from expectations.derived import for_validation
+
+    path = suite_path(suite_name)
+    row_expectations, day_expectations = split_scopes(data, path)
+    rows = for_validation(frame, suite_name).with_columns(pl.lit(label).alias(DAY))
+    context = docs.context()
+    url = None
+    for scope, expectations in (("rows", row_expectations), ("day", day_expectations)):
+        if not expectations:
+            continue
+        batch_frame = rows if scope == "rows" else day_profile(rows, expectations)
+        result = _batch(context, batch_frame.to_pandas()).validate(
+            _gx_suite(suite_name, data, expectations), result_format="SUMMARY"
+        )
+        page = docs.publish(result, suite_name, f"{label}-{scope}", run_name)
+        # The page a person should open first: the scope that failed.
+        if url is None or not result.success:
+            url = page
+    return url
 
 
 def _batch(context: Any, frame: Any) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from expectations.gate import SUITES_DIR, SuiteFileError, validate_frame
+from expectations.gate import SUITES_DIR, SuiteFileError, validate_days, validate_frame
 from marketfs.features.compute import compute_feature_vectors
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.sources import SyntheticBars, SyntheticEvents
@@ -128,7 +128,80 @@ def test_share_of_a_flag_above_its_ceiling_blocks(clean_vectors: pl.DataFrame) -
         .then(pl.col("quality_flags").list.concat(pl.lit(["MISSING_OHLCV"])))
         .otherwise(pl.col("quality_flags"))
     )
-    assert "expect_column_values_to_be_in_set(flag_MISSING_OHLCV)" in failed(crafted, "feature_vectors_1m")
+    assert "expect_column_values_to_be_between(share__flag_MISSING_OHLCV)" in failed(crafted, "feature_vectors_1m")
+
+
+def _with_days(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """The frames as the given days: timestamps moved to the day (the key includes ts), ``day`` set."""
+    return pl.concat(
+        [
+            f.with_columns(
+                pl.col("ts") + (datetime.fromisoformat(day).replace(tzinfo=UTC) - D), pl.lit(day).alias("day")
+            )
+            for day, f in frames.items()
+        ]
+    )
+
+
+def _missing_share(vectors: pl.DataFrame, share: float) -> pl.DataFrame:
+    hit = pl.int_range(pl.len()) < int(vectors.height * share)
+    return vectors.with_columns(
+        pl.when(hit)
+        .then(pl.col("quality_flags").list.concat(pl.lit(["MISSING_OHLCV"])))
+        .otherwise(pl.col("quality_flags"))
+    )
+
+
+def test_a_flag_share_verdict_is_the_days_own_whatever_ran_beside_it(clean_vectors: pl.DataFrame) -> None:
+    """30% MISSING_OHLCV on one day breaches its 5% ceiling alone and inside 31 days; 3% passes in both."""
+    bad, fine = _missing_share(clean_vectors, 0.30), _missing_share(clean_vectors, 0.03)
+    alone = validate_days(_with_days({"2024-01-17": bad}), "feature_vectors_1m")
+    assert not alone["2024-01-17"].passed
+    days = {f"2024-01-{d:02d}": clean_vectors for d in range(1, 32)}
+    in_range = validate_days(_with_days({**days, "2024-01-17": bad, "2024-01-18": fine}), "feature_vectors_1m")
+    assert [d for d, r in in_range.items() if not r.passed] == ["2024-01-17"]
+    assert {o.label for o in in_range["2024-01-17"].blocking_failures} == {
+        o.label for o in alone["2024-01-17"].blocking_failures
+    }
+    [share] = [o for o in in_range["2024-01-17"].outcomes if o.column == "share__flag_MISSING_OHLCV"]
+    assert share.observed_value == pytest.approx(0.30, abs=0.01) and share.element_count == clean_vectors.height
+    assert validate_days(_with_days({"2024-01-18": fine}), "feature_vectors_1m")["2024-01-18"].passed
+
+
+def test_a_bad_bar_fails_only_its_day_and_names_instrument_and_ts(clean_bars: pl.DataFrame) -> None:
+    bad = at(clean_bars, 10, close=-5.0)
+    alone = validate_days(_with_days({"2024-04-03": bad}), "raw_ohlcv")
+    in_range = validate_days(
+        _with_days({"2024-04-02": clean_bars, "2024-04-03": bad, "2024-04-04": clean_bars}), "raw_ohlcv"
+    )
+    assert [d for d, r in in_range.items() if not r.passed] == ["2024-04-03"]
+    assert {o.label for o in alone["2024-04-03"].blocking_failures} == {
+        o.label for o in in_range["2024-04-03"].blocking_failures
+    }
+    [between] = [
+        o for o in in_range["2024-04-03"].blocking_failures if o.label == "expect_column_values_to_be_between(close)"
+    ]
+    row = bad.row(10, named=True)
+    assert between.unexpected_count == 1
+    moved = row["ts"] + (datetime(2024, 4, 3, tzinfo=UTC) - D)
+    assert between.partial_unexpected[0].startswith(f"{row['instrument_id']} {moved}")
+    assert "close=-5.0" in between.partial_unexpected[0]
+
+
+def test_mostly_over_rows_is_refused(clean_vectors: pl.DataFrame, tmp_path: Path) -> None:
+    suite = tmp_path / "s.json"
+    suite.write_text(
+        json.dumps(
+            {
+                "name": "s",
+                "expectations": [
+                    {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "ret_1", "mostly": 0.9}}
+                ],
+            }
+        )
+    )
+    with pytest.raises(SuiteFileError, match=r"s.json: expectation #1 .* `mostly` over rows.*share__"):
+        validate_frame(clean_vectors, "s", suite_file=suite)
 
 
 def test_editing_a_threshold_in_the_json_changes_the_gate(
