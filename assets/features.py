@@ -1,24 +1,24 @@
-"""Feature vectors per timeframe: computed from stored bars and events, gated by the suite, then written.
+"""Feature vectors per timeframe: computed from stored bars and events, gated day by day, then written.
 
 The gate runs inside the writing asset, before the write, because a blocking Dagster check only
-stops downstream assets: the asset it checks would already have been written.
+stops downstream assets: the asset it checks would already have been written. Days form a chain
+(RSI, MACD and ATR continue from the previous day's state), so a run writes the days before the
+first breaching day, quarantines that day, and holds back the days after it.
 """
+
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from assets.gates import partition_label, record_and_enforce
-from assets.metadata import flag_counts, frame_summary
-from assets.partitions import DAILY_WRITER
-from assets.raw import bars_1d, raw_events, raw_ohlcv
-from expectations.docs import DataDocs
+from assets.gates import Judgement, breach_failure, judge_days
+from assets.metadata import content_version, day_materialization, flag_counts, frame_summary, vector_preview
+from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
-from marketfs.features.compute import WARMUP_BARS, HistoryError, compute_feature_vectors
+from marketfs.features.compute import WARMUP_BARS, FeatureComputation, HistoryError, compute_feature_vectors
 from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS, definitions_hash
 from marketfs.store.bars import read_bars
 from marketfs.store.events import read_events
@@ -40,17 +40,25 @@ DRIFT_CHECK = "drift_gate"
 BAR_LOOKBACK_DAYS = {"1m": 4, "1d": 60}
 
 
-def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefinition:
     name = f"feature_vectors_{timeframe}"
     suite = name
     event_window, label = EVENT_WINDOWS[timeframe]
+    checks = {
+        GATE_CHECK: f"Great Expectations suite expectations/suites/{suite}.json, one verdict per day; "
+        "a breaching day is quarantined and the days after it are held back."
+    }
+    if suite_path(f"{suite}_drift").exists():
+        checks[DRIFT_CHECK] = (
+            f"Drift suite expectations/suites/{suite}_drift.json against its reference, one verdict per day; "
+            "a breach blocks the write."
+        )
 
-    @dg.asset(
-        name=name,
-        **DAILY_WRITER,
+    @daily_asset(
+        name,
         group_name="features",
         # Derived from the definitions: editing a formula or lookback marks the asset stale in the UI.
-        code_version=f"{FEATURE_SET.version}-{definitions_hash(FEATURE_SET, timeframe)}-2",
+        code_version=f"{FEATURE_SET.version}-{definitions_hash(FEATURE_SET, timeframe)}-3",
         deps=[
             dg.AssetDep(
                 bars_asset,
@@ -60,40 +68,20 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
             ),
             # Events of the look-back window (t - 1h or t - 1d) reach into the previous day.
             dg.AssetDep(
-                raw_events,
+                "raw_events",
                 partition_mapping=dg.TimeWindowPartitionMapping(
                     start_offset=-1, allow_nonexistent_upstream_partitions=True
                 ),
             ),
             # RSI, MACD and ATR continue from the state stored at the previous day's last bar.
             dg.AssetDep(
-                dg.AssetKey(name),
+                name,
                 partition_mapping=dg.TimeWindowPartitionMapping(
                     start_offset=-1, end_offset=-1, allow_nonexistent_upstream_partitions=True
                 ),
             ),
         ],
-        check_specs=[
-            dg.AssetCheckSpec(
-                GATE_CHECK,
-                asset=name,
-                blocking=True,
-                description=f"Great Expectations suite expectations/suites/{suite}.json; a breach blocks the write.",
-            ),
-            *(
-                [
-                    dg.AssetCheckSpec(
-                        DRIFT_CHECK,
-                        asset=name,
-                        blocking=True,
-                        description=f"Drift suite expectations/suites/{suite}_drift.json against its reference; "
-                        "a breach blocks the write.",
-                    )
-                ]
-                if suite_path(f"{suite}_drift").exists()
-                else []
-            ),
-        ],
+        checks=checks,
         description=f"Feature vectors {FEATURE_SET.version}, timeframe {timeframe} (event window {label}), "
         "in table feature_vectors.",
         metadata={
@@ -103,78 +91,134 @@ def _feature_vectors_asset(timeframe: str, bars_asset: dg.AssetsDefinition) -> d
     )
     @translate_database_errors
     def _asset(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
-        from expectations.gate import validate_frame
+        from expectations.docs import DataDocs
+        from expectations.gate import load_suite_json, publish_day, validate_days
 
-        start, end = context.partition_time_window
-        with store.engine().connect() as conn:
-            bars = read_bars(conn, start, end, warmup_bars=WARMUP_BARS, timeframe=timeframe)
-            events = read_events(conn, start - event_window, end)
-            state = read_state_before(conn, feature_set=FEATURE_SET, timeframe=timeframe, start=start)
-        try:
-            computation = compute_feature_vectors(
-                bars,
-                timeframe,
-                events=events,
-                state=state,
-                feature_set=FEATURE_SET,
-                start=start,
-                end=end,
-                warmup_limit=WARMUP_BARS,
-            )
-        except HistoryError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
-        vectors = computation.vectors
-
-        docs = DataDocs.default()
-        checks = {
-            GATE_CHECK: [
-                validate_frame(
-                    vectors, suite, docs=docs, batch_label=f"{name}-{partition_label(context)}", run_name=context.run_id
-                )
-            ]
-        }
+        quality_suite = load_suite_json(suite_path(suite))
         drift_file = suite_path(f"{suite}_drift")
-        if drift_file.exists():
-            checks[DRIFT_CHECK] = _drift(context, store, vectors, drift_file, name, timeframe, start, docs)
-        state_rows = computation.state.with_columns(
-            pl.lit(timeframe).alias("timeframe"), pl.lit(FEATURE_SET.version).alias("feature_set_version")
-        )
-        yield from record_and_enforce(
-            context, store, checks=checks, rows={"feature_vectors": vectors, "feature_state": state_rows}
-        )
+        drift_template = load_suite_json(drift_file) if drift_file.exists() else None
+        docs = DataDocs.default()
+        materializations: list[dg.AssetMaterialization] = []
+        written: list[str] = []
+        judgement = Judgement(accepted=[], breaches=[], held_back=[])
+        pending = list(context.partition_keys)
+        for days in chunks(pending):
+            if judgement.breaches:
+                judgement.held_back.extend(days)
+                continue
+            start, end = day_window(days[0])[0], day_window(days[-1])[1]
+            computation = _compute(store, timeframe, start, end)
+            vectors = computation.vectors.with_columns(day_of())
+            checks_by_day = {GATE_CHECK: validate_days(vectors, suite, suite=quality_suite)}
+            drift_pages: dict[str, tuple[pl.DataFrame, dict]] = {}
+            if drift_template is not None:
+                checks_by_day[DRIFT_CHECK] = _drift(store, vectors, drift_template, timeframe, start, drift_pages)
 
-        with store.engine().begin() as conn:
-            stats = write_features(
-                conn,
-                computation,
-                feature_set=FEATURE_SET,
-                timeframe=timeframe,
-                start=start,
-                end=end,
-                run_id=context.run_id,
+            def rows_of_day(day: str, computation: FeatureComputation = computation) -> dict[str, pl.DataFrame]:
+                day_start, day_end = day_window(day)
+                return {
+                    "feature_vectors": _in_window(computation.vectors, day_start, day_end),
+                    "feature_state": _in_window(computation.state, day_start, day_end).with_columns(
+                        pl.lit(timeframe).alias("timeframe"), pl.lit(FEATURE_SET.version).alias("feature_set_version")
+                    ),
+                }
+
+            def publish(
+                check: str, day: str, gate: GateResult, vectors: pl.DataFrame = vectors, drift_pages: dict = drift_pages
+            ) -> str | None:
+                label_ = f"{name}-{day}"
+                if check == DRIFT_CHECK:
+                    profile, drift_suite = drift_pages[day]
+                    return publish_day(
+                        profile, gate.suite, drift_suite, docs=docs, label=label_, run_name=context.run_id
+                    )
+                rows = vectors.filter(pl.col(DAY) == day).drop(DAY)
+                return publish_day(rows, suite, quality_suite, docs=docs, label=label_, run_name=context.run_id)
+
+            chunk = yield from judge_days(
+                context, store, days=days, checks=checks_by_day, rows_of_day=rows_of_day, chained=True, publish=publish
             )
-        metadata = frame_summary(vectors)
-        metadata.update({f"flag_{k}": dg.MetadataValue.int(v) for k, v in flag_counts(vectors).items()})
-        metadata.update({k: dg.MetadataValue.int(v) for k, v in stats.items()})
-        yield dg.MaterializeResult(metadata=metadata)
+            judgement.breaches.extend(chunk.breaches)
+            judgement.held_back.extend(chunk.held_back)
+            if chunk.accepted:
+                # The days before the first breach, with their state, in one transaction.
+                write_start, write_end = day_window(chunk.accepted[0])[0], day_window(chunk.accepted[-1])[1]
+                accepted = FeatureComputation(
+                    vectors=_in_window(computation.vectors, write_start, write_end),
+                    state=_in_window(computation.state, write_start, write_end),
+                )
+                with store.engine().begin() as conn:
+                    write_features(
+                        conn,
+                        accepted,
+                        feature_set=FEATURE_SET,
+                        timeframe=timeframe,
+                        start=write_start,
+                        end=write_end,
+                        run_id=context.run_id,
+                    )
+                for day in chunk.accepted:
+                    day_vectors = vectors.filter(pl.col(DAY) == day).drop(DAY)
+                    materializations.append(
+                        day_materialization(
+                            context.asset_key, day, _day_metadata(day_vectors), content_version(day_vectors)
+                        )
+                    )
+                    written.append(day)
+        if judgement.breaches:
+            yield from materializations
+            raise breach_failure(name, judgement, written=written, first_of_chain_fix=True)
+        yield dg.MaterializeResult(
+            asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
+        )
+        yield from materializations
 
     return _asset
 
 
+def _compute(store: FeatureStore, timeframe: str, start: datetime, end: datetime) -> FeatureComputation:
+    event_window, _ = EVENT_WINDOWS[timeframe]
+    with store.engine().connect() as conn:
+        bars = read_bars(conn, start, end, warmup_bars=WARMUP_BARS, timeframe=timeframe)
+        events = read_events(conn, start - event_window, end)
+        state = read_state_before(conn, feature_set=FEATURE_SET, timeframe=timeframe, start=start)
+    try:
+        return compute_feature_vectors(
+            bars,
+            timeframe,
+            events=events,
+            state=state,
+            feature_set=FEATURE_SET,
+            start=start,
+            end=end,
+            warmup_limit=WARMUP_BARS,
+        )
+    except HistoryError as exc:
+        raise dg.Failure(description=f"{start:%Y-%m-%d}: {exc}", allow_retries=False) from exc
+
+
+def _in_window(frame: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:
+    return frame.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+
+
+def _day_metadata(vectors: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+    metadata = frame_summary(vectors, preview=vector_preview(vectors) if vectors.height else None)
+    metadata.update({f"flag_{k}": dg.MetadataValue.int(v) for k, v in flag_counts(vectors).items()})
+    return metadata
+
+
 def _drift(
-    context: dg.AssetExecutionContext,
     store: FeatureStore,
     vectors: pl.DataFrame,
-    drift_file: Path,
-    asset: str,
+    template: dict,
     timeframe: str,
     start: datetime,
-    docs: DataDocs,
-) -> list[GateResult]:
-    from expectations.drift import ReferenceSpec, drift_columns, evaluate_drift
-    from expectations.gate import load_suite_json
+    pages: dict[str, tuple[pl.DataFrame, dict]],
+) -> dict[str, GateResult]:
+    """One drift verdict per day: the day profile against its reference, validated by one GX run."""
+    from expectations.drift import ReferenceSpec, drift_columns, drift_profile
+    from expectations.gate import validate_days
 
-    template = load_suite_json(drift_file)
     spec = ReferenceSpec.from_suite(template)
     columns = drift_columns(template)  # the reference spans weeks of vectors: read only what drift compares
     with store.engine().connect() as conn:
@@ -200,17 +244,47 @@ def _drift(
                 end=datetime.fromisoformat(spec.end).replace(tzinfo=UTC),
                 columns=columns,
             )
-    history = history.select("ts", *columns)
-    return evaluate_drift(
-        vectors,
-        history,
+    profile = drift_profile(
+        vectors.drop(DAY),
+        history.select("ts", *columns),
         template,
         source=f"feature_vectors ({FEATURE_SET.version}, {timeframe})",
-        asset=asset,
-        docs=docs,
-        run_name=context.run_id,
     )
+    name = template["name"]
+    results = validate_days(profile.frame, name, suite=profile.suite, examples=()) if profile.frame.height else {}
+    for day in profile.frame[DAY].to_list() if profile.frame.height else []:
+        pages[day] = (profile.frame.filter(pl.col(DAY) == day).drop(DAY), profile.suite)
+    verdicts: dict[str, GateResult] = {}
+    for day, gate in results.items():
+        table = profile.references.get(day)
+        verdicts[day] = GateResult(
+            suite=gate.suite,
+            suite_file=gate.suite_file,
+            suite_version=gate.suite_version,
+            outcomes=gate.outcomes,
+            reference=_describe(table),
+            label=day,
+            reference_table=table,
+        )
+    for day, reason in profile.not_evaluated.items():
+        verdicts[day] = GateResult(
+            suite=name,
+            suite_file=suite_path(name),
+            suite_version=str(template.get("meta", {}).get("suite_version", "")),
+            outcomes=[],
+            reference=f"not evaluated: {reason}",
+            label=day,
+        )
+    return verdicts
 
 
-feature_vectors_1m = _feature_vectors_asset("1m", raw_ohlcv)
-feature_vectors_1d = _feature_vectors_asset("1d", bars_1d)
+def _describe(table: pl.DataFrame | None) -> str | None:
+    if table is None or table.is_empty():
+        return None
+    if "reference_days" in table.columns:
+        return f"reference {table['reference_days'][0]}"
+    return None
+
+
+feature_vectors_1m = _feature_vectors_asset("1m", "raw_ohlcv")
+feature_vectors_1d = _feature_vectors_asset("1d", "bars_1d")

@@ -1,4 +1,4 @@
-"""What a person reads in the UI about a materialisation: counts, ranges and a small preview."""
+"""What a person reads in the UI about one day: counts, time range, flags, a preview, a verdict."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import polars as pl
 from expectations.gate import GateResult
 
 
-def frame_summary(frame: pl.DataFrame, *, preview_rows: int = 5) -> dict[str, dg.MetadataValue]:
+def frame_summary(frame: pl.DataFrame, *, preview: pl.DataFrame | None = None) -> dict[str, dg.MetadataValue]:
+    """Rows, instruments, time range and a preview (``preview`` or the frame's first rows)."""
     meta: dict[str, dg.MetadataValue] = {
         "rows": dg.MetadataValue.int(frame.height),
         "instruments": dg.MetadataValue.int(frame["instrument_id"].n_unique() if frame.height else 0),
@@ -16,11 +17,36 @@ def frame_summary(frame: pl.DataFrame, *, preview_rows: int = 5) -> dict[str, dg
     if frame.height:
         meta["ts_min"] = dg.MetadataValue.text(str(frame["ts"].min()))
         meta["ts_max"] = dg.MetadataValue.text(str(frame["ts"].max()))
-        preview = frame.head(preview_rows).with_columns(
-            [pl.col(n).list.join(",") for n, t in frame.schema.items() if isinstance(t, pl.List)]
+        shown = (preview if preview is not None else frame).head(5)
+        shown = shown.with_columns(
+            [pl.col(n).list.join(",") for n, t in shown.schema.items() if isinstance(t, pl.List)]
         )
-        meta["preview"] = dg.MetadataValue.md(_markdown_table(preview))
+        meta["preview"] = dg.MetadataValue.md(markdown_table(shown))
     return meta
+
+
+def vector_preview(vectors: pl.DataFrame) -> pl.DataFrame:
+    """Each instrument's last vector of the day: warmed up, unlike the first bars of a history."""
+    return vectors.sort("instrument_id", "ts").group_by("instrument_id", maintain_order=True).last()
+
+
+def content_version(frame: pl.DataFrame) -> str:
+    """A data version from the rows themselves (order-independent): equal content, equal version."""
+    if frame.is_empty():
+        return "empty"
+    hashed = frame.with_columns(
+        [pl.col(n).list.join(",") for n, t in frame.schema.items() if isinstance(t, pl.List)]
+    ).hash_rows(seed=0)
+    return f"{int(hashed.sum()) & 0xFFFFFFFFFFFFFFFF:016x}-{frame.height}"
+
+
+def day_materialization(
+    asset_key: dg.AssetKey, day: str, metadata: dict[str, dg.MetadataValue], version: str
+) -> dg.AssetMaterialization:
+    """The record of one written day, carrying its own metadata and a data version of its content."""
+    return dg.AssetMaterialization(
+        asset_key=asset_key, partition=day, metadata=metadata, tags={"dagster/data_version": version}
+    )
 
 
 def flag_counts(vectors: pl.DataFrame) -> dict[str, int]:
@@ -32,34 +58,34 @@ def flag_counts(vectors: pl.DataFrame) -> dict[str, int]:
     return {row["quality_flags"]: int(row["count"]) for row in counts.iter_rows(named=True)}
 
 
-def gate_metadata(gates: list[GateResult]) -> dict[str, dg.MetadataValue]:
-    """What the check shows in the UI: each failed expectation with its observed value, the reference, Data Docs."""
+def gate_metadata(gate: GateResult) -> dict[str, dg.MetadataValue]:
+    """One day's verdict as the check shows it: each failed expectation with instruments, ts and bounds."""
     meta: dict[str, dg.MetadataValue] = {
-        "suite": dg.MetadataValue.text(", ".join(sorted({g.suite for g in gates})) or "-"),
-        "suite_file": dg.MetadataValue.path(str(gates[0].suite_file)) if gates else dg.MetadataValue.text("-"),
-        "evaluated_expectations": dg.MetadataValue.int(sum(len(g.outcomes) for g in gates)),
-        "failed_expectations": dg.MetadataValue.int(sum(len(g.failures) for g in gates)),
+        "suite": dg.MetadataValue.text(gate.suite),
+        "suite_file": dg.MetadataValue.path(str(gate.suite_file)),
+        "evaluated_expectations": dg.MetadataValue.int(len(gate.outcomes)),
+        "failed_expectations": dg.MetadataValue.int(len(gate.failures)),
     }
-    references = sorted({g.reference for g in gates if g.reference})
-    if references:
-        meta["reference"] = dg.MetadataValue.text("; ".join(references)[:2000])
-    failures = [(g, o) for g in gates for o in g.failures]
-    for gate, outcome in failures[:40]:
-        key = f"FAILED {outcome.label}" if len(gates) == 1 else f"FAILED {outcome.label} @ {gate.label}"
-        meta[key] = dg.MetadataValue.text(f"[{outcome.severity}] {outcome.describe()}")
-    if failures:
-        rows = "\n".join(
-            f"| `{o.label}` | {o.severity} | {o.describe().replace('|', '/')} |" for _, o in failures[:200]
+    rows = next((o.element_count for o in gate.outcomes if o.element_count is not None), None)
+    if rows is not None:
+        meta["rows"] = dg.MetadataValue.int(rows)
+    if gate.reference:
+        meta["reference"] = dg.MetadataValue.text(gate.reference[:2000])
+    if gate.reference_table is not None and gate.reference_table.height:
+        meta["reference_table"] = dg.MetadataValue.md(markdown_table(gate.reference_table))
+    for outcome in gate.failures[:40]:
+        meta[f"FAILED {outcome.label}"] = dg.MetadataValue.text(f"[{outcome.severity}] {outcome.describe()}")
+    if gate.failures:
+        lines = "\n".join(
+            f"| `{o.label}` | {o.severity} | {o.describe().replace('|', '/')} |" for o in gate.failures[:200]
         )
-        meta["failures"] = dg.MetadataValue.md("| expectation | severity | observed |\n|---|---|---|\n" + rows)
-    failed_pages = [g.docs_url for g in gates if g.docs_url and g.failures]
-    pages = failed_pages or [g.docs_url for g in gates if g.docs_url]
-    if pages:
-        meta["data_docs"] = dg.MetadataValue.url(pages[0])
+        meta["failures"] = dg.MetadataValue.md("| expectation | severity | observed |\n|---|---|---|\n" + lines)
+    if gate.docs_url:
+        meta["data_docs"] = dg.MetadataValue.url(gate.docs_url)
     return meta
 
 
-def _markdown_table(frame: pl.DataFrame) -> str:
+def markdown_table(frame: pl.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "---|" * len(frame.columns)
     body = [

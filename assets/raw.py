@@ -1,14 +1,19 @@
-"""Raw inputs as they arrived, and what is derived from them alone: minute bars, news events, daily bars."""
+"""Raw inputs as they arrived, and what is derived from them alone: minute bars, news events, daily bars.
 
-from collections.abc import Callable
+Raw days are independent of each other: a delivery that breaches its gate on one day is
+quarantined for that day alone, and every other day of the run is written.
+"""
+
+
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import dagster as dg
 import polars as pl
 
-from assets.gates import partition_label, record_and_enforce
-from assets.metadata import frame_summary
-from assets.partitions import DAILY_WRITER
+from assets.gates import Judgement, breach_failure, judge_days
+from assets.metadata import content_version, day_materialization, frame_summary
+from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
 from marketfs.sources.normalize import normalize_bars, normalize_events
@@ -19,31 +24,11 @@ from pipelines.resources import FeatureStore, MarketData, translate_database_err
 GATE_CHECK = "quality_gate"
 
 
-def _gate_spec(asset: str) -> list[dg.AssetCheckSpec]:
-    return [
-        dg.AssetCheckSpec(
-            GATE_CHECK,
-            asset=asset,
-            blocking=True,
-            description=f"Great Expectations suite expectations/suites/{asset}.json on the delivered rows; "
-            "a breach quarantines the delivery and blocks the write.",
-        )
-    ]
-
-
-def _gate(context: dg.AssetExecutionContext, store: FeatureStore, delivered, table: str):
-    from expectations.docs import DataDocs
-    from expectations.gate import validate_frame
-
-    asset = context.asset_key.to_user_string()
-    gate = validate_frame(
-        delivered,
-        asset,
-        docs=DataDocs.default(),
-        batch_label=f"{asset}-{partition_label(context)}",
-        run_name=context.run_id,
-    )
-    yield from record_and_enforce(context, store, checks={GATE_CHECK: [gate]}, rows={table: delivered})
+def _gate_checks(asset: str) -> dict[str, str]:
+    return {
+        GATE_CHECK: f"Great Expectations suite expectations/suites/{asset}.json on the delivered rows, one verdict "
+        "per day; a breaching day is quarantined and not written."
+    }
 
 
 def _delivered(fetch: Callable[[datetime, datetime], pl.DataFrame], start: datetime, end: datetime) -> pl.DataFrame:
@@ -56,61 +41,153 @@ def _delivered(fetch: Callable[[datetime, datetime], pl.DataFrame], start: datet
         ) from exc
 
 
-@dg.asset(
-    **DAILY_WRITER,
+def _ingest(
+    context: dg.AssetExecutionContext,
+    store: FeatureStore,
+    *,
+    fetch: Callable[[datetime, datetime], pl.DataFrame],
+    ts_column: str,
+    table: str,
+    write: Callable,
+    summarise: Callable[[pl.DataFrame, pl.DataFrame], dict[str, dg.MetadataValue]],
+) -> Iterator:
+    """Fetch, gate per day, write the passing days; one materialisation per written day."""
+    from expectations.docs import DataDocs
+    from expectations.gate import load_suite_json, publish_day, suite_path, validate_days
+
+    asset = context.asset_key.to_user_string()
+    suite = load_suite_json(suite_path(asset))
+    docs = DataDocs.default()
+    materializations, breaches_seen = [], []
+    written: list[str] = []
+    for days in chunks(context.partition_keys):
+        start, end = day_window(days[0])[0], day_window(days[-1])[1]
+        delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column))
+        # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
+        delivered = delivered.with_columns(pl.col(DAY).fill_null(days[0]))
+        verdicts = validate_days(delivered, asset, suite=suite)
+
+        def rows_of_day(day: str, delivered: pl.DataFrame = delivered) -> dict[str, pl.DataFrame]:
+            return {table: delivered.filter(pl.col(DAY) == day).drop(DAY)}
+
+        def publish(check: str, day: str, gate, delivered: pl.DataFrame = delivered) -> str | None:
+            rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
+            return publish_day(rows, asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id)
+
+        judgement = yield from judge_days(
+            context,
+            store,
+            days=days,
+            checks={GATE_CHECK: verdicts},
+            rows_of_day=rows_of_day,
+            chained=False,
+            publish=publish,
+        )
+        breaches_seen.extend(judgement.breaches)
+        with store.engine().begin() as conn:
+            for day in judgement.accepted:
+                day_start, day_end = day_window(day)
+                rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
+                stored = write(conn, rows, day_start, day_end)
+                materializations.append(
+                    day_materialization(context.asset_key, day, summarise(rows, stored), content_version(stored))
+                )
+                written.append(day)
+    if breaches_seen:
+        yield from materializations
+        merged = Judgement(accepted=written, breaches=breaches_seen, held_back=[])
+        raise breach_failure(asset, merged, written=written, first_of_chain_fix=True)
+    yield dg.MaterializeResult(
+        asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
+    )
+    yield from materializations
+
+
+@daily_asset(
+    "raw_ohlcv",
     group_name="raw",
-    code_version="2",
-    description="One-minute OHLCV bars (instrument_id, ts UTC, open, high, low, close, volume) in table ohlcv_1m.",
-    check_specs=_gate_spec("raw_ohlcv"),
+    code_version="3",
+    description="One-minute OHLCV bars (instrument_id, ts UTC = the bar's open, open, high, low, close, volume) "
+    "in table ohlcv_1m.",
+    checks=_gate_checks("raw_ohlcv"),
 )
 @translate_database_errors
 def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
-    start, end = context.partition_time_window
-    delivered = _delivered(market_data.bar_source().bars, start, end)
-    yield from _gate(context, store, delivered, "ohlcv_1m")
-    bars = normalize_bars(delivered)
-    with store.engine().begin() as conn:
+    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:
+        bars = normalize_bars(delivered)
         replace_bars(conn, bars, start, end)
-    metadata = frame_summary(bars.drop("source_flags"))
-    metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
-    metadata["flag_TIMESTAMP_MISMATCH"] = dg.MetadataValue.int(int(bars["source_flags"].list.len().gt(0).sum()))
-    yield dg.MaterializeResult(metadata=metadata)
+        return bars
+
+    def summarise(delivered: pl.DataFrame, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+        metadata = frame_summary(bars.drop("source_flags"))
+        metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
+        metadata["flag_TIMESTAMP_MISMATCH"] = dg.MetadataValue.int(int(bars["source_flags"].list.len().gt(0).sum()))
+        return metadata
+
+    yield from _ingest(
+        context,
+        store,
+        fetch=market_data.bar_source().bars,
+        ts_column="ts",
+        table="ohlcv_1m",
+        write=write,
+        summarise=summarise,
+    )
 
 
-@dg.asset(
-    **DAILY_WRITER,
+@daily_asset(
+    "raw_events",
     group_name="raw",
-    code_version="1",
+    code_version="2",
     description="News events (event_id, instrument_id, published_at UTC, sentiment, confidence, source) "
     "in table news_events, partitioned by publication day; each event_id kept once.",
-    check_specs=_gate_spec("raw_events"),
+    checks=_gate_checks("raw_events"),
 )
 @translate_database_errors
 def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
-    start, end = context.partition_time_window
-    delivered = _delivered(market_data.event_source().events, start, end)
-    yield from _gate(context, store, delivered, "news_events")
-    events = normalize_events(delivered)
-    with store.engine().begin() as conn:
-        written = replace_events(conn, events, start, end)
-    metadata = frame_summary(events.rename({"published_at": "ts"}))
-    metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
-    metadata["duplicates_dropped"] = dg.MetadataValue.int(delivered.height - written)
-    yield dg.MaterializeResult(metadata=metadata)
+    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:
+        events = normalize_events(delivered)
+        replace_events(conn, events, start, end)
+        return events
+
+    def summarise(delivered: pl.DataFrame, events: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+        metadata = frame_summary(events.rename({"published_at": "ts"}))
+        metadata["delivered_rows"] = dg.MetadataValue.int(delivered.height)
+        metadata["duplicates_dropped"] = dg.MetadataValue.int(delivered.height - events.height)
+        return metadata
+
+    yield from _ingest(
+        context,
+        store,
+        fetch=market_data.event_source().events,
+        ts_column="published_at",
+        table="news_events",
+        write=write,
+        summarise=summarise,
+    )
 
 
-@dg.asset(
-    **DAILY_WRITER,
+@daily_asset(
+    "bars_1d",
     group_name="raw",
-    code_version="1",
-    deps=[raw_ohlcv],
+    code_version="2",
+    deps=["raw_ohlcv"],
     description="Daily bars resampled from ohlcv_1m (open first, high max, low min, close last, volume sum), "
     "stamped 23:59 UTC, in table ohlcv_1d.",
 )
 @translate_database_errors
-def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> dg.MaterializeResult:
-    start, end = context.partition_time_window
-    with store.engine().begin() as conn:
-        daily = daily_bars(read_bars(conn, start, end))
-        replace_bars(conn, daily, start, end, timeframe="1d")
-    return dg.MaterializeResult(metadata=frame_summary(daily.drop("source_flags")))
+def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
+    materializations = []
+    for days in chunks(context.partition_keys):
+        with store.engine().begin() as conn:
+            for day in days:
+                start, end = day_window(day)
+                daily = daily_bars(read_bars(conn, start, end))
+                replace_bars(conn, daily, start, end, timeframe="1d")
+                materializations.append(
+                    day_materialization(
+                        context.asset_key, day, frame_summary(daily.drop("source_flags")), content_version(daily)
+                    )
+                )
+    yield dg.MaterializeResult(asset_key=context.asset_key)
+    yield from materializations
