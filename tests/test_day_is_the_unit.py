@@ -1,0 +1,145 @@
+"""A trading day is the unit of truth: per-day verdicts, quarantine, writes and records in a range run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import sqlalchemy as sa
+from dagster_helpers import materialize_range
+
+from marketfs.sources import SyntheticBars, SyntheticEvents
+
+INSTRUMENTS = ("AAA", "BBB")
+DAYS = ["2024-04-02", "2024-04-03", "2024-04-04"]
+
+
+def _start(day: str) -> datetime:
+    return datetime.fromisoformat(day).replace(tzinfo=UTC)
+
+
+def land_days(folder: Path, bars_of_day=None) -> None:
+    """One bars and one events file per day of DAYS; ``bars_of_day(day, bars)`` may spoil a day."""
+    (folder / "bars").mkdir(parents=True, exist_ok=True)
+    (folder / "events").mkdir(parents=True, exist_ok=True)
+    for day in DAYS:
+        start, end = _start(day), _start(day) + timedelta(days=1)
+        bars = SyntheticBars(instruments=INSTRUMENTS).bars(start, end)
+        if bars_of_day is not None:
+            bars = bars_of_day(day, bars)
+        bars.write_parquet(folder / "bars" / f"{day}.parquet")
+        SyntheticEvents(instruments=INSTRUMENTS).events(start, end).write_parquet(folder / "events" / f"{day}.parquet")
+
+
+def negative_close(day: str, bars: pl.DataFrame) -> pl.DataFrame:
+    if day != "2024-04-03":
+        return bars
+    hit = pl.int_range(pl.len()) == 200
+    return bars.with_columns(
+        pl.when(hit).then(-5.0).otherwise(pl.col("close")).alias("close"),
+        pl.when(hit).then(-5.0).otherwise(pl.col("low")).alias("low"),
+    )
+
+
+def spiked_close(day: str, bars: pl.DataFrame) -> pl.DataFrame:
+    """A well-formed bar ten times too high: raw passes, the day's returns breach the feature gate."""
+    if day != "2024-04-03":
+        return bars
+    hit = pl.int_range(pl.len()) == 200
+    return bars.with_columns(
+        pl.when(hit).then(pl.col("close") * 10).otherwise(pl.col("close")).alias("close"),
+        pl.when(hit).then(pl.col("close") * 10).otherwise(pl.col("high")).alias("high"),
+    )
+
+
+def rows(engine: sa.Engine, query: str, **params) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(query), params)]
+
+
+def evaluations(result, asset: str, check: str = "quality_gate") -> dict[str, bool]:
+    return {
+        e.partition: e.passed
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key.to_user_string() == asset and e.check_name == check
+    }
+
+
+def day_records(result, asset: str) -> dict[str, dict]:
+    """The last materialisation of each partition (what the UI shows for it), as plain metadata."""
+    latest: dict[str, dict] = {}
+    for event in result.get_asset_materialization_events():
+        m = event.event_specific_data.materialization
+        if m.asset_key.to_user_string() == asset:
+            latest[m.partition] = {k: v.value for k, v in m.metadata.items()}
+    return latest
+
+
+def test_a_bad_bar_holds_only_its_day_and_gets_the_verdict_it_gets_alone(
+    dsn: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    land_days(tmp_path, negative_close)
+    result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=tmp_path)
+    assert not result.success
+    assert evaluations(result, "raw_ohlcv") == {"2024-04-02": True, "2024-04-03": False, "2024-04-04": True}
+    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [("raw_ohlcv", "2024-04-03")]
+    assert rows(engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM ohlcv_1m ORDER BY 1") == [
+        ("2024-04-02",),
+        ("2024-04-04",),
+    ]
+    assert sorted(day_records(result, "raw_ohlcv")) == ["2024-04-02", "2024-04-04"]
+    assert {r[0] for r in rows(engine, "SELECT DISTINCT partition FROM quality_log")} == set(DAYS)
+    message = result.failure_data_for_node("raw_ohlcv").error.message
+    bad = SyntheticBars(instruments=INSTRUMENTS).bars(_start(DAYS[1]), _start(DAYS[2]))[200]
+    assert "raw_ohlcv 2024-04-03 breached its gate" in message
+    assert f"{bad['instrument_id'][0]} {bad['ts'][0]}" in message and "close=-5.0" in message
+
+    in_range = rows(
+        engine, "SELECT expectation, column_name FROM quality_log WHERE partition = '2024-04-03' AND NOT success"
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE quality_log"))
+    assert not materialize_range(dsn, DAYS[1], landing_dir=tmp_path).success
+    alone = rows(engine, "SELECT expectation, column_name FROM quality_log WHERE NOT success")
+    assert sorted(alone) == sorted(in_range) and alone
+
+
+def test_a_feature_breach_writes_the_days_before_and_holds_back_the_days_after(
+    dsn: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    land_days(tmp_path, spiked_close)
+    result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=tmp_path)
+    assert not result.success
+    assert evaluations(result, "raw_ohlcv") == dict.fromkeys(DAYS, True)
+    assert evaluations(result, "feature_vectors_1m") == {"2024-04-02": True, "2024-04-03": False}
+    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [("feature_vectors_1m", "2024-04-03")]
+    assert rows(
+        engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM feature_vectors WHERE timeframe = '1m' ORDER BY 1"
+    ) == [("2024-04-02",)]
+    records = day_records(result, "feature_vectors_1m")
+    assert sorted(records) == ["2024-04-02"]
+    [(served,)] = rows(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'")
+    assert records["2024-04-02"]["rows"] == served
+    message = result.failure_data_for_node("feature_vectors_1m").error.message
+    assert "Not written: 2024-04-04" in message and "Fix 2024-04-03 first" in message
+
+
+def test_each_partition_records_its_own_rows_and_a_warmed_up_preview(dsn: str, engine: sa.Engine) -> None:
+    result = materialize_range(dsn, DAYS[0], DAYS[-1])
+    assert result.success
+    records = day_records(result, "feature_vectors_1m")
+    per_day = dict(
+        rows(
+            engine,
+            "SELECT to_char(ts, 'YYYY-MM-DD'), count(*) FROM feature_vectors WHERE timeframe = '1m' GROUP BY 1",
+        )
+    )
+    assert {day: r["rows"] for day, r in records.items()} == per_day
+    assert all(r["ts_min"].startswith(day) for day, r in records.items())
+    preview = records["2024-04-03"]["preview"]
+    header, _, first = (line.split(" | ") for line in preview.splitlines()[:3])
+    warmed = dict(zip(header, first, strict=True))
+    # The last vector of the day, not the first bars of a history: the indicators are warmed up.
+    assert all(warmed[f] != "None" for f in ("rsi_14", "macd_signal", "atr_14", "vol_20", "bb_pct_b"))
+    assert set(evaluations(result, "feature_vectors_1m")) == set(DAYS)
