@@ -6,15 +6,15 @@ stops downstream assets: the asset it checks would already have been written. Da
 first breaching day, quarantines that day, and holds back the days after it.
 """
 
-
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
 import polars as pl
 
+from assets.data_versions import InputProvenance, content_version, day_materializations
 from assets.gates import Judgement, breach_failure, judge_days
-from assets.metadata import content_version, day_materialization, flag_counts, frame_summary, vector_preview
+from assets.metadata import flag_counts, frame_summary, vector_preview
 from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
@@ -94,11 +94,12 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
         from expectations.docs import DataDocs
         from expectations.gate import load_suite_json, publish_day, validate_days
 
+        provenance = InputProvenance.capture(context)
         quality_suite = load_suite_json(suite_path(suite))
         drift_file = suite_path(f"{suite}_drift")
         drift_template = load_suite_json(drift_file) if drift_file.exists() else None
         docs = DataDocs.default()
-        materializations: list[dg.AssetMaterialization] = []
+        materializations: list[tuple] = []
         written: list[str] = []
         judgement = Judgement(accepted=[], breaches=[], held_back=[])
         pending = list(context.partition_keys)
@@ -160,18 +161,17 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
                 for day in chunk.accepted:
                     day_vectors = vectors.filter(pl.col(DAY) == day).drop(DAY)
                     materializations.append(
-                        day_materialization(
-                            context.asset_key, day, _day_metadata(day_vectors), content_version(day_vectors)
-                        )
+                        (context.asset_key, day, _day_metadata(day_vectors), content_version(day_vectors))
                     )
                     written.append(day)
         if judgement.breaches:
-            yield from materializations
+            yield from day_materializations(provenance, materializations)
             raise breach_failure(name, judgement, written=written, first_of_chain_fix=True)
+        # First the run's own record (Dagster adds one per partition), then each day's, which is the latest.
         yield dg.MaterializeResult(
             asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
         )
-        yield from materializations
+        yield from day_materializations(provenance, materializations)
 
     return _asset
 

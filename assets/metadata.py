@@ -30,25 +30,6 @@ def vector_preview(vectors: pl.DataFrame) -> pl.DataFrame:
     return vectors.sort("instrument_id", "ts").group_by("instrument_id", maintain_order=True).last()
 
 
-def content_version(frame: pl.DataFrame) -> str:
-    """A data version from the rows themselves (order-independent): equal content, equal version."""
-    if frame.is_empty():
-        return "empty"
-    hashed = frame.with_columns(
-        [pl.col(n).list.join(",") for n, t in frame.schema.items() if isinstance(t, pl.List)]
-    ).hash_rows(seed=0)
-    return f"{int(hashed.sum()) & 0xFFFFFFFFFFFFFFFF:016x}-{frame.height}"
-
-
-def day_materialization(
-    asset_key: dg.AssetKey, day: str, metadata: dict[str, dg.MetadataValue], version: str
-) -> dg.AssetMaterialization:
-    """The record of one written day, carrying its own metadata and a data version of its content."""
-    return dg.AssetMaterialization(
-        asset_key=asset_key, partition=day, metadata=metadata, tags={"dagster/data_version": version}
-    )
-
-
 def flag_counts(vectors: pl.DataFrame) -> dict[str, int]:
     if vectors.is_empty():
         return {}

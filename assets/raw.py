@@ -4,15 +4,15 @@ Raw days are independent of each other: a delivery that breaches its gate on one
 quarantined for that day alone, and every other day of the run is written.
 """
 
-
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import dagster as dg
 import polars as pl
 
+from assets.data_versions import InputProvenance, content_version, day_materializations
 from assets.gates import Judgement, breach_failure, judge_days
-from assets.metadata import content_version, day_materialization, frame_summary
+from assets.metadata import frame_summary
 from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
@@ -56,6 +56,7 @@ def _ingest(
     from expectations.gate import load_suite_json, publish_day, suite_path, validate_days
 
     asset = context.asset_key.to_user_string()
+    provenance = InputProvenance.capture(context)
     suite = load_suite_json(suite_path(asset))
     docs = DataDocs.default()
     materializations, breaches_seen = [], []
@@ -89,18 +90,17 @@ def _ingest(
                 day_start, day_end = day_window(day)
                 rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
                 stored = write(conn, rows, day_start, day_end)
-                materializations.append(
-                    day_materialization(context.asset_key, day, summarise(rows, stored), content_version(stored))
-                )
+                materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
                 written.append(day)
     if breaches_seen:
-        yield from materializations
+        yield from day_materializations(provenance, materializations)
         merged = Judgement(accepted=written, breaches=breaches_seen, held_back=[])
         raise breach_failure(asset, merged, written=written, first_of_chain_fix=True)
+    # First the run's own record (Dagster adds one per partition), then each day's, which is the latest.
     yield dg.MaterializeResult(
         asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
     )
-    yield from materializations
+    yield from day_materializations(provenance, materializations)
 
 
 @daily_asset(
@@ -177,6 +177,7 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
 )
 @translate_database_errors
 def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
+    provenance = InputProvenance.capture(context)
     materializations = []
     for days in chunks(context.partition_keys):
         with store.engine().begin() as conn:
@@ -184,10 +185,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
                 start, end = day_window(day)
                 daily = daily_bars(read_bars(conn, start, end))
                 replace_bars(conn, daily, start, end, timeframe="1d")
-                materializations.append(
-                    day_materialization(
-                        context.asset_key, day, frame_summary(daily.drop("source_flags")), content_version(daily)
-                    )
-                )
+                summary = frame_summary(daily.drop("source_flags"))
+                materializations.append((context.asset_key, day, summary, content_version(daily)))
     yield dg.MaterializeResult(asset_key=context.asset_key)
-    yield from materializations
+    yield from day_materializations(provenance, materializations)
