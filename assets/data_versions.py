@@ -29,7 +29,7 @@ computed from versions. What Dagster 1.13.27 reads (``CachingStaleStatusResolver
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -215,18 +215,20 @@ def materialization_tags(
     return (provenance or InputProvenance.capture(context)).tags(asset_key, partition_key, content_hash)
 
 
-def day_materialization(
-    asset_key: dg.AssetKey,
-    partition_key: str,
-    content_hash: str,
+def day_materializations(
     provenance: InputProvenance,
-    metadata: Mapping[str, object] | None = None,
-    tags: Mapping[str, str] | None = None,
-) -> dg.AssetMaterialization:
-    """One day's materialisation carrying its content version and provenance."""
-    return dg.AssetMaterialization(
-        asset_key=asset_key,
-        partition=partition_key,
-        metadata=dict(metadata or {}),
-        tags={**(tags or {}), **provenance.tags(asset_key, partition_key, content_hash)},
-    )
+    days: Iterable[tuple[dg.AssetKey, str, Mapping[str, object], str]],
+) -> Iterator[dg.AssetMaterialization]:
+    """``yield from`` this: one materialisation per (asset key, day, metadata, content hash), in order.
+
+    Each day's tags are built only when the previous day's event has been yielded (and stored), so the
+    self-dependency's pointer of day D+1 covers day D of this run. Materialisations built up front
+    in a list would point before it, and D+1 would read as stale at once (below 100 partitions).
+    """
+    for asset_key, day, metadata, content_hash in days:
+        yield dg.AssetMaterialization(
+            asset_key=asset_key,
+            partition=day,
+            metadata=dict(metadata),
+            tags=provenance.tags(asset_key, day, content_hash),
+        )

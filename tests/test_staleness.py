@@ -17,7 +17,7 @@ from dagster._core.definitions.data_version import (
 )
 from dagster._time import get_current_datetime
 
-from assets.data_versions import InputProvenance, content_version, materialization_tags
+from assets.data_versions import InputProvenance, content_version, day_materializations, materialization_tags
 
 RAW = dg.AssetKey("raw")
 FEAT = dg.AssetKey("feat")
@@ -69,10 +69,11 @@ def _graph(partitions: dg.DailyPartitionsDefinition, content: dict[str, float], 
         first = partitions.get_partition_keys().index(context.partition_keys[0])
         for day in partitions.get_partition_keys()[:first]:
             state += content.get(day, 1.0)
+        pending = []  # built before any is yielded, as an asset that writes first and reports after
         for day in context.partition_keys:
             state += content.get(day, 1.0)
-            version = content_version(pl.DataFrame({"state": [state]}))
-            yield dg.AssetMaterialization(asset_key=FEAT, partition=day, tags=provenance.tags(FEAT, day, version))
+            pending.append((FEAT, day, {"state": state}, content_version(pl.DataFrame({"state": [state]}))))
+        yield from day_materializations(provenance, pending)
 
     return [raw, feat]
 
