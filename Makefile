@@ -8,7 +8,7 @@ export MARKETFS_HOME ?= $(CURDIR)/.marketfs
 export DAGSTER_HOME ?= $(MARKETFS_HOME)/dagster_home
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: run test ui dsn stop lint install clean-db bench docs
+.PHONY: run recompute test ui dsn stop lint install clean-db bench docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 run: $(STAMP)  ## materialise the sample pipeline end to end on the embedded database
 	$(BIN)/python -m pipelines run $(ARGS)
+
+recompute: $(STAMP)  ## re-materialise from a changed day on, in order: make recompute FROM=2024-01-05 [TO=2024-01-12]
+	@test -n "$(FROM)" || { echo "usage: make recompute FROM=YYYY-MM-DD [TO=YYYY-MM-DD]"; exit 2; }
+	$(BIN)/python -m pipelines recompute --from $(FROM) $(if $(TO),--to $(TO))
 
 test: $(STAMP)  ## the test suite, on its own throwaway PostgreSQL
 	$(BIN)/python -m pytest $(ARGS)

@@ -5,7 +5,7 @@ marketfs stop                        stop the embedded server (data stays in $MA
 marketfs status                      say whether the embedded server runs, and where
 marketfs quarantine list [--all]     held quarantine batches (all of them with --all)
 marketfs quarantine show BATCH       a batch, why it was held, and its failed expectations
-marketfs quarantine release BATCH --by NAME --note WHY   write it to the served tables, logged
+marketfs quarantine release BATCH --by NAME --note WHY   runs `python -m pipelines quarantine release ...`
 marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows, logged
 """
 
@@ -62,21 +62,32 @@ def _quarantine(args: argparse.Namespace) -> int:
                     print(f"    {r.docs_url}")
         else:
             with engine.begin() as conn:
-                action = quality.release if args.action == "release" else quality.discard
-                result = action(conn, args.batch, actor=args.by, note=args.note)
-            print(
-                f"batch {args.batch} {args.action}d by {args.by}"
-                + (f": {result['rows_written']} rows written" if "rows_written" in result else "")
-            )
-            if args.action == "release":
-                print(
-                    f"re-materialise the downstream assets of {result['asset']} from {result['partition']} on "
-                    "(they were computed without these rows)"
-                )
+                quality.discard(conn, args.batch, actor=args.by, note=args.note)
+            print(f"batch {args.batch} discarded by {args.by}")
     except quality.QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _release_through_dagster(args: argparse.Namespace) -> int:
+    """A release changes served data: it goes through the pipelines command, which records it in Dagster
+    (a materialisation of the released day) and recomputes what was computed without it."""
+    import importlib.util
+
+    command = [sys.executable, "-m", "pipelines", "quarantine", "release", str(args.batch), "--by", args.by]
+    command += ["--note", args.note]
+    if importlib.util.find_spec("pipelines") is None:
+        print(
+            "error: a release goes through Dagster; run it from the project folder:\n"
+            f"  .venv/bin/python -m pipelines quarantine release {args.batch} --by {args.by!r} --note {args.note!r}",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"a release goes through Dagster: {' '.join(command[1:])}", file=sys.stderr)
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
 
 
 def _snapshot(args: argparse.Namespace) -> int:
@@ -150,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running: {'yes' if server.running_port() else 'no'}")
     elif args.command == "snapshot":
         return _snapshot(args)
+    elif args.command == "quarantine" and args.action == "release":
+        return _release_through_dagster(args)
     else:
         return _quarantine(args)
     return 0
