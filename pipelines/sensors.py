@@ -1,7 +1,15 @@
-"""The landing-folder sensor: new or changed files launch runs for the days they touch."""
+"""The landing-folder sensor: new or changed files launch one ordered run over the days they change.
+
+Day D's features continue the recursion state of day D-1, so a changed day is recomputed from D
+through the newest day already materialised, in order, never as parallel runs of single days (with
+a pool of 2, day D+1 could read its state before D has written it). Every run of the state chain
+carries the tag ``marketfs/state_chain``; ``dagster.yaml`` lets one such run execute at a time and
+queues the others (the schedule's, the sensor's, a backfill's) in order of arrival.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +18,14 @@ import dagster as dg
 from marketfs.sources import SourceFileError
 from marketfs.sources.landing import BAR_SUFFIXES, EVENT_SUFFIXES, landing_files, read_landing_file
 from pipelines.resources import MarketData
+
+# One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
+STATE_CHAIN_TAG = "marketfs/state_chain"
+STATE_CHAIN_TAGS = {STATE_CHAIN_TAG: "daily"}
+# The asset whose newest materialised day ends a recomputation (feature_vectors_1d has the same days).
+CHAIN_END_ASSET = dg.AssetKey("feature_vectors_1m")
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def _signature(path: Path) -> str:
@@ -27,21 +43,72 @@ def touched_days(path: Path, kind: str) -> list[str]:
     return sorted(frame[column].dt.strftime("%Y-%m-%d").unique().to_list())
 
 
+def newest_materialized_day(instance: dg.DagsterInstance, key: dg.AssetKey = CHAIN_END_ASSET) -> str | None:
+    """The newest partition of ``key`` with a materialisation in the instance (keys are ISO days)."""
+    days = instance.get_materialized_partitions(key)
+    return max(days) if days else None
+
+
+def chain_range(
+    partitions: dg.TimeWindowPartitionsDefinition, touched: list[str], newest_materialized: str | None
+) -> list[str]:
+    """The days to recompute, in order: the earliest touched day through the later of the last touched
+    day and the newest materialised one; days the partitions do not have (before the start date, or
+    not complete yet) are left out."""
+    last = partitions.get_last_partition_key()
+    first = partitions.get_first_partition_key()
+    if last is None or first is None:
+        return []
+    days = [d for d in touched if first <= d <= last]
+    if not days:
+        return []
+    end = max(days[-1], newest_materialized or days[-1])
+    return partitions.get_partition_keys_in_range(dg.PartitionKeyRange(days[0], min(end, last)))
+
+
+def chain_request(
+    keys: list[str],
+    partitions: dg.PartitionsDefinition,
+    asset_keys: list[dg.AssetKey],
+    max_per_run: int,
+    tags: dict[str, str],
+    run_key: str | None = None,
+) -> dg.RunRequest:
+    """One ranged run for ``keys`` when they fit in ``max_per_run`` days, else a backfill of them.
+
+    A backfill's runs carry the backfill's tags only (not the job's), so the state-chain tag is set
+    here for both.
+    """
+    tags = {**tags, **STATE_CHAIN_TAGS}
+    if len(keys) <= max_per_run:
+        return dg.RunRequest(run_key=run_key, tags={**tags, RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+
+    subset = partitions.subset_with_partition_keys(keys)
+    return dg.RunRequest.for_asset_graph_subset(
+        AssetGraphSubset(partitions_subsets_by_asset_key=dict.fromkeys(asset_keys, subset)), tags=tags
+    )
+
+
 def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
     @dg.sensor(
         name="landing_files_sensor",
         job=job,
         minimum_interval_seconds=30,
-        description="Watches MARKETFS_LANDING_DIR/bars and /events; a new or changed file launches the "
-        "daily_features job for each day it holds rows for.",
+        description="Watches MARKETFS_LANDING_DIR/bars and /events; new or changed files launch ONE run of the "
+        "daily_features job from the earliest day they touch through the newest materialised day (a backfill "
+        "in runs of 31 days when longer), tagged marketfs/state_chain so it queues behind other such runs.",
     )
     def landing_files_sensor(context: dg.SensorEvaluationContext, market_data: MarketData):
+        from assets.partitions import BATCHED_BACKFILL, DAILY
+
         if market_data.source != "landing":
             return dg.SkipReason("MARKETFS_SOURCE is not 'landing': nothing to watch")
         root = Path(market_data.landing_dir)
         seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
         current: dict[str, str] = {}
-        days: dict[str, list[str]] = {}
+        days: set[str] = set()
+        files: list[str] = []
         for kind, suffixes in (("bars", BAR_SUFFIXES), ("events", EVENT_SUFFIXES)):
             folder = root / kind
             if not folder.is_dir():
@@ -51,21 +118,37 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
                 if seen.get(str(path)) == signature:
                     continue
                 try:
-                    for day in touched_days(path, kind):
-                        days.setdefault(day, []).append(f"{path.name}@{signature}")
+                    days.update(touched_days(path, kind))
+                    files.append(f"{kind}/{path.name}@{signature}")
                 except SourceFileError as exc:
                     # Not launched: the run would fail on the same file. The sensor log says why.
                     context.log.warning(f"skipping {path}: {exc}")
         context.update_cursor(json.dumps(current))
         if not days:
             return dg.SkipReason("no new or changed landing files")
+        newest = newest_materialized_day(context.instance) if _has_instance(context) else None
+        keys = chain_range(DAILY, sorted(days), newest)
+        if not keys:
+            return dg.SkipReason(f"the changed files touch no complete daily partition: {sorted(days)}")
+        asset_keys = sorted(job.selection.resolve(context.repository_def.asset_graph)) if context.repository_def else []
+        names = ",".join(sorted({f.split("@")[0].split("/", 1)[1] for f in files}))
         return [
-            dg.RunRequest(
-                partition_key=day,
-                run_key=f"{day}:{'|'.join(sorted(files))}",
-                tags={"landing_files": ",".join(sorted(f.split("@")[0] for f in files))[:200]},
+            chain_request(
+                keys,
+                DAILY,
+                asset_keys,
+                BATCHED_BACKFILL.max_partitions_per_run or len(keys),
+                tags={"landing_files": names[:200]},
+                run_key=f"{keys[0]}..{keys[-1]}:{hashlib.sha256('|'.join(sorted(files)).encode()).hexdigest()[:16]}",
             )
-            for day, files in sorted(days.items())
         ]
 
     return landing_files_sensor
+
+
+def _has_instance(context: dg.SensorEvaluationContext) -> bool:
+    try:
+        context.instance  # noqa: B018 - raises when the context was built without one
+    except dg.DagsterInvariantViolationError:
+        return False
+    return True

@@ -11,11 +11,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+import yaml
 from dagster_helpers import dagster_process_env
 
 from marketfs.sources import SyntheticBars, SyntheticEvents
-from pipelines.definitions import daily_features_schedule, landing_files_sensor
+from pipelines.definitions import ALL_ASSETS, daily_features_schedule, defs, landing_files_sensor
 from pipelines.resources import MarketData
+from pipelines.sensors import CHAIN_END_ASSET, RANGE_END_TAG, RANGE_START_TAG, STATE_CHAIN_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = datetime(2024, 1, 3, tzinfo=UTC)
@@ -30,24 +32,61 @@ def drop(landing: Path, day: datetime, name: str | None = None) -> None:
     SyntheticEvents(instruments=("AAA", "BBB")).events(day, end).write_parquet(landing / "events" / f"{name}.parquet")
 
 
-def evaluate(landing: Path, cursor: str | None = None):
+def evaluate(landing: Path, cursor: str | None = None, instance: dg.DagsterInstance | None = None):
     with dg.build_sensor_context(
-        cursor=cursor, resources={"market_data": MarketData(source="landing", landing_dir=str(landing))}
+        cursor=cursor,
+        instance=instance,
+        definitions=defs,
+        resources={"market_data": MarketData(source="landing", landing_dir=str(landing))},
     ) as context:
         result = landing_files_sensor(context)
         return (result if isinstance(result, list) else []), context.cursor
 
 
-def test_sensor_requests_the_days_a_new_file_touches(tmp_path: Path) -> None:
+def ranges(requests: list[dg.RunRequest]) -> list[tuple[str, str]]:
+    return [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in requests]
+
+
+def test_sensor_requests_one_ordered_run_from_the_earliest_touched_day(tmp_path: Path) -> None:
     drop(tmp_path, DAY)
+    drop(tmp_path, DAY + timedelta(days=2), name="later")
     requests, cursor = evaluate(tmp_path)
-    assert [r.partition_key for r in requests] == ["2024-01-03"]
+    # One run over 01-03..01-05 (01-04 carries 01-03's state into 01-05), never one run per day.
+    assert ranges(requests) == [("2024-01-03", "2024-01-05")]
+    assert requests[0].partition_key is None and requests[0].tags[STATE_CHAIN_TAG]
     assert evaluate(tmp_path, cursor)[0] == []  # nothing new
     drop(tmp_path, DAY + timedelta(days=1), name="late-delivery")
     requests, cursor = evaluate(tmp_path, cursor)
-    assert [r.partition_key for r in requests] == ["2024-01-04"]
+    assert ranges(requests) == [("2024-01-04", "2024-01-04")]
     (tmp_path / "bars" / "broken.csv").write_text("instrument_id,ts\nAAA,2024-01-05T14:30:00Z\n")
     assert evaluate(tmp_path, cursor)[0] == []  # a malformed file launches nothing (its run would fail)
+
+
+def test_sensor_runs_through_the_newest_materialised_day_and_backfills_past_31_days(tmp_path: Path) -> None:
+    with dg.DagsterInstance.ephemeral() as instance:
+        for day in ("2024-01-02", "2024-01-09"):
+            instance.report_runless_asset_event(dg.AssetMaterialization(CHAIN_END_ASSET, partition=day))
+        drop(tmp_path, DAY)
+        requests, cursor = evaluate(tmp_path, instance=instance)
+        assert ranges(requests) == [("2024-01-03", "2024-01-09")]  # 01-04..01-09 carry 01-03's state
+
+        instance.report_runless_asset_event(dg.AssetMaterialization(CHAIN_END_ASSET, partition="2024-03-01"))
+        drop(tmp_path, DAY, name="re-sent")
+        [request] = evaluate(tmp_path, cursor, instance=instance)[0]
+    # 59 days: a backfill (runs of up to 31 days, in order), its runs tagged as the state chain.
+    assert request.requires_backfill_daemon and request.tags[STATE_CHAIN_TAG]
+    subset = request.asset_graph_subset
+    assert {k.to_user_string() for k in subset.asset_keys} == {a.key.to_user_string() for a in ALL_ASSETS}
+    keys = sorted(subset.get_partitions_subset(CHAIN_END_ASSET).get_partition_keys())
+    assert (keys[0], keys[-1], len(keys)) == ("2024-01-03", "2024-03-01", 59)
+
+
+def test_the_instance_queues_state_chain_runs_behind_each_other() -> None:
+    concurrency = yaml.safe_load((ROOT / "dagster.yaml").read_text())["concurrency"]
+    with dg.instance_for_test(overrides={"concurrency": concurrency}) as instance:
+        queue = instance.get_concurrency_config().run_queue_config
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert {"key": STATE_CHAIN_TAG, "limit": 1} in queue.tag_concurrency_limits
 
 
 def test_schedule_asks_for_the_day_that_just_ended() -> None:
@@ -98,7 +137,8 @@ def test_daemon_fires_the_sensor_and_the_schedule(
         daemon.terminate()
         daemon.wait(timeout=60)
         log.close()
-    assert sensor_run["partition"] == "2024-01-03"
+    assert (sensor_run["range_start"], sensor_run["range_end"]) == ("2024-01-03", "2024-01-03")
+    assert sensor_run["state_chain"]
     assert schedule_run["partition"] < datetime.now(UTC).date().isoformat()  # a complete day
     from marketfs.db import engine_for
 
@@ -115,7 +155,10 @@ def _runs(env: dict[str, str]) -> list[dict]:
     code = (
         "import json, dagster as dg; inst = dg.DagsterInstance.get(); "
         "print(json.dumps([{'status': r.status.value, 'partition': r.tags.get('dagster/partition'), "
-        "'sensor': r.tags.get('dagster/sensor_name'), 'schedule': r.tags.get('dagster/schedule_name')} "
+        "'sensor': r.tags.get('dagster/sensor_name'), 'schedule': r.tags.get('dagster/schedule_name'), "
+        "'range_start': r.tags.get('dagster/asset_partition_range_start'), "
+        "'range_end': r.tags.get('dagster/asset_partition_range_end'), "
+        "'state_chain': r.tags.get('marketfs/state_chain')} "
         "for r in inst.get_runs()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
