@@ -9,7 +9,7 @@ whose day D+1 continues day D's recursion state).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -39,9 +39,16 @@ class Breach:
 
 @dataclass
 class Judgement:
-    accepted: list[str]  # days that may be written, in order
-    breaches: list[Breach]
-    held_back: list[str]  # days after a breach in a state chain: not written, not judged
+    accepted: list[str] = field(default_factory=list)  # days that may be written, in order
+    breaches: list[Breach] = field(default_factory=list)
+    held_back: list[str] = field(default_factory=list)  # days after a breach in a state chain: not written, not judged
+    evaluations: list[dg.AssetCheckEvaluation] = field(default_factory=list)  # to report after the writes
+
+    def extend(self, other: Judgement) -> None:
+        self.accepted.extend(other.accepted)
+        self.breaches.extend(other.breaches)
+        self.held_back.extend(other.held_back)
+        self.evaluations.extend(other.evaluations)
 
 
 def judge_days(
@@ -53,16 +60,15 @@ def judge_days(
     rows_of_day: Callable[[str], dict[str, pl.DataFrame]],
     chained: bool,
     publish: Callable[[str, str, GateResult], str | None] | None = None,
-) -> Generator[dg.AssetCheckEvaluation, None, Judgement]:
-    """Log, quarantine and report each day's verdicts; return which days may be written.
+) -> Judgement:
+    """Log and quarantine each day's verdicts; return which days may be written, and the check results.
 
     ``checks`` maps a check name to its verdict per day (days without rows have none);
     ``rows_of_day(day)`` gives the rows the day would write, per served table, for quarantine;
     ``publish(check, day, gate)`` renders a Data Docs page for a failed verdict and returns its URL.
     """
     asset = context.asset_key.to_user_string()
-    judgement = Judgement(accepted=[], breaches=[], held_back=[])
-    evaluations: list[dg.AssetCheckEvaluation] = []
+    judgement = Judgement()
     with store.engine().begin() as conn:
         for day in days:
             if chained and judgement.breaches:
@@ -102,7 +108,7 @@ def judge_days(
                 metadata = gate_metadata(gate)
                 if batch_id is not None:
                     metadata["quarantine_batch"] = dg.MetadataValue.int(batch_id)
-                evaluations.append(
+                judgement.evaluations.append(
                     dg.AssetCheckEvaluation(
                         asset_key=context.asset_key,
                         check_name=name,
@@ -112,9 +118,42 @@ def judge_days(
                         severity=dg.AssetCheckSeverity.ERROR,
                     )
                 )
-    # Reported once the verdicts are committed: the UI never shows a result the log does not hold.
-    yield from evaluations
     return judgement
+
+
+def reported(context: dg.AssetExecutionContext, evaluations: list[dg.AssetCheckEvaluation]) -> Iterator:
+    """The check results, each pointing at the latest materialisation of its partition.
+
+    Yield them after the day's materialisations: Dagster shows a partition's check result as
+    current only when it targets the partition's latest materialisation (else "missing").
+    """
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+    from dagster._core.storage.event_log.base import AssetRecordsFilter
+
+    days = sorted({e.partition for e in evaluations if e.partition})
+    latest: dict[str, AssetCheckEvaluationTargetMaterializationData] = {}
+    if days:
+        records = context.instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=days), limit=4 * len(days)
+        ).records
+        for record in records:  # newest first
+            partition = record.partition_key
+            if partition not in latest:
+                latest[partition] = AssetCheckEvaluationTargetMaterializationData(
+                    storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+                )
+    for e in evaluations:
+        yield dg.AssetCheckEvaluation(
+            asset_key=e.asset_key,
+            check_name=e.check_name,
+            passed=e.passed,
+            partition=e.partition,
+            metadata=e.metadata,
+            severity=e.severity,
+            target_materialization_data=latest.get(e.partition),
+        )
 
 
 def _with_page(publish, context: dg.AssetExecutionContext, check: str, day: str, gate: GateResult) -> GateResult:

@@ -47,7 +47,8 @@ CHROMIUM_ARGS = [
 def landing_days(root: Path) -> None:
     for kind in ("bars", "events"):
         (root / kind).mkdir(parents=True, exist_ok=True)
-    for day, bad in ((datetime(2024, 1, 3, tzinfo=UTC), False), (datetime(2024, 1, 4, tzinfo=UTC), True)):
+    days = [(datetime(2024, 1, d, tzinfo=UTC), d == 4) for d in (3, 4, 5)]
+    for day, bad in days:
         end = day + timedelta(days=1)
         bars = SyntheticBars(instruments=("AAA", "BBB")).bars(day, end)
         if bad:  # one bar whose low is above its high: the raw suite blocks the day
@@ -106,7 +107,7 @@ def dagster_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
                 assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "dagster dev did not come up"
                 time.sleep(1)
-        yield base
+        yield base, env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -148,8 +149,8 @@ def wait_for_run(page, base: str, run_id: str, status: str, timeout_s: float = 1
     raise AssertionError(f"run {run_id} did not reach {status}: {page.inner_text('body')[:1500]}")
 
 
-def test_lineage_materialise_and_failed_check_in_a_browser(dagster_ui: str) -> None:
-    base = dagster_ui
+def test_lineage_materialise_and_failed_check_in_a_browser(dagster_ui: tuple[str, dict]) -> None:
+    base, env = dagster_ui
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     with sync_api.sync_playwright() as p:
@@ -169,17 +170,53 @@ def test_lineage_materialise_and_failed_check_in_a_browser(dagster_ui: str) -> N
             wait_for_run(page, base, run_id, "Success")
             page.screenshot(path=ARTIFACTS / "02-partition-succeeded.png")
 
-            run_id = launch_partition(page, base, "raw_ohlcv", "2024-01-04")
-            wait_for_run(page, base, run_id, "Failure")
+            # A three-day range in one run, as a backfill runs it: 2024-01-04 breaches, its neighbours do not.
+            ranged = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines",
+                    "run",
+                    "--start",
+                    "2024-01-03",
+                    "--end",
+                    "2024-01-05",
+                    "--no-snapshot",
+                ],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert ranged.returncode == 1, ranged.stdout[-2000:] + ranged.stderr[-2000:]
+
             page.goto(f"{base}/assets/raw_ohlcv?view=checks")
             page.wait_for_timeout(3000)
             page.get_by_text("quality_gate").first.click()
-            page.wait_for_timeout(2500)
+            page.wait_for_timeout(2000)
+            page.get_by_text("Execution history", exact=True).click()
+            page.wait_for_timeout(3000)
+            # One result per partition: the failed day among passing ones, each named by its partition.
+            rows = page.get_by_role("row").all_inner_texts()
+            by_day = {day: [r for r in rows if day in r] for day in ("2024-01-03", "2024-01-04", "2024-01-05")}
+            assert all(by_day.values()), rows
+            assert any("Failed" in r for r in by_day["2024-01-04"]), rows
+            assert all("Passed" in r for day in ("2024-01-03", "2024-01-05") for r in by_day[day]), rows
+            page.screenshot(path=ARTIFACTS / "03-check-history-per-partition.png", full_page=True)
+            page.get_by_text("Partitions", exact=True).last.click()
+            page.wait_for_timeout(3000)
             body = page.inner_text("body")
-            assert "Failed" in body, body[:2000]
-            assert "FAILED expect_column_pair_values_a_to_be_greater_than_b(high,low)" in body
+            assert re.search(r"Failed\s*\(1\)", body) and re.search(r"Passed\s*\(2\)", body), body[:3000]
+            page.get_by_placeholder("Filter by partition").fill("2024-01-04")
+            page.wait_for_timeout(1000)
+            page.locator("text='2024-01-04' >> visible=true").first.click()
+            page.wait_for_timeout(3000)
+            page.screenshot(path=ARTIFACTS / "04-check-partitions.png", full_page=True)
+            body = page.inner_text("body")
+            assert "FAILED expect_column_pair_values_a_to_be_greater_than_b(high,low)" in body, body[:3000]
             assert "quarantine_batch" in body and "data_docs" in body
-            page.screenshot(path=ARTIFACTS / "03-failed-check.png")
+            page.screenshot(path=ARTIFACTS / "05-failed-day.png", full_page=True)
         finally:
             page.screenshot(path=ARTIFACTS / "99-last.png")
             browser.close()
