@@ -6,6 +6,7 @@ stops downstream assets: the asset it checks would already have been written. Da
 first breaching day, quarantines that day, and holds back the days after it.
 """
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -13,7 +14,7 @@ import dagster as dg
 import polars as pl
 
 from assets.data_versions import InputProvenance, content_version, day_materializations
-from assets.gates import Judgement, breach_failure, judge_days
+from assets.gates import Judgement, breach_failure, judge_days, reported
 from assets.metadata import flag_counts, frame_summary, vector_preview
 from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
 from expectations.gate import GateResult, suite_path
@@ -101,7 +102,7 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
         docs = DataDocs.default()
         materializations: list[tuple] = []
         written: list[str] = []
-        judgement = Judgement(accepted=[], breaches=[], held_back=[])
+        judgement = Judgement()
         pending = list(context.partition_keys)
         for days in chunks(pending):
             if judgement.breaches:
@@ -136,11 +137,10 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
                 rows = vectors.filter(pl.col(DAY) == day).drop(DAY)
                 return publish_day(rows, suite, quality_suite, docs=docs, label=label_, run_name=context.run_id)
 
-            chunk = yield from judge_days(
+            chunk = judge_days(
                 context, store, days=days, checks=checks_by_day, rows_of_day=rows_of_day, chained=True, publish=publish
             )
-            judgement.breaches.extend(chunk.breaches)
-            judgement.held_back.extend(chunk.held_back)
+            judgement.extend(dataclasses.replace(chunk, accepted=[]))
             if chunk.accepted:
                 # The days before the first breach, with their state, in one transaction.
                 write_start, write_end = day_window(chunk.accepted[0])[0], day_window(chunk.accepted[-1])[1]
@@ -166,12 +166,14 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
                     written.append(day)
         if judgement.breaches:
             yield from day_materializations(provenance, materializations)
+            yield from reported(context, judgement.evaluations)
             raise breach_failure(name, judgement, written=written, first_of_chain_fix=True)
         # First the run's own record (Dagster adds one per partition), then each day's, which is the latest.
         yield dg.MaterializeResult(
             asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
         )
         yield from day_materializations(provenance, materializations)
+        yield from reported(context, judgement.evaluations)
 
     return _asset
 

@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 
 from assets.data_versions import InputProvenance, content_version, day_materializations
-from assets.gates import Judgement, breach_failure, judge_days
+from assets.gates import Judgement, breach_failure, judge_days, reported
 from assets.metadata import frame_summary
 from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
@@ -59,7 +59,8 @@ def _ingest(
     provenance = InputProvenance.capture(context)
     suite = load_suite_json(suite_path(asset))
     docs = DataDocs.default()
-    materializations, breaches_seen = [], []
+    materializations = []
+    judged = Judgement()
     written: list[str] = []
     for days in chunks(context.partition_keys):
         start, end = day_window(days[0])[0], day_window(days[-1])[1]
@@ -75,7 +76,7 @@ def _ingest(
             rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
             return publish_day(rows, asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id)
 
-        judgement = yield from judge_days(
+        judgement = judge_days(
             context,
             store,
             days=days,
@@ -84,7 +85,7 @@ def _ingest(
             chained=False,
             publish=publish,
         )
-        breaches_seen.extend(judgement.breaches)
+        judged.extend(judgement)
         with store.engine().begin() as conn:
             for day in judgement.accepted:
                 day_start, day_end = day_window(day)
@@ -92,15 +93,16 @@ def _ingest(
                 stored = write(conn, rows, day_start, day_end)
                 materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
                 written.append(day)
-    if breaches_seen:
+    if judged.breaches:
         yield from day_materializations(provenance, materializations)
-        merged = Judgement(accepted=written, breaches=breaches_seen, held_back=[])
-        raise breach_failure(asset, merged, written=written, first_of_chain_fix=True)
+        yield from reported(context, judged.evaluations)
+        raise breach_failure(asset, judged, written=written, first_of_chain_fix=True)
     # First the run's own record (Dagster adds one per partition), then each day's, which is the latest.
     yield dg.MaterializeResult(
         asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
     )
     yield from day_materializations(provenance, materializations)
+    yield from reported(context, judged.evaluations)
 
 
 @daily_asset(

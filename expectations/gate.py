@@ -7,6 +7,7 @@ Dagster code location must load without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -76,6 +77,7 @@ class GateResult:
     reference: str | None = None
     docs_url: str | None = None
     label: str | None = None  # what was validated, e.g. the partition
+    reference_table: Any = None  # a polars frame describing the reference (drift), shown as a table
 
     @property
     def blocking_failures(self) -> list[ExpectationOutcome]:
@@ -176,7 +178,9 @@ def _gx_suite(name: str, data: dict[str, Any], expectations: list[dict[str, Any]
     return gx.ExpectationSuite(**fields, expectations=expectations, name=name)
 
 
+@functools.cache
 def _ephemeral_context() -> Any:
+    """One in-memory GX context per process: building one costs more than validating a day."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
