@@ -11,7 +11,7 @@ from assets.features import feature_vectors_1d, feature_vectors_1m
 from assets.raw import bars_1d, raw_events, raw_ohlcv
 from assets.snapshots import feature_snapshots
 from pipelines.resources import FeatureStore, market_data_from_env
-from pipelines.sensors import build_landing_sensor
+from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor
 
 ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, feature_vectors_1m, feature_vectors_1d]
 
@@ -21,6 +21,8 @@ daily_features_job = dg.define_asset_job(
     "daily_features",
     selection=ALL_ASSETS,
     executor_def=dg.in_process_executor,
+    # Schedule, sensor and job-backfill runs queue one at a time on the features' state chain (dagster.yaml).
+    run_tags=STATE_CHAIN_TAGS,
     description="Raw bars and events, daily bars, and 1m and 1d feature vectors for a range of daily partitions.",
 )
 
