@@ -266,7 +266,7 @@ def _drift(
             outcomes=gate.outcomes,
             reference=_describe(table),
             label=day,
-            reference_table=table,
+            reference_table=None if table is None else table.drop("reference", "reference_days", strict=False),
         )
     for day, reason in profile.not_evaluated.items():
         verdicts[day] = GateResult(
@@ -281,11 +281,10 @@ def _drift(
 
 
 def _describe(table: pl.DataFrame | None) -> str | None:
-    if table is None or table.is_empty():
+    """What a day was compared with, once (the table repeats it on every row)."""
+    if table is None or table.is_empty() or "reference" not in table.columns:
         return None
-    if "reference_days" in table.columns:
-        return f"reference {table['reference_days'][0]}"
-    return None
+    return str(table["reference"][0])
 
 
 feature_vectors_1m = _feature_vectors_asset("1m", "raw_ohlcv")

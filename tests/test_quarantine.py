@@ -153,7 +153,9 @@ def test_drift_gate_blocks_a_shifted_partition_and_says_what_drifted(
     assert not drift.passed
     assert "trailing 5 partitions 2024-01-03..2024-01-09" in drift.metadata["reference"].value
     drifted = [k for k in drift.metadata if k.startswith("FAILED ")]
-    assert any("(vol_20)" in k for k in drifted), drifted
+    assert any("__vol_20)" in k for k in drifted), drifted
+    table = drift.metadata["reference_table"].value  # what each statistic was compared with
+    assert "| feature | statistic | observed |" in table and "| vol_20 |" in table
     assert count(engine, "SELECT count(*) FROM feature_vectors WHERE ts >= :d AND timeframe = '1m'", d=shifted) == 0
     assert (
         count(engine, "SELECT count(*) FROM quality_log WHERE suite = 'feature_vectors_1m_drift' AND NOT success") > 0
