@@ -16,7 +16,7 @@ import polars as pl
 from assets.data_versions import InputProvenance, content_version, day_materializations
 from assets.gates import Judgement, breach_failure, judge_days, reported
 from assets.metadata import flag_counts, frame_summary, vector_preview
-from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
+from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
 from marketfs.features.compute import WARMUP_BARS, FeatureComputation, HistoryError, compute_feature_vectors
@@ -103,14 +103,15 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
         materializations: list[tuple] = []
         written: list[str] = []
         judgement = Judgement()
-        pending = list(context.partition_keys)
-        for days in chunks(pending):
+        plan = DayChunks(context.partition_keys)
+        for days in plan:
             if judgement.breaches:
                 judgement.held_back.extend(days)
                 continue
             start, end = day_window(days[0])[0], day_window(days[-1])[1]
             computation = _compute(store, timeframe, start, end)
             vectors = computation.vectors.with_columns(day_of())
+            plan.saw(vectors.height, vectors[DAY].n_unique())
             checks_by_day = {GATE_CHECK: validate_days(vectors, suite, suite=quality_suite)}
             drift_pages: dict[str, tuple[pl.DataFrame, dict]] = {}
             if drift_template is not None:

@@ -13,7 +13,7 @@ import polars as pl
 from assets.data_versions import InputProvenance, content_version, day_materializations
 from assets.gates import Judgement, breach_failure, judge_days, reported
 from assets.metadata import frame_summary
-from assets.partitions import DAY, chunks, daily_asset, day_of, day_window
+from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
 from marketfs.sources.normalize import normalize_bars, normalize_events
@@ -62,9 +62,11 @@ def _ingest(
     materializations = []
     judged = Judgement()
     written: list[str] = []
-    for days in chunks(context.partition_keys):
+    plan = DayChunks(context.partition_keys)
+    for days in plan:
         start, end = day_window(days[0])[0], day_window(days[-1])[1]
         delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column))
+        plan.saw(delivered.height, delivered[DAY].n_unique())
         # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
         delivered = delivered.with_columns(pl.col(DAY).fill_null(days[0]))
         verdicts = validate_days(delivered, asset, suite=suite)
@@ -181,13 +183,12 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
 def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
     provenance = InputProvenance.capture(context)
     materializations = []
-    for days in chunks(context.partition_keys):
-        with store.engine().begin() as conn:
-            for day in days:
-                start, end = day_window(day)
-                daily = daily_bars(read_bars(conn, start, end))
-                replace_bars(conn, daily, start, end, timeframe="1d")
-                summary = frame_summary(daily.drop("source_flags"))
-                materializations.append((context.asset_key, day, summary, content_version(daily)))
+    with store.engine().begin() as conn:
+        for day in context.partition_keys:
+            start, end = day_window(day)
+            daily = daily_bars(read_bars(conn, start, end))
+            replace_bars(conn, daily, start, end, timeframe="1d")
+            summary = frame_summary(daily.drop("source_flags"))
+            materializations.append((context.asset_key, day, summary, content_version(daily)))
     yield dg.MaterializeResult(asset_key=context.asset_key)
     yield from day_materializations(provenance, materializations)

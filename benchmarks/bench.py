@@ -73,22 +73,22 @@ def m_compute(work: Path, instruments: int, days: int) -> dict:
 def m_validate(work: Path, instruments: int, days: int) -> dict:
     import polars as pl
 
-    from expectations.drift import evaluate_drift
-    from expectations.gate import load_suite_json, suite_path, validate_frame
+    from expectations.drift import drift_profile
+    from expectations.gate import load_suite_json, suite_path, validate_days
 
     vectors = pl.read_parquet(work / "vectors.parquet")
     t0 = time.perf_counter()
-    import great_expectations  # noqa: F401  (its import is part of what a run pays)
+    import great_expectations  # noqa: F401  (its import is part of what a run pays, once per process)
 
     imported = time.perf_counter() - t0
-    quality = validate_frame(vectors, "feature_vectors_1m")
+    # As the asset does: one validation of the rows and one of the day profile give every day's verdict.
+    with_days = vectors.with_columns(pl.col("ts").dt.strftime("%Y-%m-%d").alias("day"))
+    quality = validate_days(with_days, "feature_vectors_1m")
     after_quality = time.perf_counter() - t0
-    drift = evaluate_drift(
-        vectors,
-        vectors.clear(),
-        load_suite_json(suite_path("feature_vectors_1m_drift")),
-        source="bench",
-        asset="feature_vectors_1m",
+    template = load_suite_json(suite_path("feature_vectors_1m_drift"))
+    profile = drift_profile(vectors, vectors.clear(), template, source="bench")
+    drift = (
+        validate_days(profile.frame, template["name"], suite=profile.suite, examples=()) if profile.frame.height else {}
     )
     seconds = time.perf_counter() - t0
     return {
@@ -97,7 +97,8 @@ def m_validate(work: Path, instruments: int, days: int) -> dict:
         "import_s": imported,
         "quality_s": after_quality - imported,
         "drift_s": seconds - after_quality,
-        "passed": quality.passed and all(d.passed for d in drift),
+        "days_judged": len(quality),
+        "passed": all(q.passed for q in quality.values()) and all(d.passed for d in drift.values()),
         "peak_mb": peak_rss_mb(),
     }
 
@@ -322,7 +323,8 @@ def main() -> int:
         "|---|---|---|---|",
         f"| 1. feature computation (fs_v1, 1m) | {r['compute']['seconds']:.2f} s | {rate(r['compute']):,.0f} | "
         f"{r['compute']['peak_mb']:.0f} MB |",
-        f"| 2. GX validation: quality suite + drift suite per day (import {r['validate']['import_s']:.1f} s, quality "
+        f"| 2. GX validation: quality suite + drift suite, one verdict per day "
+        f"({r['validate']['days_judged']} days; import {r['validate']['import_s']:.1f} s, quality "
         f"{r['validate']['quality_s']:.1f} s, drift {r['validate']['drift_s']:.1f} s) | "
         f"{r['validate']['seconds']:.2f} s | {rate(r['validate']):,.0f} | {r['validate']['peak_mb']:.0f} MB |",
         f"| 3a. write path, first write (COPY into the table under an advisory lock), per 31-day run | "
@@ -346,14 +348,21 @@ def main() -> int:
             f"| 4c. floor: empty Dagster run launched the same way | {r['empty']['seconds']:.1f} s | | "
             f"{r['empty']['peak_mb']:.0f} MB |",
         ]
-    share = r["validate"]["seconds"] / (r["compute"]["seconds"] + r["validate"]["seconds"] + r["write_ours"]["seconds"])
+    # The import is paid once per process, whatever the range: the share is of the validation work, and
+    # the line says what it is with the import counted in.
+    validation = r["validate"]["seconds"] - r["validate"]["import_s"]
+    share = validation / (r["compute"]["seconds"] + validation + r["write_ours"]["seconds"])
+    share_with_import = r["validate"]["seconds"] / (
+        r["compute"]["seconds"] + r["validate"]["seconds"] + r["write_ours"]["seconds"]
+    )
     ours, typical, limit = rate(r["write_ours"]), rate(r["write_typical"]), rate(r["write_copy_limit"])
     lines += [
         "",
         "Targets:",
         f"- write path vs typical: **{ours / typical:.1f}x** (target >= 3x); vs COPY limit: **{ours / limit:.2f}** "
         "(target >= 0.5)",
-        f"- GX validation's share of compute + validate + write: {100 * share:.0f}%",
+        f"- GX validation's share of compute + validate + write: {100 * share:.0f}% "
+        f"(with its one-time import of {r['validate']['import_s']:.1f} s counted in: {100 * share_with_import:.0f}%)",
     ]
     if "backfill" in r:
         lines += [

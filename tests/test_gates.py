@@ -238,15 +238,3 @@ def test_malformed_suite_files_name_the_file_and_expectation(clean_vectors: pl.D
     )
     with pytest.raises(SuiteFileError, match=r"wrong.json: expectation #2 \(expect_column_values_to_be_betwen\)"):
         validate_frame(clean_vectors, "x", suite_file=wrong)
-
-
-def test_drift_results_name_their_partition(clean_vectors: pl.DataFrame) -> None:
-    from expectations.drift import evaluate_drift
-    from expectations.gate import load_suite_json, suite_path
-
-    template = load_suite_json(suite_path("feature_vectors_1m_drift"))
-    history = pl.concat([clean_vectors.with_columns(pl.col("ts") - timedelta(days=d)) for d in range(1, 6)])
-    [result] = evaluate_drift(clean_vectors, history, template, source="test", asset="fv")
-    assert result.outcomes and result.label == "fv-2024-01-03"
-    [unevaluated] = evaluate_drift(clean_vectors, clean_vectors.clear(), template, source="test", asset="fv")
-    assert not unevaluated.outcomes and unevaluated.label == "fv-2024-01-03"
