@@ -217,8 +217,41 @@ def _example(row: dict[str, Any], examples: tuple[str, ...]) -> str:
     return " ".join(parts + values)
 
 
+def _validate_attributed(
+    context: Any,
+    frame: pl.DataFrame,
+    suite_name: str,
+    data: dict[str, Any],
+    expectations: list[dict[str, Any]],
+    index_columns: list[str],
+) -> list[Any]:
+    """Each expectation's result; the failing ones with every unexpected row's day (and instrument, ts).
+
+    A first pass asks only pass or fail (half the cost of collecting unexpected rows, and the common
+    case); a second pass over the failing expectations alone names their rows.
+    """
+    numbered = [{**e, "meta": {**(e.get("meta") or {}), "_position": i}} for i, e in enumerate(expectations)]
+    batch = _batch(context, frame.to_pandas())
+    first = batch.validate(_gx_suite(suite_name, data, numbered), result_format="BOOLEAN_ONLY").results
+    failing = [numbered[item.expectation_config.meta["_position"]] for item in first if not item.success]
+    if not failing:
+        return first
+    second = batch.validate(
+        _gx_suite(suite_name, data, failing),
+        result_format={
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": index_columns,
+            "return_unexpected_index_query": False,
+            "partial_unexpected_count": 0,
+        },
+    ).results
+    merged = {item.expectation_config.meta["_position"]: item for item in first if item.success}
+    merged.update({item.expectation_config.meta["_position"]: item for item in second})
+    return [merged[i] for i in sorted(merged)]
+
+
 def _per_day_outcomes(
-    result: Any, day_rows: dict[str, int], examples: tuple[str, ...], profile: pl.DataFrame | None
+    results: list[Any], day_rows: dict[str, int], examples: tuple[str, ...], profile: pl.DataFrame | None
 ) -> dict[str, list[ExpectationOutcome]]:
     """Split one validation's results into one outcome per expectation and day.
 
@@ -227,7 +260,7 @@ def _per_day_outcomes(
     profile value is the observed value.
     """
     outcomes: dict[str, list[ExpectationOutcome]] = {day: [] for day in day_rows}
-    for item in result.results:
+    for item in results:
         config = item.expectation_config
         details = item.result or {}
         label_columns = _columns_of(config)
@@ -314,29 +347,13 @@ def validate_days(
         context = _ephemeral_context()
         index_columns = [DAY, *[c for c in examples if c in rows.columns]]
         if row_expectations:
-            result = _batch(context, rows.to_pandas()).validate(
-                _gx_suite(suite_name, data, row_expectations),
-                result_format={
-                    "result_format": "COMPLETE",
-                    "unexpected_index_column_names": index_columns,
-                    "return_unexpected_index_query": False,
-                    "partial_unexpected_count": 0,
-                },
-            )
-            for day, found in _per_day_outcomes(result, day_rows, tuple(index_columns[1:]), None).items():
+            results = _validate_attributed(context, rows, suite_name, data, row_expectations, index_columns)
+            for day, found in _per_day_outcomes(results, day_rows, tuple(index_columns[1:]), None).items():
                 outcomes[day].extend(found)
         if day_expectations:
             profile = day_profile(rows, day_expectations)
-            result = _batch(context, profile.to_pandas()).validate(
-                _gx_suite(suite_name, data, day_expectations),
-                result_format={
-                    "result_format": "COMPLETE",
-                    "unexpected_index_column_names": [DAY],
-                    "return_unexpected_index_query": False,
-                    "partial_unexpected_count": 0,
-                },
-            )
-            for day, found in _per_day_outcomes(result, day_rows, (), profile).items():
+            results = _validate_attributed(context, profile, suite_name, data, day_expectations, [DAY])
+            for day, found in _per_day_outcomes(results, day_rows, (), profile).items():
                 outcomes[day].extend(found)
     version = str(data.get("meta", {}).get("suite_version", ""))
     return {
