@@ -264,7 +264,9 @@ def _release(batch_id: int, actor: str, note: str) -> int:
     previous = (date.fromisoformat(first_day) - timedelta(days=1)).isoformat()
     while previous in raw_days and previous not in feature_days:
         first_day, previous = previous, (date.fromisoformat(previous) - timedelta(days=1)).isoformat()
-    return _recompute(first_day, None, asset_selection=sorted(descendants), at_least=days[-1][0])
+    # ... and days after it that were held back behind the breach: through the newest day with raw data.
+    through = max([days[-1][0], *raw_days])
+    return _recompute(first_day, None, asset_selection=sorted(descendants), at_least=through)
 
 
 def _ui(port: int) -> int:
