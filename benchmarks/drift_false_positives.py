@@ -88,7 +88,7 @@ def failure_detail(reference: pl.DataFrame, column: str, gates: dict) -> str:
 
     return (
         f"{gate.statistic} of {gate.feature} {number(row['observed'])} outside "
-        f"[{number(row['lower'])}, {number(row['upper'])}] (score {row['score']:+.2f})"
+        f"[{number(row['lower'])}, {number(row['upper'])}] (score {row['score']:+.3f})"
     )
 
 

@@ -18,9 +18,9 @@ reference day at a time, that is at the sample size of one day of this universe:
   standard deviation. ``t = (x - c) / (s * sqrt(1 + 1/m))`` is Student's t with m - 1 degrees of
   freedom for exchangeable, roughly normal days (the prediction interval of one new day), and the
   score is the standard normal quantile with the same tail probability. A score therefore means
-  the same with 5 reference days as with 20 (a raw ``k * spread`` band does not: with 5 days,
-  |t| > 6 is 200 times likelier than with 20), and a bound of 3.4 reads "beyond what the reference
-  would produce once in 3,000 days".
+  the same with 5 reference days as with 20 (a raw ``k * spread`` band does not: with 5 days, a day
+  falls outside 6 spreads 400 times as often as with 20), and a bound of 3.41 reads "outside what
+  the reference would produce once in 1,500 days".
 - ``kl_score``: the KL divergence of the day's histogram from the pooled reference's, on the
   reference's decile bins, judged against the *leave-one-out* divergences of the reference days
   (each reference day against the other m - 1 pooled, on the same bins). Those m values are draws
