@@ -51,21 +51,34 @@ class FeatureStore(dg.ConfigurableResource):
 
 
 def pool_instance_connections(instance: dg.DagsterInstance) -> None:
-    """Keep pooled connections to Dagster's PostgreSQL event log and run storage for this process.
+    """Keep a small pool of connections to Dagster's PostgreSQL event log and run storage in this process.
 
-    dagster-postgres opens a new connection per event by default (NullPool); with per-day check
-    results and materialisations a month's run records hundreds of events, and connection set-up
-    (password auth) took 16 s of a 95 s backfill. dagster-webserver switches to a pool the same way.
+    dagster-postgres opens a new connection for every event by default (NullPool), and a stored event
+    nests a second connection (its table check); with per-day check results and materialisations a
+    month's run records hundreds of events, and connection set-up (password auth) took 16 s of a
+    95 s backfill. dagster-webserver pools too (``optimize_for_webserver``), but with one connection,
+    so the nested one would still be opened and closed per event: this keeps four.
     """
     try:
         from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+        from dagster_postgres.utils import create_pg_engine
     except ImportError:
         return
     for storage in (instance.event_log_storage, instance.run_storage):
-        pooled = isinstance(storage, PostgresEventLogStorage | PostgresRunStorage)
-        if pooled and not getattr(storage, "_marketfs_pooled", False):
-            storage.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
-            storage._marketfs_pooled = True
+        if not isinstance(storage, PostgresEventLogStorage | PostgresRunStorage):
+            continue
+        if getattr(storage, "_marketfs_pooled", False):
+            continue
+        storage._engine = create_pg_engine(
+            storage.postgres_url,
+            getattr(storage, "_token_provider", None),
+            isolation_level="AUTOCOMMIT",
+            pool_size=4,
+            max_overflow=4,
+            pool_recycle=3600,
+            pool_pre_ping=True,
+        )
+        storage._marketfs_pooled = True
 
 
 def database_unreachable(dsn: str, exc: Exception) -> dg.Failure:
