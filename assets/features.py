@@ -104,67 +104,84 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
         written: list[str] = []
         judgement = Judgement()
         plan = DayChunks(context.partition_keys)
-        for days in plan:
-            if judgement.breaches:
-                judgement.held_back.extend(days)
-                continue
-            start, end = day_window(days[0])[0], day_window(days[-1])[1]
-            computation = _compute(store, timeframe, start, end)
-            vectors = computation.vectors.with_columns(day_of())
-            plan.saw(vectors.height, vectors[DAY].n_unique())
-            checks_by_day = {GATE_CHECK: validate_days(vectors, suite, suite=quality_suite)}
-            drift_pages: dict[str, tuple[pl.DataFrame, dict]] = {}
-            if drift_template is not None:
-                checks_by_day[DRIFT_CHECK] = _drift(store, vectors, drift_template, timeframe, start, drift_pages)
+        try:
+            for days in plan:
+                if judgement.breaches:
+                    judgement.held_back.extend(days)
+                    continue
+                start, end = day_window(days[0])[0], day_window(days[-1])[1]
+                computation = _compute(store, timeframe, start, end)
+                vectors = computation.vectors.with_columns(day_of())
+                plan.saw(vectors.height, vectors[DAY].n_unique())
+                checks_by_day = {GATE_CHECK: validate_days(vectors, suite, suite=quality_suite)}
+                drift_pages: dict[str, tuple[pl.DataFrame, dict]] = {}
+                if drift_template is not None:
+                    checks_by_day[DRIFT_CHECK] = _drift(store, vectors, drift_template, timeframe, start, drift_pages)
 
-            def rows_of_day(day: str, computation: FeatureComputation = computation) -> dict[str, pl.DataFrame]:
-                day_start, day_end = day_window(day)
-                return {
-                    "feature_vectors": _in_window(computation.vectors, day_start, day_end),
-                    "feature_state": _in_window(computation.state, day_start, day_end).with_columns(
-                        pl.lit(timeframe).alias("timeframe"), pl.lit(FEATURE_SET.version).alias("feature_set_version")
-                    ),
-                }
+                def rows_of_day(day: str, computation: FeatureComputation = computation) -> dict[str, pl.DataFrame]:
+                    day_start, day_end = day_window(day)
+                    return {
+                        "feature_vectors": _in_window(computation.vectors, day_start, day_end),
+                        "feature_state": _in_window(computation.state, day_start, day_end).with_columns(
+                            pl.lit(timeframe).alias("timeframe"),
+                            pl.lit(FEATURE_SET.version).alias("feature_set_version"),
+                        ),
+                    }
 
-            def publish(
-                check: str, day: str, gate: GateResult, vectors: pl.DataFrame = vectors, drift_pages: dict = drift_pages
-            ) -> str | None:
-                label_ = f"{name}-{day}"
-                if check == DRIFT_CHECK:
-                    profile, drift_suite = drift_pages[day]
-                    return publish_day(
-                        profile, gate.suite, drift_suite, docs=docs, label=label_, run_name=context.run_id
-                    )
-                rows = vectors.filter(pl.col(DAY) == day).drop(DAY)
-                return publish_day(rows, suite, quality_suite, docs=docs, label=label_, run_name=context.run_id)
+                def publish(
+                    check: str,
+                    day: str,
+                    gate: GateResult,
+                    vectors: pl.DataFrame = vectors,
+                    drift_pages: dict = drift_pages,
+                ) -> str | None:
+                    label_ = f"{name}-{day}"
+                    if check == DRIFT_CHECK:
+                        profile, drift_suite = drift_pages[day]
+                        return publish_day(
+                            profile, gate.suite, drift_suite, docs=docs, label=label_, run_name=context.run_id
+                        )
+                    rows = vectors.filter(pl.col(DAY) == day).drop(DAY)
+                    return publish_day(rows, suite, quality_suite, docs=docs, label=label_, run_name=context.run_id)
 
-            chunk = judge_days(
-                context, store, days=days, checks=checks_by_day, rows_of_day=rows_of_day, chained=True, publish=publish
-            )
-            judgement.extend(dataclasses.replace(chunk, accepted=[]))
-            if chunk.accepted:
-                # The days before the first breach, with their state, in one transaction.
-                write_start, write_end = day_window(chunk.accepted[0])[0], day_window(chunk.accepted[-1])[1]
-                accepted = FeatureComputation(
-                    vectors=_in_window(computation.vectors, write_start, write_end),
-                    state=_in_window(computation.state, write_start, write_end),
+                chunk = judge_days(
+                    context,
+                    store,
+                    days=days,
+                    checks=checks_by_day,
+                    rows_of_day=rows_of_day,
+                    chained=True,
+                    publish=publish,
                 )
-                with store.engine().begin() as conn:
-                    write_features(
-                        conn,
-                        accepted,
-                        feature_set=FEATURE_SET,
-                        timeframe=timeframe,
-                        start=write_start,
-                        end=write_end,
-                        run_id=context.run_id,
+                judgement.extend(dataclasses.replace(chunk, accepted=[]))
+                if chunk.accepted:
+                    # The days before the first breach, with their state, in one transaction.
+                    write_start, write_end = day_window(chunk.accepted[0])[0], day_window(chunk.accepted[-1])[1]
+                    accepted = FeatureComputation(
+                        vectors=_in_window(computation.vectors, write_start, write_end),
+                        state=_in_window(computation.state, write_start, write_end),
                     )
-                for day in chunk.accepted:
-                    day_vectors = vectors.filter(pl.col(DAY) == day).drop(DAY)
-                    materializations.append(
-                        (context.asset_key, day, _day_metadata(day_vectors), content_version(day_vectors))
-                    )
-                    written.append(day)
+                    with store.engine().begin() as conn:
+                        write_features(
+                            conn,
+                            accepted,
+                            feature_set=FEATURE_SET,
+                            timeframe=timeframe,
+                            start=write_start,
+                            end=write_end,
+                            run_id=context.run_id,
+                        )
+                    for day in chunk.accepted:
+                        day_vectors = vectors.filter(pl.col(DAY) == day).drop(DAY)
+                        materializations.append(
+                            (context.asset_key, day, _day_metadata(day_vectors), content_version(day_vectors))
+                        )
+                        written.append(day)
+        except dg.Failure:
+            # A later chunk failed (a bad file, missing history): the days already written are recorded.
+            yield from day_materializations(provenance, materializations)
+            yield from reported(context, judgement.evaluations)
+            raise
         if judgement.breaches:
             yield from day_materializations(provenance, materializations)
             yield from reported(context, judgement.evaluations)

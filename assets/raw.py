@@ -63,38 +63,44 @@ def _ingest(
     judged = Judgement()
     written: list[str] = []
     plan = DayChunks(context.partition_keys)
-    for days in plan:
-        start, end = day_window(days[0])[0], day_window(days[-1])[1]
-        delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column))
-        plan.saw(delivered.height, delivered[DAY].n_unique())
-        # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
-        delivered = delivered.with_columns(pl.col(DAY).fill_null(days[0]))
-        verdicts = validate_days(delivered, asset, suite=suite)
+    try:
+        for days in plan:
+            start, end = day_window(days[0])[0], day_window(days[-1])[1]
+            delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column))
+            plan.saw(delivered.height, delivered[DAY].n_unique())
+            # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
+            delivered = delivered.with_columns(pl.col(DAY).fill_null(days[0]))
+            verdicts = validate_days(delivered, asset, suite=suite)
 
-        def rows_of_day(day: str, delivered: pl.DataFrame = delivered) -> dict[str, pl.DataFrame]:
-            return {table: delivered.filter(pl.col(DAY) == day).drop(DAY)}
+            def rows_of_day(day: str, delivered: pl.DataFrame = delivered) -> dict[str, pl.DataFrame]:
+                return {table: delivered.filter(pl.col(DAY) == day).drop(DAY)}
 
-        def publish(check: str, day: str, gate, delivered: pl.DataFrame = delivered) -> str | None:
-            rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
-            return publish_day(rows, asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id)
-
-        judgement = judge_days(
-            context,
-            store,
-            days=days,
-            checks={GATE_CHECK: verdicts},
-            rows_of_day=rows_of_day,
-            chained=False,
-            publish=publish,
-        )
-        judged.extend(judgement)
-        with store.engine().begin() as conn:
-            for day in judgement.accepted:
-                day_start, day_end = day_window(day)
+            def publish(check: str, day: str, gate, delivered: pl.DataFrame = delivered) -> str | None:
                 rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
-                stored = write(conn, rows, day_start, day_end)
-                materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
-                written.append(day)
+                return publish_day(rows, asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id)
+
+            judgement = judge_days(
+                context,
+                store,
+                days=days,
+                checks={GATE_CHECK: verdicts},
+                rows_of_day=rows_of_day,
+                chained=False,
+                publish=publish,
+            )
+            judged.extend(judgement)
+            with store.engine().begin() as conn:
+                for day in judgement.accepted:
+                    day_start, day_end = day_window(day)
+                    rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
+                    stored = write(conn, rows, day_start, day_end)
+                    materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
+                    written.append(day)
+    except dg.Failure:
+        # A later chunk failed (a bad file): the days already written are recorded.
+        yield from day_materializations(provenance, materializations)
+        yield from reported(context, judged.evaluations)
+        raise
     if judged.breaches:
         yield from day_materializations(provenance, materializations)
         yield from reported(context, judged.evaluations)

@@ -9,10 +9,11 @@ the rows are generated once, kept as Parquet, and every write measurement writes
 into a fresh database.
 
 Measured: feature computation; Great Expectations validation (one verdict per day from one
-validation of the rows and one of the day profiles, quality and drift suites) and its share; the write path against the typical approach (pandas per
-instrument, executemany INSERT ... ON CONFLICT) and the physical limit proxy (COPY into an
-UNLOGGED table without index); a backfill of the range through the project's CLI and one
-scheduled partition run through ``dagster job execute``, against an empty Dagster run launched
+validation of the rows and one of the day profiles, quality and drift suites) and its share;
+the write path against the typical approach (pandas per instrument, executemany INSERT ... ON
+CONFLICT) and the physical limit proxy (COPY into an UNLOGGED table without index); a backfill
+of the range through the project's CLI and one scheduled partition run through
+``dagster job execute``, against an empty Dagster run launched
 the same way; retrieval (``retrieval.py``).
 """
 

@@ -144,7 +144,7 @@ def test_drift_gate_blocks_a_shifted_partition_and_says_what_drifted(
         land(tmp_path, day)
     assert materialize_range(dsn, "2024-01-03", "2024-01-09", landing_dir=tmp_path).success
     shifted = days[-1]
-    noisy = SyntheticBars(instruments=INSTRUMENTS, minute_vol=0.0032).bars(shifted, shifted + timedelta(days=1))
+    noisy = SyntheticBars(instruments=INSTRUMENTS, minute_vol=0.008).bars(shifted, shifted + timedelta(days=1))
     land(tmp_path, shifted, bars=noisy)
     result = materialize_range(dsn, "2024-01-10", landing_dir=tmp_path)
     assert not result.success
@@ -185,7 +185,7 @@ def test_drift_against_a_pinned_snapshot(
     drift_file.write_text(json.dumps(suite))
     monkeypatch.setenv("MARKETFS_SUITES_DIR", str(suites))
 
-    noisy = SyntheticBars(instruments=INSTRUMENTS, minute_vol=0.0032).bars(days[-1], days[-1] + timedelta(days=1))
+    noisy = SyntheticBars(instruments=INSTRUMENTS, minute_vol=0.008).bars(days[-1], days[-1] + timedelta(days=1))
     land(tmp_path / "landing", days[-1], bars=noisy)
     result = materialize_range(dsn, "2024-01-10", landing_dir=tmp_path / "landing")
     assert not result.success
