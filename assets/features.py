@@ -9,12 +9,13 @@ first breaching day, quarantines that day, and holds back the days after it.
 import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
 
-from assets.data_versions import InputProvenance, content_version, day_materializations
-from assets.gates import Judgement, breach_failure, judge_days, reported
+from assets.data_versions import InputProvenance, content_version
+from assets.gates import Judgement, judge_days, report_run
 from assets.metadata import flag_counts, frame_summary, vector_preview
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from expectations.gate import GateResult, suite_path
@@ -30,6 +31,9 @@ from marketfs.store.feature_vectors import (
     write_features,
 )
 from pipelines.resources import FeatureStore, translate_database_errors
+
+if TYPE_CHECKING:
+    from expectations.drift import DriftProfile
 
 FEATURE_SET = DEFAULT_FEATURE_SET
 GATE_CHECK = "quality_gate"
@@ -101,22 +105,23 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
         drift_template = load_suite_json(drift_file) if drift_file.exists() else None
         docs = DataDocs.default()
         materializations: list[tuple] = []
-        written: list[str] = []
         judgement = Judgement()
+        failure = None
         plan = DayChunks(context.partition_keys)
+        history = None  # the drift reference, read once and carried from chunk to chunk
         try:
             for days in plan:
-                if judgement.breaches:
-                    judgement.held_back.extend(days)
-                    continue
                 start, end = day_window(days[0])[0], day_window(days[-1])[1]
                 computation = _compute(store, timeframe, start, end)
                 vectors = computation.vectors.with_columns(day_of())
-                plan.saw(vectors.height, vectors[DAY].n_unique())
+                by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
+                plan.saw(vectors.height, len(by_day))
                 checks_by_day = {GATE_CHECK: validate_days(vectors, suite, suite=quality_suite)}
-                drift_pages: dict[str, tuple[pl.DataFrame, dict]] = {}
+                profile = None
                 if drift_template is not None:
-                    checks_by_day[DRIFT_CHECK] = _drift(store, vectors, drift_template, timeframe, start, drift_pages)
+                    if history is None:
+                        history = _drift_history(store, drift_template, timeframe, start)
+                    checks_by_day[DRIFT_CHECK], profile = _drift(vectors, history, drift_template, timeframe)
 
                 def rows_of_day(day: str, computation: FeatureComputation = computation) -> dict[str, pl.DataFrame]:
                     day_start, day_end = day_window(day)
@@ -129,20 +134,17 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
                     }
 
                 def publish(
-                    check: str,
-                    day: str,
-                    gate: GateResult,
-                    vectors: pl.DataFrame = vectors,
-                    drift_pages: dict = drift_pages,
+                    check: str, day: str, gate: GateResult, by_day: dict = by_day, profile=profile
                 ) -> str | None:
                     label_ = f"{name}-{day}"
                     if check == DRIFT_CHECK:
-                        profile, drift_suite = drift_pages[day]
+                        row = profile.frame.filter(pl.col(DAY) == day).drop(DAY)
                         return publish_day(
-                            profile, gate.suite, drift_suite, docs=docs, label=label_, run_name=context.run_id
+                            row, gate.suite, profile.suite, docs=docs, label=label_, run_name=context.run_id
                         )
-                    rows = vectors.filter(pl.col(DAY) == day).drop(DAY)
-                    return publish_day(rows, suite, quality_suite, docs=docs, label=label_, run_name=context.run_id)
+                    return publish_day(
+                        by_day[day], suite, quality_suite, docs=docs, label=label_, run_name=context.run_id
+                    )
 
                 chunk = judge_days(
                     context,
@@ -153,7 +155,7 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
                     chained=True,
                     publish=publish,
                 )
-                judgement.extend(dataclasses.replace(chunk, accepted=[]))
+                judgement.extend(chunk)
                 if chunk.accepted:
                     # The days before the first breach, with their state, in one transaction.
                     write_start, write_end = day_window(chunk.accepted[0])[0], day_window(chunk.accepted[-1])[1]
@@ -171,27 +173,17 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
                             end=write_end,
                             run_id=context.run_id,
                         )
+                    empty = vectors.clear().drop(DAY)
                     for day in chunk.accepted:
-                        day_vectors = vectors.filter(pl.col(DAY) == day).drop(DAY)
-                        materializations.append(
-                            (context.asset_key, day, _day_metadata(day_vectors), content_version(day_vectors))
-                        )
-                        written.append(day)
-        except dg.Failure:
-            # A later chunk failed (a bad file, missing history): the days already written are recorded.
-            yield from day_materializations(provenance, materializations)
-            yield from reported(context, judgement.evaluations)
-            raise
-        if judgement.breaches:
-            yield from day_materializations(provenance, materializations)
-            yield from reported(context, judgement.evaluations)
-            raise breach_failure(name, judgement, written=written, first_of_chain_fix=True)
-        # First the run's own record (Dagster adds one per partition), then each day's, which is the latest.
-        yield dg.MaterializeResult(
-            asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
-        )
-        yield from day_materializations(provenance, materializations)
-        yield from reported(context, judgement.evaluations)
+                        rows = by_day.get(day, empty)
+                        materializations.append((context.asset_key, day, _day_metadata(rows), content_version(rows)))
+                    if history is not None:
+                        history = _roll(history, accepted.vectors, drift_template)
+                if chunk.breaches:
+                    break  # later days continue the breaching day's state: they are held back
+        except dg.Failure as exc:  # a bad file or missing history in a later chunk: written days are recorded
+            failure = exc
+        yield from report_run(context, provenance, materializations, judgement, chained=True, failure=failure)
 
     return _asset
 
@@ -227,20 +219,13 @@ def _day_metadata(vectors: pl.DataFrame) -> dict[str, dg.MetadataValue]:
     return metadata
 
 
-def _drift(
-    store: FeatureStore,
-    vectors: pl.DataFrame,
-    template: dict,
-    timeframe: str,
-    start: datetime,
-    pages: dict[str, tuple[pl.DataFrame, dict]],
-) -> dict[str, GateResult]:
-    """One drift verdict per day: the day profile against its reference, validated by one GX run."""
-    from expectations.drift import ReferenceSpec, drift_columns, drift_profile
-    from expectations.gate import validate_days
+def _drift_history(store: FeatureStore, template: dict, timeframe: str, start: datetime) -> pl.DataFrame:
+    """The stored vectors a run's drift reference draws on: the trailing days before ``start``, or the
+    pinned window or snapshot. Only the columns drift compares (the reference spans weeks)."""
+    from expectations.drift import ReferenceSpec, drift_columns
 
     spec = ReferenceSpec.from_suite(template)
-    columns = drift_columns(template)  # the reference spans weeks of vectors: read only what drift compares
+    columns = drift_columns(template)
     with store.engine().connect() as conn:
         if spec.kind == "trailing":
             history = read_recent_partitions(
@@ -264,26 +249,40 @@ def _drift(
                 end=datetime.fromisoformat(spec.end).replace(tzinfo=UTC),
                 columns=columns,
             )
+    return history.select("ts", *columns)
+
+
+def _roll(history: pl.DataFrame, written: pl.DataFrame, template: dict) -> pl.DataFrame:
+    """The reference for the next chunk: a trailing one takes in the days just written and keeps its
+    last N days, as a fresh read would; a pinned one stays as it is."""
+    from expectations.drift import ReferenceSpec
+
+    spec = ReferenceSpec.from_suite(template)
+    if spec.kind != "trailing":
+        return history
+    pool = pl.concat([history, written.select(history.columns)])
+    days = pool.select(pl.col("ts").dt.date().unique().sort()).to_series()
+    return pool.filter(pl.col("ts").dt.date() >= days[-spec.partitions]) if days.len() > spec.partitions else pool
+
+
+def _drift(
+    vectors: pl.DataFrame, history: pl.DataFrame, template: dict, timeframe: str
+) -> tuple[dict[str, GateResult], "DriftProfile"]:
+    """One drift verdict per day (the day profile against its reference, one GX validation), and the profile."""
+    from expectations.drift import drift_profile
+    from expectations.gate import validate_days
+
     profile = drift_profile(
-        vectors.drop(DAY),
-        history.select("ts", *columns),
-        template,
-        source=f"feature_vectors ({FEATURE_SET.version}, {timeframe})",
+        vectors.drop(DAY), history, template, source=f"feature_vectors ({FEATURE_SET.version}, {timeframe})"
     )
     name = template["name"]
     results = validate_days(profile.frame, name, suite=profile.suite, examples=()) if profile.frame.height else {}
-    for day in profile.frame[DAY].to_list() if profile.frame.height else []:
-        pages[day] = (profile.frame.filter(pl.col(DAY) == day).drop(DAY), profile.suite)
     verdicts: dict[str, GateResult] = {}
     for day, gate in results.items():
         table = profile.references.get(day)
-        verdicts[day] = GateResult(
-            suite=gate.suite,
-            suite_file=gate.suite_file,
-            suite_version=gate.suite_version,
-            outcomes=gate.outcomes,
+        verdicts[day] = dataclasses.replace(
+            gate,
             reference=_describe(table),
-            label=day,
             reference_table=None if table is None else table.drop("reference", "reference_days", strict=False),
         )
     for day, reason in profile.not_evaluated.items():
@@ -295,7 +294,7 @@ def _drift(
             reference=f"not evaluated: {reason}",
             label=day,
         )
-    return verdicts
+    return verdicts, profile
 
 
 def _describe(table: pl.DataFrame | None) -> str | None:

@@ -10,11 +10,12 @@ whose day D+1 continues day D's recursion state).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dagster as dg
 import polars as pl
 
+from assets.data_versions import InputProvenance, day_materializations
 from assets.metadata import gate_metadata
 from assets.partitions import day_window
 from expectations.gate import GateResult
@@ -37,18 +38,26 @@ class Breach:
         return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class DayCheck:
+    """One check's verdict on one day, reported once the day's materialisation is recorded."""
+
+    check: str
+    day: str
+    passed: bool
+    metadata: dict[str, dg.MetadataValue]
+
+
 @dataclass
 class Judgement:
-    accepted: list[str] = field(default_factory=list)  # days that may be written, in order
+    accepted: list[str] = field(default_factory=list)  # days that may be (and are) written, in order
     breaches: list[Breach] = field(default_factory=list)
-    held_back: list[str] = field(default_factory=list)  # days after a breach in a state chain: not written, not judged
-    evaluations: list[dg.AssetCheckEvaluation] = field(default_factory=list)  # to report after the writes
+    checks: list[DayCheck] = field(default_factory=list)
 
     def extend(self, other: Judgement) -> None:
         self.accepted.extend(other.accepted)
         self.breaches.extend(other.breaches)
-        self.held_back.extend(other.held_back)
-        self.evaluations.extend(other.evaluations)
+        self.checks.extend(other.checks)
 
 
 def judge_days(
@@ -66,14 +75,14 @@ def judge_days(
     ``checks`` maps a check name to its verdict per day (days without rows have none);
     ``rows_of_day(day)`` gives the rows the day would write, per served table, for quarantine;
     ``publish(check, day, gate)`` renders a Data Docs page for a failed verdict and returns its URL.
+    ``chained``: days after the first breach are not judged (they would continue its state).
     """
     asset = context.asset_key.to_user_string()
     judgement = Judgement()
     with store.engine().begin() as conn:
         for day in days:
             if chained and judgement.breaches:
-                judgement.held_back.append(day)
-                continue
+                break
             verdicts = {name: by_day[day] for name, by_day in checks.items() if day in by_day}
             failed = {name: gate for name, gate in verdicts.items() if not gate.passed}
             batch_id = None
@@ -108,58 +117,75 @@ def judge_days(
                 metadata = gate_metadata(gate)
                 if batch_id is not None:
                     metadata["quarantine_batch"] = dg.MetadataValue.int(batch_id)
-                judgement.evaluations.append(
-                    dg.AssetCheckEvaluation(
-                        asset_key=context.asset_key,
-                        check_name=name,
-                        passed=gate.passed,
-                        partition=day,
-                        metadata=metadata,
-                        severity=dg.AssetCheckSeverity.ERROR,
-                    )
-                )
+                judgement.checks.append(DayCheck(check=name, day=day, passed=gate.passed, metadata=metadata))
     return judgement
 
 
-def reported(context: dg.AssetExecutionContext, evaluations: list[dg.AssetCheckEvaluation]) -> Iterator:
+def report_run(
+    context: dg.AssetExecutionContext,
+    provenance: InputProvenance,
+    materializations: list[tuple],
+    judgement: Judgement,
+    *,
+    chained: bool,
+    failure: dg.Failure | None = None,
+) -> Iterator:
+    """Everything a run records, in the order Dagster needs it; then the run's failure, if any.
+
+    A run that wrote every day first yields its own ``MaterializeResult`` (Dagster records one
+    materialisation per partition of the range and runs the downstream steps), then each written
+    day's materialisation, which is then the latest of its partition, then the check results, which
+    target those. A run that stopped (``failure``: a bad file or missing history in a later chunk)
+    or had a breach records the days it wrote and fails.
+    """
+    if failure is None and not judgement.breaches:
+        yield dg.MaterializeResult(
+            asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(judgement.accepted))}
+        )
+    yield from day_materializations(provenance, materializations)
+    yield from _check_results(context, judgement.checks)
+    if failure is not None:
+        raise failure
+    if judgement.breaches:
+        raise _breach_failure(context, judgement, chained=chained)
+
+
+def _check_results(context: dg.AssetExecutionContext, checks: list[DayCheck]) -> Iterator[dg.AssetCheckEvaluation]:
     """The check results, each pointing at the latest materialisation of its partition.
 
-    Yield them after the day's materialisations: Dagster shows a partition's check result as
-    current only when it targets the partition's latest materialisation (else "missing").
+    Dagster shows a partition's check result as current only when it targets the partition's
+    latest materialisation (else "missing"), so they are yielded after the day's materialisations.
     """
     from dagster._core.definitions.asset_checks.asset_check_evaluation import (
         AssetCheckEvaluationTargetMaterializationData,
     )
     from dagster._core.storage.event_log.base import AssetRecordsFilter
 
-    days = sorted({e.partition for e in evaluations if e.partition})
+    days = sorted({c.day for c in checks})
     latest: dict[str, AssetCheckEvaluationTargetMaterializationData] = {}
     if days:
         records = context.instance.fetch_materializations(
             AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=days), limit=4 * len(days)
         ).records
         for record in records:  # newest first
-            partition = record.partition_key
-            if partition not in latest:
-                latest[partition] = AssetCheckEvaluationTargetMaterializationData(
+            if record.partition_key not in latest:
+                latest[record.partition_key] = AssetCheckEvaluationTargetMaterializationData(
                     storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
                 )
-    for e in evaluations:
+    for c in checks:
         yield dg.AssetCheckEvaluation(
-            asset_key=e.asset_key,
-            check_name=e.check_name,
-            passed=e.passed,
-            partition=e.partition,
-            metadata=e.metadata,
-            severity=e.severity,
-            target_materialization_data=latest.get(e.partition),
+            asset_key=context.asset_key,
+            check_name=c.check,
+            passed=c.passed,
+            partition=c.day,
+            metadata=c.metadata,
+            severity=dg.AssetCheckSeverity.ERROR,
+            target_materialization_data=latest.get(c.day),
         )
 
 
 def _with_page(publish, context: dg.AssetExecutionContext, check: str, day: str, gate: GateResult) -> GateResult:
     """The verdict with its Data Docs page; a page that cannot be rendered (disk full, ...) never stops the gate."""
-    from dataclasses import replace
-
     try:
         return replace(gate, docs_url=publish(check, day, gate))
     except Exception as exc:  # a report, not the gate: any failure to render is logged and the verdict stands
@@ -167,25 +193,26 @@ def _with_page(publish, context: dg.AssetExecutionContext, check: str, day: str,
         return gate
 
 
-def breach_failure(asset: str, judgement: Judgement, *, written: list[str], first_of_chain_fix: bool) -> dg.Failure:
+def _breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, chained: bool) -> dg.Failure:
     """The run's failure: which days breached (with instrument and ts), which were written, what to do."""
-    lines = []
-    for breach in judgement.breaches:
+    asset = context.asset_key.to_user_string()
+    lines = [
+        f"{asset} {breach.day} breached its gate; nothing of {breach.day} was written. The rows are in "
+        f"quarantine batch {breach.batch_id} (marketfs quarantine show {breach.batch_id}). {breach.describe()}"
+        for breach in judgement.breaches
+    ]
+    first = judgement.breaches[0]
+    if judgement.accepted:
+        lines.append(f"Written: {_days(judgement.accepted)}.")
+    held_back = [day for day in context.partition_keys if day > first.day] if chained else []
+    if held_back:
         lines.append(
-            f"{asset} {breach.day} breached its gate; nothing of {breach.day} was written. The rows are in "
-            f"quarantine batch {breach.batch_id} (marketfs quarantine show {breach.batch_id}). {breach.describe()}"
+            f"Not written: {_days(held_back)}, which continue {first.day}'s feature state. Fix {first.day} "
+            f"first (re-deliver its data, or release or discard batch {first.batch_id}), then "
+            f"recompute from {first.day}: make recompute FROM={first.day}."
         )
-    first = judgement.breaches[0].day
-    if written:
-        lines.append(f"Written: {_days(written)}.")
-    if judgement.held_back:
-        lines.append(
-            f"Not written: {_days(judgement.held_back)}, which continue {first}'s feature state. Fix {first} "
-            f"first (re-deliver its data, or release or discard batch {judgement.breaches[0].batch_id}), then "
-            f"recompute from {first}: make recompute FROM={first}."
-        )
-    elif first_of_chain_fix:
-        lines.append(f"Fix {first} first, then recompute from {first}: make recompute FROM={first}.")
+    else:
+        lines.append(f"Fix {first.day} first, then recompute from {first.day}: make recompute FROM={first.day}.")
     return dg.Failure(
         description="\n".join(lines)[:6000],
         metadata={

@@ -49,9 +49,9 @@ class DayChunks:
     (``saw``), so a run's memory follows its universe, not its range, without counting rows first.
     """
 
-    def __init__(self, days: Sequence[str], rows_per_chunk: int = ROWS_PER_CHUNK) -> None:
+    def __init__(self, days: Sequence[str], rows_per_chunk: int | None = None) -> None:
         self.days = list(days)
-        self.rows_per_chunk = max(rows_per_chunk, 1)
+        self.rows_per_chunk = max(ROWS_PER_CHUNK if rows_per_chunk is None else rows_per_chunk, 1)
         self._rows_per_day = 0
 
     def saw(self, rows: int, days: int) -> None:
@@ -73,7 +73,7 @@ def daily_asset(
     group_name: str,
     code_version: str,
     description: str,
-    deps: Sequence[dg.AssetDep | dg.AssetsDefinition] = (),
+    deps: Sequence[dg.AssetDep | str] = (),
     checks: dict[str, str] | None = None,
     metadata: dict | None = None,
 ) -> Callable:

@@ -10,8 +10,8 @@ from datetime import datetime
 import dagster as dg
 import polars as pl
 
-from assets.data_versions import InputProvenance, content_version, day_materializations
-from assets.gates import Judgement, breach_failure, judge_days, reported
+from assets.data_versions import InputProvenance, content_version
+from assets.gates import Judgement, judge_days, report_run
 from assets.metadata import frame_summary
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
@@ -61,56 +61,40 @@ def _ingest(
     docs = DataDocs.default()
     materializations = []
     judged = Judgement()
-    written: list[str] = []
+    failure = None
     plan = DayChunks(context.partition_keys)
     try:
         for days in plan:
             start, end = day_window(days[0])[0], day_window(days[-1])[1]
-            delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column))
-            plan.saw(delivered.height, delivered[DAY].n_unique())
             # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
-            delivered = delivered.with_columns(pl.col(DAY).fill_null(days[0]))
-            verdicts = validate_days(delivered, asset, suite=suite)
+            delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column).fill_null(days[0]))
+            by_day = {key: rows.drop(DAY) for (key,), rows in delivered.partition_by(DAY, as_dict=True).items()}
+            plan.saw(delivered.height, len(by_day))
+            empty = delivered.clear().drop(DAY)
 
-            def rows_of_day(day: str, delivered: pl.DataFrame = delivered) -> dict[str, pl.DataFrame]:
-                return {table: delivered.filter(pl.col(DAY) == day).drop(DAY)}
-
-            def publish(check: str, day: str, gate, delivered: pl.DataFrame = delivered) -> str | None:
-                rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
-                return publish_day(rows, asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id)
+            def publish(check: str, day: str, gate, by_day: dict = by_day) -> str | None:
+                return publish_day(
+                    by_day[day], asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id
+                )
 
             judgement = judge_days(
                 context,
                 store,
                 days=days,
-                checks={GATE_CHECK: verdicts},
-                rows_of_day=rows_of_day,
+                checks={GATE_CHECK: validate_days(delivered, asset, suite=suite)},
+                rows_of_day=lambda day, by_day=by_day: {table: by_day[day]},
                 chained=False,
                 publish=publish,
             )
             judged.extend(judgement)
             with store.engine().begin() as conn:
                 for day in judgement.accepted:
-                    day_start, day_end = day_window(day)
-                    rows = delivered.filter(pl.col(DAY) == day).drop(DAY)
-                    stored = write(conn, rows, day_start, day_end)
+                    rows = by_day.get(day, empty)
+                    stored = write(conn, rows, *day_window(day))
                     materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
-                    written.append(day)
-    except dg.Failure:
-        # A later chunk failed (a bad file): the days already written are recorded.
-        yield from day_materializations(provenance, materializations)
-        yield from reported(context, judged.evaluations)
-        raise
-    if judged.breaches:
-        yield from day_materializations(provenance, materializations)
-        yield from reported(context, judged.evaluations)
-        raise breach_failure(asset, judged, written=written, first_of_chain_fix=True)
-    # First the run's own record (Dagster adds one per partition), then each day's, which is the latest.
-    yield dg.MaterializeResult(
-        asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(written))}
-    )
-    yield from day_materializations(provenance, materializations)
-    yield from reported(context, judged.evaluations)
+    except dg.Failure as exc:  # a bad file in a later chunk: the days already written are still recorded
+        failure = exc
+    yield from report_run(context, provenance, materializations, judged, chained=False, failure=failure)
 
 
 @daily_asset(
@@ -196,5 +180,5 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
             replace_bars(conn, daily, start, end, timeframe="1d")
             summary = frame_summary(daily.drop("source_flags"))
             materializations.append((context.asset_key, day, summary, content_version(daily)))
-    yield dg.MaterializeResult(asset_key=context.asset_key)
-    yield from day_materializations(provenance, materializations)
+    days = Judgement(accepted=list(context.partition_keys))
+    yield from report_run(context, provenance, materializations, days, chained=False)

@@ -6,10 +6,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+import pytest
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
 
+from marketfs.features.registry import FS_V1
 from marketfs.sources import SyntheticBars, SyntheticEvents
+from marketfs.store.feature_vectors import read_vectors
 
 INSTRUMENTS = ("AAA", "BBB")
 DAYS = ["2024-04-02", "2024-04-03", "2024-04-04"]
@@ -143,3 +146,32 @@ def test_each_partition_records_its_own_rows_and_a_warmed_up_preview(dsn: str, e
     # The last vector of the day, not the first bars of a history: the indicators are warmed up.
     assert all(warmed[f] != "None" for f in ("rsi_14", "macd_signal", "atr_14", "vol_20", "bb_pct_b"))
     assert set(evaluations(result, "feature_vectors_1m")) == set(DAYS)
+
+
+def test_a_run_in_one_day_chunks_equals_a_run_in_one_chunk(
+    dsn: str, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunking only bounds memory: vectors, verdicts and drift references do not depend on it
+    (the trailing drift reference is carried from chunk to chunk instead of read again)."""
+    verdicts = (
+        "SELECT asset, partition, suite, expectation, column_name, success, observed_value::text, reference "
+        "FROM quality_log ORDER BY 1, 2, 3, 4, 5"
+    )
+    results = []
+    for rows_per_chunk in (10_000_000, 1):
+        monkeypatch.setattr("assets.partitions.ROWS_PER_CHUNK", rows_per_chunk)
+        assert materialize_range(dsn, "2024-01-02", "2024-01-11").success
+        with engine.connect() as conn:
+            stored = [
+                read_vectors(
+                    conn, feature_set=FS_V1, timeframe=tf, start=_start("2024-01-01"), end=_start("2024-01-13")
+                )
+                for tf in ("1m", "1d")
+            ]
+        results.append((rows(engine, verdicts), stored))
+        with engine.begin() as conn:
+            conn.execute(sa.text("TRUNCATE feature_vectors, feature_state, quality_log"))
+    (one_chunk_log, one_chunk_vectors), (daily_log, daily_vectors) = results
+    assert any(r[2] == "feature_vectors_1m_drift" and r[7] and "trailing" in r[7] for r in one_chunk_log)
+    assert daily_log == one_chunk_log
+    assert all(a.height and a.equals(b) for a, b in zip(one_chunk_vectors, daily_vectors, strict=True))
