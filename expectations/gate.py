@@ -232,6 +232,7 @@ def _validate_attributed(
     """
     numbered = [{**e, "meta": {**(e.get("meta") or {}), "_position": i}} for i, e in enumerate(expectations)]
     batch = _batch(context, frame.to_pandas())
+    # batch.validate, not ValidationDefinition.run: the latter crashes serialising numpy bools (GX 1.24).
     first = batch.validate(_gx_suite(suite_name, data, numbered), result_format="BOOLEAN_ONLY").results
     failing = [numbered[item.expectation_config.meta["_position"]] for item in first if not item.success]
     if not failing:
@@ -378,11 +379,9 @@ def validate_frame(
     With ``docs`` (a ``DataDocs``) the validation is stored and its Data Docs page built.
     """
     label = batch_label or suite_name
-    results = validate_days(
-        frame.with_columns(pl.lit(label).alias(DAY)), suite_name, suite=suite, suite_file=suite_file
-    )
     path = suite_file or suite_path(suite_name)
     data = suite if suite is not None else load_suite_json(path)
+    results = validate_days(frame.with_columns(pl.lit(label).alias(DAY)), suite_name, suite=data, suite_file=path)
     result = results.get(label) or GateResult(
         suite=suite_name, suite_file=path, suite_version=str(data.get("meta", {}).get("suite_version", "")), outcomes=[]
     )
@@ -398,7 +397,6 @@ def publish_day(
     docs: Any,
     label: str,
     run_name: str | None,
-    profile_extra: pl.DataFrame | None = None,
 ) -> str | None:
     """Render one day's Data Docs page: its rows against the row scope, its profile against the day scope.
 
