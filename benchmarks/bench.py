@@ -30,7 +30,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psutil
-from common import ROOT, bench_database, machine, peak_rss_mb
+from common import ROOT, bench_database, machine, peak_rss_mb, write_doc_section
 
 START = datetime(2024, 1, 2, tzinfo=UTC)
 
@@ -375,17 +375,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "docs" / "benchmarks.md"
-        doc = path.read_text()
-        header = f"## Pipeline: compute, validate, write, end to end ({args.days} days)"
-        section = f"{header}\n\n{text}\n"
-        if header in doc:
-            before, _, rest = doc.partition(header)
-            after = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-            doc = before + section + ("\n" + after if after else "")
-        else:
-            doc = doc.rstrip() + "\n\n" + section
-        path.write_text(doc)
+        write_doc_section(f"## Pipeline: compute, validate, write, end to end ({args.days} days)", text)
     return 0
 
 

@@ -70,3 +70,17 @@ def timed() -> Iterator[dict]:
 
 def machine() -> str:
     return f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_doc_section(header: str, text: str) -> None:
+    """Put ``text`` under ``header`` in docs/benchmarks.md: replace that section, or append it."""
+    path = ROOT / "docs" / "benchmarks.md"
+    doc = path.read_text()
+    section = f"{header}\n\n{text}\n"
+    if header in doc:
+        before, _, rest = doc.partition(header)
+        after = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
+        doc = before + section + ("\n" + after if after else "")
+    else:
+        doc = doc.rstrip() + "\n\n" + section
+    path.write_text(doc)

@@ -18,8 +18,8 @@ import tempfile
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from bench import ROOT, run_tree, trading_window
-from common import bench_database, machine
+from bench import run_tree, trading_window
+from common import bench_database, machine, write_doc_section
 
 
 def one_range(instruments: int, days: int) -> dict:
@@ -74,17 +74,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "docs" / "benchmarks.md"
-        doc = path.read_text()
-        header = f"## Peak memory against range length ({args.instruments} instruments)"
-        section = f"{header}\n\n{text}\n"
-        if header in doc:
-            before, _, rest = doc.partition(header)
-            after = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-            doc = before + section + ("\n" + after if after else "")
-        else:
-            doc = doc.rstrip() + "\n\n" + section
-        path.write_text(doc)
+        write_doc_section(f"## Peak memory against range length ({args.instruments} instruments)", text)
     return 0
 
 
