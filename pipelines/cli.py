@@ -84,11 +84,15 @@ def _wait_for_state_chain(instance) -> None:
                 statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
             )
         )
-        if not active:
+        if not active or timeout <= 0:
             return
         for run in active:
             if run.run_id not in said:
-                print(f"waiting for run {run.run_id} ({run.status.value}): one run of the state chain at a time")
+                print(
+                    f"waiting for run {run.run_id} ({run.status.value}): one run of the state chain at a time. "
+                    "A run whose process was killed never ends by itself: terminate it in the UI (Runs -> the "
+                    "run -> Terminate, force), or set MARKETFS_STATE_CHAIN_WAIT=0 to go ahead anyway"
+                )
                 said.add(run.run_id)
         if time.monotonic() > deadline:
             raise SystemExit(
