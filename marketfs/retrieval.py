@@ -34,14 +34,28 @@ Output = Literal["polars", "pandas"]
 
 
 class RetrievalError(ValueError):
-    """A request the caller can fix: unknown feature or snapshot, naive timestamps, empty entities."""
+    """A request the caller can fix: unknown feature, timeframe or snapshot, naive timestamps, empty
+    entities, a negative tolerance, NUL bytes in text."""
+
+
+def _text(value: object, what: str) -> str:
+    """A string argument PostgreSQL can hold: text columns cannot contain NUL bytes."""
+    if not isinstance(value, str):
+        raise RetrievalError(f"{what} must be a string, not {type(value).__name__} ({value!r})")
+    if "\x00" in value:
+        raise RetrievalError(f"{what} {value!r} contains a NUL byte; remove it")
+    return value
 
 
 def _features(names: Sequence[str], version: str, timeframe: str) -> list[str]:
-    fs = feature_set(version)
-    known = fs.names(timeframe)
+    try:
+        fs = feature_set(_text(version, "feature_set_version"))
+        known = fs.names(_text(timeframe, "timeframe"))
+    except KeyError as exc:
+        raise RetrievalError(exc.args[0]) from None
     if isinstance(names, str):
         names = [names]
+    names = [_text(n, "feature name") for n in names]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise RetrievalError(
@@ -69,6 +83,16 @@ def _entities(entities: pl.DataFrame | pd.DataFrame) -> pl.DataFrame:
         )
     if frame["ts"].null_count() or frame["instrument_id"].null_count():
         raise RetrievalError("entities has null instrument_id or ts values")
+    if frame.schema["instrument_id"] not in (pl.String, pl.Categorical, pl.Enum):
+        raise RetrievalError(f"entities.instrument_id must be text, not {frame.schema['instrument_id']}")
+    ids = frame["instrument_id"].cast(pl.String)
+    with_nul = frame.with_row_index("row").filter(ids.str.contains("\x00", literal=True))
+    if with_nul.height:
+        row = with_nul.row(0, named=True)
+        raise RetrievalError(
+            f"entities row {row['row']} has instrument_id {row['instrument_id']!r} with a NUL byte "
+            f"({with_nul.height} such row(s)); remove the NUL bytes"
+        )
     return frame
 
 
@@ -89,15 +113,22 @@ def training_frame(
     With ``snapshot`` the vectors come from that frozen snapshot (its version and timeframe), else
     from the live table. ``include_feature_ts`` adds the matched vector's ts as ``feature_ts``.
     """
+    if not isinstance(tolerance, timedelta):
+        raise RetrievalError(f"tolerance must be a timedelta, e.g. timedelta(minutes=5), not {tolerance!r}")
     if tolerance < timedelta(0):
-        raise RetrievalError("tolerance must be >= 0")
+        raise RetrievalError(f"tolerance must be >= 0, not {tolerance}")
+    if snapshot is not None:
+        _text(snapshot, "snapshot")
     frame = _entities(entities)
     engine = engine_for(dsn or resolve_dsn())
     with engine.begin() as conn:
         if snapshot is not None:
-            from marketfs.snapshots import describe_snapshot
+            from marketfs.snapshots import SnapshotError, describe_snapshot
 
-            manifest = describe_snapshot(conn, snapshot)
+            try:
+                manifest = describe_snapshot(conn, snapshot)
+            except SnapshotError as exc:
+                raise RetrievalError(str(exc)) from None
             feature_set_version, timeframe = manifest["feature_set_version"], manifest["timeframe"]
         names = _features(features, feature_set_version, timeframe)
         conn.execute(
@@ -162,6 +193,7 @@ class OnlineReader:
             instruments = [instruments]
         if not instruments:
             raise RetrievalError("ask for at least one instrument")
+        instruments = [_text(i, "instrument") for i in instruments]
         names = _features(features, feature_set_version, timeframe)
         query = sql.SQL(
             "SELECT i.instrument_id, m.ts, m.quality_flags, {cols} FROM unnest(%s::text[]) WITH ORDINALITY "

@@ -92,10 +92,38 @@ def test_caller_errors_are_clear(stored: str) -> None:
         training_frame(e.with_columns(pl.col("ts").dt.replace_time_zone(None)), ["ret_1"], timedelta(1), dsn=stored)
     with pytest.raises(RetrievalError, match="empty"):
         training_frame(e.clear(), ["ret_1"], timedelta(minutes=1), dsn=stored)
-    with pytest.raises(snapshots.SnapshotError, match="unknown snapshot 'missing'"):
+    with pytest.raises(RetrievalError, match="unknown snapshot 'missing'"):
         training_frame(e, ["ret_1"], timedelta(minutes=1), snapshot="missing", dsn=stored)
     with pytest.raises(RetrievalError, match="missing ts"):
         training_frame(e.drop("ts"), ["ret_1"], timedelta(minutes=1), dsn=stored)
+
+
+def test_arguments_that_cannot_be_right_are_retrieval_errors(stored: str) -> None:
+    """NUL bytes reach no SQL, unknown timeframes and versions are named: RetrievalError, never a raw error."""
+    e = entities(("A", 5))
+    nul = pl.DataFrame({"instrument_id": ["A", "B\x00"], "ts": [T, T]})
+    with pytest.raises(RetrievalError, match=r"entities row 1 .*NUL byte"):
+        training_frame(nul, ["ret_1"], timedelta(minutes=1), dsn=stored)
+    with pytest.raises(RetrievalError, match=r"instrument 'A\\x00' contains a NUL byte"):
+        latest(["A\x00"], ["ret_1"], dsn=stored)
+    with pytest.raises(RetrievalError, match="NUL byte"):
+        training_frame(e, ["ret_1"], timedelta(minutes=1), snapshot="s\x00", dsn=stored)
+    with pytest.raises(RetrievalError, match="NUL byte"):
+        training_frame(e, ["ret_1\x00"], timedelta(minutes=1), dsn=stored)
+    with pytest.raises(RetrievalError, match="has no timeframe '5s'"):
+        training_frame(e, ["ret_1"], timedelta(minutes=1), timeframe="5s", dsn=stored)
+    with pytest.raises(RetrievalError, match="has no timeframe '1h'"):
+        latest(["A"], ["ret_1"], timeframe="1h", dsn=stored)
+    with pytest.raises(RetrievalError, match="unknown feature set version 'fs_v9'"):
+        latest(["A"], ["ret_1"], feature_set_version="fs_v9", dsn=stored)
+    with pytest.raises(RetrievalError, match="tolerance must be >= 0"):
+        training_frame(e, ["ret_1"], timedelta(minutes=-1), dsn=stored)
+    with pytest.raises(RetrievalError, match="tolerance must be a timedelta"):
+        training_frame(e, ["ret_1"], 5, dsn=stored)  # type: ignore[arg-type]
+    with pytest.raises(RetrievalError, match="instrument_id must be text"):
+        training_frame(e.with_columns(pl.lit(1).alias("instrument_id")), ["ret_1"], timedelta(1), dsn=stored)
+    # The reader is still usable after the refusals: nothing reached the connection.
+    assert latest(["A"], ["ret_1"], dsn=stored)["ret_1"].to_list() == [3.0]
 
 
 def test_training_frame_from_a_snapshot_ignores_later_changes(stored: str, engine: sa.Engine) -> None:
