@@ -1,0 +1,49 @@
+"""Reports never block data: Data Docs that cannot be written (disk full, permissions) are a warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from dagster_helpers import materialize_range
+from test_day_is_the_unit import DAYS, land_days, negative_close, rows
+
+
+@pytest.fixture
+def unwritable_docs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project home whose Data Docs folder cannot be created: every write under it fails with an
+    OSError, as on a full disk or a read-only mount (root ignores permission bits, so chmod cannot
+    stand in for it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "gx").write_text("not a folder")
+    monkeypatch.setenv("MARKETFS_HOME", str(home))
+    return home
+
+
+def _warnings(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [e.user_message for e in instance.all_logs(run_id) if e.level == 30]  # logging.WARNING
+
+
+def test_a_breach_is_still_judged_quarantined_and_logged_when_data_docs_cannot_be_written(
+    dsn: str, engine: sa.Engine, tmp_path: Path, unwritable_docs: Path
+) -> None:
+    landing = tmp_path / "landing"
+    land_days(landing, negative_close)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=landing, instance=instance)
+        warnings = _warnings(instance, result.run_id)
+    assert not result.success  # the breach, not the report, fails the step
+    assert "raw_ohlcv 2024-04-03 breached its gate" in result.failure_data_for_node("raw_ohlcv").error.message
+    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [("raw_ohlcv", "2024-04-03")]
+    assert rows(engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM ohlcv_1m ORDER BY 1") == [
+        ("2024-04-02",),
+        ("2024-04-04",),
+    ]
+    assert rows(engine, "SELECT count(*) > 0 FROM quality_log WHERE partition = '2024-04-03' AND NOT success") == [
+        (True,)
+    ]
+    assert any("Data Docs page for raw_ohlcv 2024-04-03 not rendered" in w for w in warnings), warnings
+
