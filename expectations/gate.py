@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from marketfs.jsonsafe import finite_safe
 
 SUITES_DIR = Path(__file__).parent / "suites"
 
@@ -135,10 +136,9 @@ def _check_expectations(path: str, expectations_json: str) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    """Plain JSON values for metadata and the quality log (GX hands back numpy and pandas scalars)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    """Plain JSON values for metadata and the quality log (GX hands back numpy and pandas scalars);
+    non-finite numbers as "NaN", "Infinity", "-Infinity", which PostgreSQL's jsonb accepts."""
+    return finite_safe(value)
 
 
 def _bounds(kwargs: dict[str, Any]) -> str | None:
@@ -300,6 +300,25 @@ def _per_day_outcomes(
     return outcomes
 
 
+def with_day_relative_prices(rows: pl.DataFrame, suite_name: str) -> pl.DataFrame:
+    """Bars plus ``high_to_day_median`` and ``low_to_day_median`` (see the raw suite's ``derived_columns``).
+
+    The median is of the instrument's finite, positive closes of the same day (column ``day``), so a
+    bar is judged against its own day whatever else a run validates, and one absurd bar cannot move
+    the median it is judged by. Non-finite or missing prices give a null ratio: other expectations
+    refuse those.
+    """
+    needed = {"instrument_id", "high", "low", "close", DAY}
+    if not suite_name.startswith("raw_ohlcv") or not needed <= set(rows.columns):
+        return rows
+    close = pl.col("close")
+    median = pl.when(close.is_finite() & (close > 0)).then(close).median().over("instrument_id", DAY)
+    finite = [pl.when(pl.col(c).is_finite()).then(pl.col(c)) for c in ("high", "low")]
+    return rows.with_columns(
+        (finite[0] / median).alias("high_to_day_median"), (finite[1] / median).alias("low_to_day_median")
+    )
+
+
 def day_profile(rows: pl.DataFrame, expectations: list[dict[str, Any]]) -> pl.DataFrame:
     """One row per day: ``rows`` and every ``share__<column>`` the day-scope expectations read."""
     columns = {e["kwargs"].get("column", "") for e in expectations}
@@ -342,6 +361,7 @@ def validate_days(
     rows = for_validation(frame, suite_name)
     if day_column != DAY:
         rows = rows.rename({day_column: DAY})
+    rows = with_day_relative_prices(rows, suite_name)
     day_rows = {str(k): int(v) for k, v in rows.group_by(DAY).len().sort(DAY).iter_rows()}
     outcomes: dict[str, list[ExpectationOutcome]] = {day: [] for day in day_rows}
     if day_rows:
@@ -408,6 +428,7 @@ def publish_day(
     path = suite_path(suite_name)
     row_expectations, day_expectations = split_scopes(data, path)
     rows = for_validation(frame, suite_name).with_columns(pl.lit(label).alias(DAY))
+    rows = with_day_relative_prices(rows, suite_name)
     context = docs.context()
     url = None
     for scope, expectations in (("rows", row_expectations), ("day", day_expectations)):

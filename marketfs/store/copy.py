@@ -31,6 +31,10 @@ def csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(out)
 
 
+class NonFiniteWriteError(ValueError):
+    """A write of NaN or an infinity into a served table, refused by the database's finite checks."""
+
+
 def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
     """COPY every row of ``frame`` into ``table`` (columns by name); returns the row count."""
     if frame.is_empty():
@@ -40,8 +44,20 @@ def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
     statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
         sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
     )
-    with raw_connection(conn).cursor() as cur, cur.copy(statement) as copy:
-        copy.write(buffer.getbuffer())
+    try:
+        with raw_connection(conn).cursor() as cur, cur.copy(statement) as copy:
+            copy.write(buffer.getbuffer())
+    except psycopg.errors.CheckViolation as exc:
+        constraint = exc.diag.constraint_name or ""
+        if not constraint.endswith("_finite"):
+            raise
+        column = constraint.removeprefix(f"{table}_").removesuffix("_finite")
+        # A gate should have refused the value before the write: say so, with the row the server names.
+        raise NonFiniteWriteError(
+            f"{table}: the database refused a non-finite value (NaN or infinity) in column {column}; "
+            f"{exc.diag.message_detail or 'failing row not reported'}. Nothing of this write was kept. "
+            "This is a bug: the quality gate should have held the row back; report it with this message."
+        ) from exc
     return frame.height
 
 

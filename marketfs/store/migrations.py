@@ -7,6 +7,7 @@ TimescaleDB features are used when the server has the extension, and skipped whe
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from marketfs.db import engine_for, timescaledb_installed
 from marketfs.features.registry import all_feature_columns
 
+logger = logging.getLogger(__name__)
 MIGRATION_LOCK_ID = 0x6D6B7466  # any constant shared by every caller
 Migration = Callable[[sa.Connection, bool], None]
 
@@ -364,6 +366,112 @@ def _ensure_feature_columns(conn: sa.Connection) -> None:
                 conn.execute(sa.text(f'ALTER TABLE {table} ADD COLUMN "{name}" double precision'))
 
 
+# The served tables' float columns, which must never hold NaN or an infinity (feature_vectors'
+# columns come from the registry, so a new feature gets its check with its column).
+BAR_VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
+FINITE_TABLES = ("ohlcv_1m", "ohlcv_1d", "feature_vectors")
+
+
+def finite_constraint_name(table: str, column: str) -> str:
+    return f"{table}_{column}_finite"
+
+
+def _finite_columns(conn: sa.Connection, table: str) -> list[str]:
+    wanted = BAR_VALUE_COLUMNS if table != "feature_vectors" else tuple(all_feature_columns())
+    existing = {
+        row[0]
+        for row in conn.execute(
+            sa.text(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = :t AND data_type = 'double precision'"
+            ),
+            {"t": table},
+        )
+    }
+    return [c for c in wanted if c in existing]
+
+
+def _finite_check(table: str, column: str, *, not_valid: bool = False) -> str:
+    # NaN sorts above 'Infinity' in PostgreSQL, so one range excludes NaN and both infinities; NULL passes
+    # (a null feature is explained by its flags). Names come from the registry and this module, quoted anyway.
+    return (
+        f'ADD CONSTRAINT "{finite_constraint_name(table, column)}" '
+        f"CHECK (\"{column}\" > '-Infinity'::float8 AND \"{column}\" < 'Infinity'::float8)"
+        + (" NOT VALID" if not_valid else "")
+    )
+
+
+def _non_finite_days(conn: sa.Connection, table: str, columns: list[str]) -> str:
+    """Which days of ``table`` hold a non-finite value in ``columns``: what an operator must recompute."""
+    condition = " OR ".join(f"NOT (\"{c}\" > '-Infinity'::float8 AND \"{c}\" < 'Infinity'::float8)" for c in columns)
+    days = conn.execute(
+        sa.text(
+            f"SELECT DISTINCT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM {table} WHERE {condition} ORDER BY 1"
+        )
+    ).scalars()
+    return ", ".join(days) or "none found"
+
+
+def _try(conn: sa.Connection, statement: str) -> str | None:
+    """Run ``statement`` in a savepoint; the server's first line of refusal, or None when it succeeded."""
+    with conn.begin_nested() as savepoint:
+        try:
+            conn.execute(sa.text(statement))
+        except sa.exc.DBAPIError as exc:
+            savepoint.rollback()
+            return str(exc.orig).splitlines()[0]
+    return None
+
+
+def _ensure_finite_checks(conn: sa.Connection) -> list[str]:
+    """CHECK constraints refusing NaN and infinities in the served tables; the problems met, if any.
+
+    The raw and feature gates refuse non-finite values first; these make the database refuse them
+    whatever a future bug lets through. All of a table's missing checks are added in one ALTER
+    (one scan of the existing rows). A table that already serves non-finite values (written before
+    the checks existed) keeps its rows and its runs: the checks are added NOT VALID where the server
+    allows it (new writes are refused; TimescaleDB validates hypertables anyway and refuses), the
+    days to recompute are logged, and every migrate tries again until the rows are gone.
+    """
+    problems = []
+    for table in FINITE_TABLES:
+        columns = _finite_columns(conn, table)
+        present = dict(
+            conn.execute(
+                sa.text("SELECT conname, convalidated FROM pg_constraint WHERE conrelid = CAST(:t AS regclass)"),
+                {"t": table},
+            ).all()
+        )
+        missing = [c for c in columns if finite_constraint_name(table, c) not in present]
+        unvalidated = [c for c in columns if present.get(finite_constraint_name(table, c)) is False]
+        refusal = None
+        if missing:
+            checks = ", ".join(_finite_check(table, c) for c in missing)
+            refusal = _try(conn, f"ALTER TABLE {table} {checks}")
+            if refusal is not None:
+                checks = ", ".join(_finite_check(table, c, not_valid=True) for c in missing)
+                if _try(conn, f"ALTER TABLE {table} {checks}") is None:
+                    missing, unvalidated = [], unvalidated + missing
+            else:
+                missing = []
+        else:
+            for column in list(unvalidated):
+                name = finite_constraint_name(table, column)
+                if _try(conn, f'ALTER TABLE {table} VALIDATE CONSTRAINT "{name}"') is None:
+                    unvalidated.remove(column)
+        if missing or unvalidated:
+            problems.append(
+                f"{table}: the checks refusing NaN and infinities in {', '.join(missing + unvalidated)} are "
+                + ("not in place" if missing else "in place for new writes only")
+                + f" ({refusal or 'old rows fail them'}); days holding such values: "
+                f"{_non_finite_days(conn, table, missing + unvalidated)}. Fix: recompute those days "
+                "(make recompute FROM=<first day>); the next run's migration completes the checks."
+            )
+    for problem in problems:
+        logger.warning(problem)
+    return problems
+
+
 def migrate(dsn: str) -> list[str]:
     """Bring the database at ``dsn`` up to date; return the names of the migrations applied now."""
     engine = engine_for(dsn)
@@ -387,6 +495,7 @@ def migrate(dsn: str) -> list[str]:
             )
             applied_now.append(name)
         _ensure_feature_columns(conn)
+        _ensure_finite_checks(conn)
         if timescale:
             from marketfs.store.timescale import apply_policies
 

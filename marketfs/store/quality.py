@@ -8,7 +8,6 @@ same writers a passing run uses) and ``discard`` drops it; both record who decid
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
+from marketfs import jsonsafe
 from marketfs.features.compute import STATE_SCHEMA, FeatureComputation
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet
@@ -52,7 +52,8 @@ def log_verdicts(
             "column_name": o.get("column"),
             "severity": o.get("severity"),
             "success": bool(o["success"]),
-            "observed_value": json.dumps(o.get("observed_value")),
+            # Finite-safe: a verdict about a NaN or inf bar must be logged, not crash on its own value.
+            "observed_value": jsonsafe.dumps(o.get("observed_value")),
             "unexpected_count": o.get("unexpected_count"),
             "element_count": o.get("element_count"),
             "reference": reference,
