@@ -11,11 +11,12 @@ import dagster as dg
 import polars as pl
 
 from assets.data_versions import InputProvenance, content_version
-from assets.gates import Judgement, judge_days, report_run
+from assets.gates import DayCheck, Judgement, _breach_failure, judge_days, report_run
 from assets.metadata import frame_summary
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
+from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
@@ -31,27 +32,77 @@ def _gate_checks(asset: str) -> dict[str, str]:
     }
 
 
-def _delivered(fetch: Callable[[datetime, datetime], pl.DataFrame], start: datetime, end: datetime) -> pl.DataFrame:
-    """What the source delivers for the window; a bad file fails the run before anything is written."""
+def _delivery_of(source: object, method: str) -> Callable[[datetime, datetime], Delivery]:
+    """The source's day-by-day delivery (landing files), or its rows as one delivery (synthetic)."""
+    if hasattr(source, "delivery"):
+        return source.delivery
+    fetch = getattr(source, method)
+    return lambda start, end: Delivery(rows=fetch(start, end))
+
+
+def _delivered(deliver: Callable[[datetime, datetime], Delivery], start: datetime, end: datetime) -> Delivery:
+    """What the source delivers for the window; a source that cannot be read at all fails the run."""
     try:
-        return fetch(start, end)
+        return deliver(start, end)
     except SourceFileError as exc:
         raise dg.Failure(
             description=str(exc), metadata={"file": dg.MetadataValue.path(str(exc.path))}, allow_retries=False
         ) from exc
 
 
+def _file_failure(
+    context: dg.AssetExecutionContext, bad_days: dict[str, SourceFileError], judged: Judgement
+) -> dg.Failure:
+    """The run's failure when files spoiled some days: each day with its file, line and fix; what was written."""
+    asset = context.asset_key.to_user_string()
+    lines = [f"{asset} {day} was not ingested (nothing of it written): {error}" for day, error in bad_days.items()]
+    if judged.breaches:
+        lines.append(_breach_failure(context, judged, chained=False).description)
+    elif judged.accepted:
+        lines.append(f"Written: {', '.join(judged.accepted)}.")
+    first = min(bad_days)
+    lines.append(
+        f"Correct the file(s) and drop them again (the landing sensor re-runs the days they hold), "
+        f"or re-run from {first}: make recompute FROM={first}."
+    )
+    files = sorted({str(e.path) for e in bad_days.values()})
+    return dg.Failure(
+        description="\n".join(lines)[:6000],
+        metadata={
+            "failed_days": dg.MetadataValue.text(", ".join(bad_days)),
+            "files": dg.MetadataValue.text(", ".join(files)),
+        },
+        allow_retries=False,  # the same file would fail the same way
+    )
+
+
+def _file_check(day: str, error: SourceFileError) -> DayCheck:
+    """A failed gate result for a day whose delivery could not be read: the gate could not pass it."""
+    metadata = {
+        "file": dg.MetadataValue.path(str(error.path)),
+        "error": dg.MetadataValue.text(str(error)),
+    }
+    if error.line is not None:
+        metadata["line"] = dg.MetadataValue.int(error.line)
+    return DayCheck(check=GATE_CHECK, day=day, passed=False, metadata=metadata)
+
+
 def _ingest(
     context: dg.AssetExecutionContext,
     store: FeatureStore,
     *,
-    fetch: Callable[[datetime, datetime], pl.DataFrame],
+    deliver: Callable[[datetime, datetime], Delivery],
     ts_column: str,
     table: str,
     write: Callable,
     summarise: Callable[[pl.DataFrame, pl.DataFrame], dict[str, dg.MetadataValue]],
 ) -> Iterator:
-    """Fetch, gate per day, write the passing days; one materialisation per written day."""
+    """Fetch, gate per day, write the passing days; one materialisation per written day.
+
+    A day that a landing file spoils (a bad row on it) is neither judged nor written, and the step
+    fails naming the file and line after the other days are written; a file that cannot say which
+    days it holds is a warning of every run, and blocks no day.
+    """
     from expectations.docs import DataDocs
     from expectations.gate import load_suite_json, publish_day, suite_path, validate_days
 
@@ -61,13 +112,26 @@ def _ingest(
     docs = DataDocs.default()
     materializations = []
     judged = Judgement()
+    bad_days: dict[str, SourceFileError] = {}
+    warned: set[str] = set()
     failure = None
     plan = DayChunks(context.partition_keys)
     try:
         for days in plan:
             start, end = day_window(days[0])[0], day_window(days[-1])[1]
+            delivery = _delivered(deliver, start, end)
+            for error in delivery.unplaced:
+                if str(error) not in warned:
+                    warned.add(str(error))
+                    context.log.warning(f"landing file skipped, no day of it is ingested: {error}")
+            spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
+            bad_days.update(spoiled)
+            judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
+            sound = [day for day in days if day not in spoiled]
+            if not sound:
+                continue
             # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
-            delivered = _delivered(fetch, start, end).with_columns(day_of(ts_column).fill_null(days[0]))
+            delivered = delivery.rows.with_columns(day_of(ts_column).fill_null(sound[0]))
             by_day = {key: rows.drop(DAY) for (key,), rows in delivered.partition_by(DAY, as_dict=True).items()}
             plan.saw(delivered.height, len(by_day))
             empty = delivered.clear().drop(DAY)
@@ -80,7 +144,7 @@ def _ingest(
             judgement = judge_days(
                 context,
                 store,
-                days=days,
+                days=sound,
                 checks={GATE_CHECK: validate_days(delivered, asset, suite=suite)},
                 rows_of_day=lambda day, by_day=by_day: {table: by_day[day]},
                 chained=False,
@@ -92,8 +156,10 @@ def _ingest(
                     rows = by_day.get(day, empty)
                     stored = write(conn, rows, *day_window(day))
                     materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
-    except dg.Failure as exc:  # a bad file in a later chunk: the days already written are still recorded
+    except dg.Failure as exc:  # a folder that cannot be read in a later chunk: the days already written are recorded
         failure = exc
+    if failure is None and bad_days:
+        failure = _file_failure(context, bad_days, judged)
     yield from report_run(context, provenance, materializations, judged, chained=False, failure=failure)
 
 
@@ -121,7 +187,7 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
     yield from _ingest(
         context,
         store,
-        fetch=market_data.bar_source().bars,
+        deliver=_delivery_of(market_data.bar_source(), "bars"),
         ts_column="ts",
         table="ohlcv_1m",
         write=write,
@@ -153,7 +219,7 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
     yield from _ingest(
         context,
         store,
-        fetch=market_data.event_source().events,
+        deliver=_delivery_of(market_data.event_source(), "events"),
         ts_column="published_at",
         table="news_events",
         write=write,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from marketfs.sources import SourceFileError
-from marketfs.sources.landing import BAR_SUFFIXES, EVENT_SUFFIXES, landing_files, read_landing_file
+from marketfs.sources.landing import BARS, EVENTS
+from marketfs.sources.landing_index import LandingIndex
 from pipelines.resources import MarketData
 
 # One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
@@ -26,21 +26,6 @@ STATE_CHAIN_TAGS = {STATE_CHAIN_TAG: "daily"}
 CHAIN_END_ASSET = dg.AssetKey("feature_vectors_1m")
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
-
-
-def _signature(path: Path) -> str:
-    stat = path.stat()
-    return f"{stat.st_mtime_ns}:{stat.st_size}"
-
-
-def touched_days(path: Path, kind: str) -> list[str]:
-    """UTC days (partition keys) that a landing file holds rows for."""
-    from marketfs.features.events import EVENT_SCHEMA
-    from marketfs.sources.base import BAR_SCHEMA
-
-    schema, column = (BAR_SCHEMA, "ts") if kind == "bars" else (EVENT_SCHEMA, "published_at")
-    frame = read_landing_file(path, schema, column)
-    return sorted(frame[column].dt.strftime("%Y-%m-%d").unique().to_list())
 
 
 def newest_materialized_day(instance: dg.DagsterInstance, key: dg.AssetKey = CHAIN_END_ASSET) -> str | None:
@@ -109,23 +94,37 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         current: dict[str, str] = {}
         days: set[str] = set()
         files: list[str] = []
-        for kind, suffixes in (("bars", BAR_SUFFIXES), ("events", EVENT_SUFFIXES)):
-            folder = root / kind
+        skipped: list[str] = []
+        for kind in (BARS, EVENTS):
+            folder = root / kind.name
             if not folder.is_dir():
                 continue
-            for path in landing_files(folder, suffixes):
-                signature = current[str(path)] = _signature(path)
+            # Only new or changed files are read, once, by whichever of the sensor or a run sees them first.
+            index = LandingIndex(folder, kind)
+            index.refresh()
+            for key, entry in sorted(index.entries.items()):
+                path = folder / key
+                signature = current[str(path)] = f"{entry.mtime_ns}:{entry.size}"
                 if seen.get(str(path)) == signature:
                     continue
-                try:
-                    days.update(touched_days(path, kind))
-                    files.append(f"{kind}/{path.name}@{signature}")
-                except SourceFileError as exc:
-                    # Not launched: the run would fail on the same file. The sensor log says why.
-                    context.log.warning(f"skipping {path}: {exc}")
+                if entry.error is not None:
+                    # No run for it: it cannot say which days it holds. Every run reading the folder warns too.
+                    skipped.append(str(index.unplaced_error(path)))
+                    context.log.warning(f"landing file skipped, no day of it can be read: {skipped[-1]}")
+                    continue
+                for day, error in sorted(index.day_errors(path).items()):
+                    # Not launched for that day: its run would fail on the same row. Its other days are.
+                    skipped.append(f"{day}: {error}")
+                    context.log.warning(f"landing file skipped for {day}: {error}")
+                sound = set(entry.days) - set(entry.day_errors)
+                if sound:
+                    days.update(sound)
+                    files.append(f"{kind.name}/{path.name}@{signature}")
         context.update_cursor(json.dumps(current))
         if not days:
-            return dg.SkipReason("no new or changed landing files")
+            return dg.SkipReason(
+                "no new or changed landing files" + (f"; skipped: {'; '.join(skipped)}"[:1000] if skipped else "")
+            )
         newest = newest_materialized_day(context.instance) if _has_instance(context) else None
         keys = chain_range(DAILY, sorted(days), newest)
         if not keys:

@@ -1,125 +1,119 @@
-"""Bars and events from a landing folder of files, validated at the edge.
+"""Bars and events from a landing folder of files, read as a set of facts and validated at the edge.
 
 ``<landing>/bars`` holds CSV or Parquet files of bars, ``<landing>/events`` CSV, Parquet or JSON
 lines files of events. Timestamps are ISO 8601; one with an offset is converted to UTC, one
-without is taken as UTC. A file that breaks the schema stops the load with a ``SourceFileError``
-naming the file, the line and the fix, before anything is written.
+without is taken as UTC.
+
+- **Order**: neither the order of files nor the order of rows in a file means anything; bars are
+  returned sorted by (instrument_id, ts).
+- **Duplicates** (bars): identical rows collapse silently, within a file and across files. Rows
+  with the same (instrument_id, ts) and different values in two files are a conflict between
+  deliveries: the row of the file that sorts last by path prevails (a later delivery, named so that
+  it sorts later, corrects an earlier one); both are returned, that one last, so that ingestion
+  keeps it, flags the bar TIMESTAMP_MISMATCH and the raw suite's uniqueness warning records the
+  conflict. Within one file such rows are the file's error for that day (see ``landing_file``).
+- **A bad file spoils only its own days**: a landing index (``landing_index``) knows which UTC days
+  each file holds; a read of a range opens only the files holding its days, a bad row fails the
+  day it falls on, and a file that cannot say which days it holds blocks none and is reported.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 
 from marketfs.features.events import EVENT_SCHEMA
-from marketfs.sources.base import BAR_SCHEMA, SourceFileError
+from marketfs.sources.base import BAR_SCHEMA, Delivery, SourceFileError
+from marketfs.sources.landing_file import LandingKind, read_landing_file
+from marketfs.sources.landing_index import LandingIndex, landing_files
 
 BAR_SUFFIXES = (".csv", ".parquet")
 EVENT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
+BARS = LandingKind("bars", BAR_SCHEMA, "ts", BAR_SUFFIXES, conflict_key=("instrument_id", "ts"))
+EVENTS = LandingKind("events", EVENT_SCHEMA, "published_at", EVENT_SUFFIXES)
+
+__all__ = [
+    "BARS",
+    "BAR_SUFFIXES",
+    "EVENTS",
+    "EVENT_SUFFIXES",
+    "LandingFolderBars",
+    "LandingFolderEvents",
+    "deliver",
+    "landing_files",
+    "read_landing_file",
+    "utc_days",
+]
 
 
-def landing_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files under ``root`` in delivery order (sorted by path), or an error saying how to configure it."""
-    if not root.is_dir():
-        raise SourceFileError(
-            root, "the landing folder does not exist", "create it or set MARKETFS_LANDING_DIR to the folder"
+def utc_days(start: datetime, end: datetime) -> set[str]:
+    """The UTC days (partition keys, YYYY-MM-DD) that ``[start, end)`` overlaps."""
+    first, last = start.astimezone(UTC).date(), (end.astimezone(UTC) - timedelta(microseconds=1)).date()
+    return {(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)}
+
+
+def deliver(root: Path, kind: LandingKind, start: datetime, end: datetime, index_path: Path | None = None) -> Delivery:
+    """Rows of ``[start, end)`` from the files of ``root`` holding those days, with each bad day's error."""
+    wanted = utc_days(start, end)
+    index = LandingIndex(root, kind, index_path)
+    scans = index.refresh(keep_days=wanted)
+    for path in index.files_holding(wanted):
+        if path not in scans:
+            scans[path] = index.read(path)
+    index.save()
+    ordered = [scans[path] for path in sorted(scans)]
+    day_errors: dict[str, SourceFileError] = {}
+    for scan in ordered:
+        for day, error in scan.day_errors.items():
+            if day in wanted:
+                day_errors.setdefault(day, error)
+    frames = [scan.rows.with_columns(pl.lit(rank).alias("_file")) for rank, scan in enumerate(ordered)]
+    if not frames:
+        return Delivery(pl.DataFrame(schema=kind.schema), day_errors, index.unplaced())
+    ts = pl.col(kind.ts_column)
+    rows = pl.concat(frames).filter((ts >= start) & (ts < end) & ~ts.dt.strftime("%Y-%m-%d").is_in(list(day_errors)))
+    if kind.conflict_key:
+        rows = rows.unique(subset=list(kind.schema), keep="first", maintain_order=True).sort(
+            [*kind.conflict_key, "_file"], maintain_order=True
         )
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    return Delivery(rows.drop("_file"), day_errors, index.unplaced())
+
+
+def _first_error(delivery: Delivery) -> pl.DataFrame:
+    """The rows, or the error of the earliest bad day; unplaced files are a warning (they block no day)."""
+    if delivery.day_errors:
+        raise delivery.day_errors[min(delivery.day_errors)]
+    for error in delivery.unplaced:
+        warnings.warn(str(error), stacklevel=3)
+    return delivery.rows
 
 
 @dataclass(frozen=True)
 class LandingFolderBars:
     root: Path
+    index_path: Path | None = None  # default: under $MARKETFS_HOME/landing_index
+
+    def delivery(self, start: datetime, end: datetime) -> Delivery:
+        """Bars in ``[start, end)`` sorted by (instrument_id, ts), with each bad day's error."""
+        return deliver(self.root, BARS, start, end, self.index_path)
 
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
-        """Bars in ``[start, end)`` in delivery order (file by file, row by row), not deduplicated."""
-        frames = [read_landing_file(p, BAR_SCHEMA, "ts") for p in landing_files(self.root, BAR_SUFFIXES)]
-        if not frames:
-            return pl.DataFrame(schema=BAR_SCHEMA)
-        return pl.concat(frames).filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+        """Bars in ``[start, end)`` sorted by (instrument_id, ts), or the first bad day's ``SourceFileError``."""
+        return _first_error(self.delivery(start, end))
 
 
 @dataclass(frozen=True)
 class LandingFolderEvents:
     root: Path
+    index_path: Path | None = None
+
+    def delivery(self, start: datetime, end: datetime) -> Delivery:
+        """Events in ``[start, end)``, file by file (sorted by path), with each bad day's error."""
+        return deliver(self.root, EVENTS, start, end, self.index_path)
 
     def events(self, start: datetime, end: datetime) -> pl.DataFrame:
-        frames = [read_landing_file(p, EVENT_SCHEMA, "published_at") for p in landing_files(self.root, EVENT_SUFFIXES)]
-        if not frames:
-            return pl.DataFrame(schema=EVENT_SCHEMA)
-        return pl.concat(frames).filter((pl.col("published_at") >= start) & (pl.col("published_at") < end))
-
-
-def _read_raw(path: Path) -> pl.DataFrame:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            # Everything as text first, so a bad value is reported with its line instead of a parser error.
-            return pl.read_csv(path, infer_schema=False)
-        if suffix == ".parquet":
-            return pl.read_parquet(path)
-        if suffix in (".jsonl", ".ndjson"):
-            return pl.read_ndjson(path, infer_schema_length=None)
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        problem = f"cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
-        raise SourceFileError(path, problem, f"deliver a valid {suffix.lstrip('.')} file") from exc
-    raise SourceFileError(path, f"unsupported file type {suffix!r}", "deliver .csv, .parquet or .jsonl files")
-
-
-def read_landing_file(path: Path, schema: dict[str, pl.DataType], ts_column: str) -> pl.DataFrame:
-    """One landing file in ``schema``, or a ``SourceFileError`` that says what to fix."""
-    raw = _read_raw(path)
-    missing = [c for c in schema if c not in raw.columns]
-    if missing:
-        raise SourceFileError(
-            path,
-            f"missing column(s) {', '.join(missing)} (found: {', '.join(raw.columns)})",
-            f"the file needs columns {', '.join(schema)}",
-        )
-    raw = raw.select(list(schema)).with_row_index("_row")
-    # CSV lines count the header as line 1; other formats report 1-based rows.
-    line_offset = 2 if path.suffix.lower() == ".csv" else 1
-
-    def fail(bad: pl.DataFrame, column: str, expected: str) -> None:
-        if bad.height:
-            row = bad.row(0, named=True)
-            raise SourceFileError(
-                path,
-                f"column {column!r} has {row[column]!r}, not {expected} ({bad.height} such row(s))",
-                "correct or remove that row and drop the file again",
-                line=int(row["_row"]) + line_offset,
-            )
-
-    parsed = []
-    for column, dtype in schema.items():
-        if column == ts_column:
-            values = _parse_ts(raw[column])
-            fail(raw.filter(values.is_null()), column, "an ISO 8601 timestamp such as 2024-01-02T14:30:00Z")
-            parsed.append(values.alias(column))
-        elif dtype == pl.Float64:
-            values = pl.col(column).cast(pl.Float64, strict=False)
-            fail(raw.filter(values.is_null() & pl.col(column).is_not_null()), column, "a number")
-            parsed.append(values)
-        else:
-            text = pl.col(column).cast(pl.String)
-            fail(raw.filter(text.is_null() | (text.str.strip_chars() == "")), column, "a non-empty value")
-            parsed.append(text)
-    return raw.with_columns(parsed).select(list(schema)).cast(schema)
-
-
-def _parse_ts(values: pl.Series) -> pl.Series:
-    if isinstance(values.dtype, pl.Datetime):
-        if values.dtype.time_zone is None:
-            return values.dt.replace_time_zone("UTC").dt.cast_time_unit("us")
-        return values.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
-    text = values.cast(pl.String).str.strip_chars().str.replace(r"Z$", "+00:00").str.replace(" ", "T")
-    has_offset = text.str.contains(r"[+-]\d{2}:?\d{2}$")
-    aware = text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", strict=False, time_unit="us")
-    naive = text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us")
-    frame = pl.DataFrame({"o": has_offset, "a": aware.dt.convert_time_zone("UTC"), "n": naive})
-    return frame.select(
-        pl.when(pl.col("o")).then(pl.col("a")).otherwise(pl.col("n").dt.replace_time_zone("UTC")).alias("ts")
-    ).to_series()
+        return _first_error(self.delivery(start, end))
