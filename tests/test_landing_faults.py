@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
 
-from marketfs.sources import LandingFolderBars, SourceFileError, SyntheticBars, SyntheticEvents
+from marketfs.sources import LandingFolderBars, LandingFolderEvents, SourceFileError, SyntheticBars, SyntheticEvents
 from marketfs.sources.landing import BARS
 from marketfs.sources.landing_index import LandingIndex
 from marketfs.sources.normalize import normalize_bars
@@ -147,6 +147,16 @@ def test_a_range_read_opens_only_the_files_holding_its_days(tmp_path: Path) -> N
     index.refresh(keep_days={"2024-01-03"})
     assert index.reads == []
     assert index.files_holding({"2024-01-03"}) == [tmp_path / "bars" / "2024-01-03.csv"]
+
+
+def test_events_are_on_the_same_footing(tmp_path: Path) -> None:
+    land(tmp_path, JAN3)
+    good = '{"event_id": "e1", "instrument_id": "AAA", "published_at": "2030-01-02T10:00:00Z", '
+    write(tmp_path / "events" / "2030.jsonl", good + '"sentiment": "bad", "confidence": 0.5, "source": "x"}\n')
+    source = LandingFolderEvents(tmp_path / "events", index_path=tmp_path / "events-index.json")
+    assert source.events(JAN3, JAN3 + DAY).height > 0
+    with pytest.raises(SourceFileError, match=r"2030.jsonl, line 1: column 'sentiment' has 'bad'"):
+        source.events(datetime(2030, 1, 2, tzinfo=UTC), datetime(2030, 1, 3, tzinfo=UTC))
 
 
 def test_an_unchanged_file_is_not_reread_and_a_changed_one_is(tmp_path: Path) -> None:
