@@ -17,9 +17,25 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+from process_helpers import SESSION_MARKER_ENV, leftover_processes, stop_processes
 
 from marketfs.embedded_pg import EmbeddedPostgres
 from marketfs.store.migrations import migrate
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """At the end of the session, no process started by a test may still run (daemons, code servers).
+
+    Set up before every other session fixture, so torn down after them: the session's own PostgreSQL is
+    stopped by then. Children inherit a marker in their environment, so an orphan that was reparented
+    away from pytest (a `dagster api grpc` whose daemon died) is found too.
+    """
+    os.environ[SESSION_MARKER_ENV] = uuid.uuid4().hex
+    yield
+    left = leftover_processes(os.environ[SESSION_MARKER_ENV])
+    stop_processes(left)  # the machine is cleaned up either way; the failure names what was left
+    assert not left, "processes left behind by the tests:\n" + "\n".join(f"  {p}" for p in left)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,7 +59,6 @@ def server_dsn() -> Iterator[str]:
         yield external
         return
     home = Path(tempfile.mkdtemp(prefix="marketfs-test-pg-"))
-    home.chmod(0o755)  # the server's system user (when tests run as root) must reach its data dir
     server = EmbeddedPostgres(home, durable=False)
     server.ensure_running()
     try:

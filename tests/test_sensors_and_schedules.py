@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from dagster_helpers import dagster_process_env
+from process_helpers import stop_process_group
 
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from pipelines.definitions import ALL_ASSETS, daily_features_schedule, defs, landing_files_sensor
@@ -119,6 +120,7 @@ def test_daemon_fires_the_sensor_and_the_schedule(
         cwd=ROOT,
         stdout=log,
         stderr=log,
+        start_new_session=True,  # its code server joins the group; stopping the daemon alone orphans it
     )
     try:
         sensor_run = schedule_run = None
@@ -134,8 +136,7 @@ def test_daemon_fires_the_sensor_and_the_schedule(
         assert sensor_run, f"no successful sensor run; daemon log:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}"
         assert schedule_run, f"no successful schedule run; runs: {_runs(env)}"
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
+        stop_process_group(daemon)
         log.close()
     assert (sensor_run["range_start"], sensor_run["range_end"]) == ("2024-01-03", "2024-01-03")
     assert sensor_run["state_chain"]

@@ -7,10 +7,8 @@ started by the test on the test database. Screenshots are kept in test-artifacts
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from dagster_helpers import dagster_process_env
+from process_helpers import stop_process_group
 
 from marketfs.sources import SyntheticBars, SyntheticEvents
 
@@ -109,11 +108,7 @@ def dagster_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
                 time.sleep(1)
         yield base, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)  # the webserver's code server and daemon too, not only `dagster dev`
         log.close()
 
 
