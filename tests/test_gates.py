@@ -13,6 +13,7 @@ import pytest
 from expectations.gate import SUITES_DIR, SuiteFileError, validate_days, validate_frame
 from marketfs.features.compute import compute_feature_vectors
 from marketfs.features.events import EVENT_SCHEMA
+from marketfs.features.flags import QualityFlag
 from marketfs.sources import SyntheticBars, SyntheticEvents
 
 D = datetime(2024, 1, 3, tzinfo=UTC)
@@ -238,3 +239,82 @@ def test_malformed_suite_files_name_the_file_and_expectation(clean_vectors: pl.D
     )
     with pytest.raises(SuiteFileError, match=r"wrong.json: expectation #2 \(expect_column_values_to_be_betwen\)"):
         validate_frame(clean_vectors, "x", suite_file=wrong)
+
+
+def _suite_expectations(name: str) -> list[dict]:
+    return json.loads((SUITES_DIR / f"{name}.json").read_text())["expectations"]
+
+
+def _flag_of(column: str | None) -> str | None:
+    """The quality flag a derived suite's column reads (``flag_X`` or ``share__flag_X``), if any."""
+    name = (column or "").removeprefix("share__")
+    return name.removeprefix("flag_") if name.startswith("flag_") else None
+
+
+def test_a_raw_warning_cannot_block_a_derived_suite() -> None:
+    """Each blocking expectation of a derived suite on a flag is backed by a blocking raw expectation that
+    raises that flag, or says in its `why` why it blocks; a flag that only restates a raw warning never blocks."""
+    raw = [e for suite in ("raw_ohlcv", "raw_events") for e in _suite_expectations(suite)]
+    for expectation in raw:  # a raw expectation that says it raises a flag declares it in meta.flags
+        why = (expectation.get("meta") or {}).get("why", "")
+        named = {flag.value for flag in QualityFlag if flag.value in why}
+        assert named <= set((expectation.get("meta") or {}).get("flags", [])), expectation
+    raised = {
+        severity: {
+            f for e in raw if e.get("severity", "critical") == severity for f in (e.get("meta") or {}).get("flags", [])
+        }
+        for severity in ("critical", "warning")
+    }
+    assert raised["warning"] == {"TIMESTAMP_MISMATCH"}
+    derived = [p.stem for p in SUITES_DIR.glob("feature_vectors_*.json")]
+    assert {"feature_vectors_1m", "feature_vectors_1d"} <= set(derived)
+    checked = 0
+    for suite in derived:
+        for expectation in _suite_expectations(suite):
+            flag = _flag_of(expectation["kwargs"].get("column"))
+            if flag is None or expectation.get("severity", "critical") != "critical":
+                continue
+            checked += 1
+            where = f"{suite}: {expectation['kwargs']['column']}"
+            assert flag not in raised["warning"] - raised["critical"], f"{where} blocks on a raw warning"
+            why = (expectation.get("meta") or {}).get("why", "")
+            assert flag in raised["critical"] or "blocks" in why, f"{where} blocks without saying why"
+    assert checked >= 4
+
+
+def test_an_off_grid_and_a_duplicate_bar_warn_and_block_nothing(dsn: str, engine, tmp_path: Path) -> None:
+    """With the sample's two instruments, one flagged bar flags one of two daily vectors (50%): a share no
+    ceiling on TIMESTAMP_MISMATCH may block, since the raw suite keeps both bars as warnings."""
+    from dagster_helpers import materialize_range
+    from test_day_is_the_unit import DAYS, evaluations, land_days, rows
+
+    def off_grid_and_duplicate(day: str, bars: pl.DataFrame) -> pl.DataFrame:
+        if day != DAYS[1]:
+            return bars
+        # A re-delivery of a bar, in a second file, with another volume (an identical copy is the same fact,
+        # dropped on landing; conflicting copies within one file are a file error).
+        bars[300:301].with_columns(pl.col("volume") + 1).write_parquet(tmp_path / "bars" / f"{day}-resent.parquet")
+        return pl.concat([bars, bars[100:101].with_columns(pl.col("ts") + timedelta(seconds=30))])
+
+    land_days(tmp_path, off_grid_and_duplicate)
+    result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=tmp_path)
+    assert result.success
+    for asset in ("raw_ohlcv", "feature_vectors_1m", "feature_vectors_1d"):
+        assert evaluations(result, asset) == dict.fromkeys(DAYS, True), asset
+    served = "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM feature_vectors WHERE timeframe = :tf ORDER BY 1"
+    for timeframe in ("1m", "1d"):
+        assert rows(engine, served, tf=timeframe) == [(d,) for d in DAYS]
+    warned = rows(
+        engine,
+        "SELECT asset, column_name FROM quality_log WHERE partition = :d AND NOT success AND severity = 'warning'",
+        d=DAYS[1],
+    )
+    assert ("raw_ohlcv", "ts_offgrid_us") in warned and ("raw_ohlcv", "instrument_id,ts") in warned
+    assert ("feature_vectors_1d", "share__flag_TIMESTAMP_MISMATCH") in warned
+    [check] = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key.to_user_string() == "feature_vectors_1d" and e.partition == DAYS[1]
+    ]
+    assert "FAILED expect_column_values_to_be_between(share__flag_TIMESTAMP_MISMATCH)" in check.metadata
+    assert not rows(engine, "SELECT * FROM quarantine_batches")
