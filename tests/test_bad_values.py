@@ -19,7 +19,7 @@ from marketfs.sources import SyntheticBars, SyntheticEvents
 from marketfs.store.bars import replace_bars
 from marketfs.store.copy import NonFiniteWriteError
 from marketfs.store.migrations import BAR_VALUE_COLUMNS, finite_constraint_name, migrate
-from marketfs.store.quality import log_verdicts
+from marketfs.store.quality import QuarantineError, log_verdicts, release
 
 INSTRUMENTS = ("AAA", "BBB")
 CLEAN = "2024-04-02"
@@ -96,6 +96,13 @@ def test_nan_inf_and_absurd_bars_are_quarantined_for_their_day_and_logged(
     assert ("2024-04-04", "close") in failed and ("2024-04-04", "high_to_day_median") in failed
     assert ("2024-04-05", "close") in failed
     assert ("2024-04-08", "volume") in failed
+
+    # A person may release an absurd price, never one that is not a number.
+    [(nan_batch,)] = _rows(engine, "SELECT batch_id FROM quarantine_batches WHERE partition = '2024-04-03'")
+    refused = pytest.raises(QuarantineError, match=r"batch \d+ holds 1 bar\(s\) with .* close=nan.*discard")
+    with refused, engine.begin() as conn:
+        release(conn, nan_batch, actor="alice", note="looks fine to me")
+    assert _rows(engine, "SELECT status FROM quarantine_batches WHERE batch_id = :b", b=nan_batch) == [("held",)]
 
     message = result.failure_data_for_node("raw_ohlcv").error.message
     for day, values in SPOILED.items():

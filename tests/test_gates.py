@@ -62,6 +62,12 @@ def test_clean_partitions_pass(clean_bars: pl.DataFrame, clean_vectors: pl.DataF
         ({"volume": -5.0}, "expect_column_values_to_be_between(volume)"),
         ({"close": float("nan")}, "expect_column_values_to_not_be_null(close)"),
         ({"instrument_id": None}, "expect_column_values_to_not_be_null(instrument_id)"),
+        ({"volume": float("nan")}, "expect_column_values_to_not_be_null(volume)"),
+        ({"volume": float("inf")}, "expect_column_values_to_be_between(volume)"),
+        ({"volume": 1e16}, "expect_column_values_to_be_between(volume)"),
+        ({"close": float("inf"), "high": float("inf")}, "expect_column_values_to_be_between(close)"),
+        ({"low": float("-inf")}, "expect_column_values_to_be_between(low)"),
+        ({"high": 1e9}, "expect_column_values_to_be_between(high)"),
     ],
 )
 def test_each_raw_bar_expectation_blocks(clean_bars: pl.DataFrame, change: dict, expectation: str) -> None:
@@ -84,6 +90,8 @@ def test_duplicate_and_off_grid_bars_are_warnings_not_blocks(clean_bars: pl.Data
         ({"sentiment": 1.5}, "expect_column_values_to_be_between(sentiment)"),
         ({"confidence": -0.1}, "expect_column_values_to_be_between(confidence)"),
         ({"published_at": None}, "expect_column_values_to_not_be_null(published_at)"),
+        ({"sentiment": float("nan")}, "expect_column_values_to_not_be_null(sentiment)"),
+        ({"confidence": float("inf")}, "expect_column_values_to_be_between(confidence)"),
     ],
 )
 def test_each_raw_event_expectation_blocks(change: dict, expectation: str) -> None:

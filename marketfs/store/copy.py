@@ -56,7 +56,7 @@ def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
         raise NonFiniteWriteError(
             f"{table}: the database refused a non-finite value (NaN or infinity) in column {column}; "
             f"{exc.diag.message_detail or 'failing row not reported'}. Nothing of this write was kept. "
-            "This is a bug: the quality gate should have held the row back; report it with this message."
+            "A quality gate (or a release) should have held the row back: report this as a bug, with this message."
         ) from exc
     return frame.height
 

@@ -8,6 +8,7 @@ same writers a passing run uses) and ``discard`` drops it; both record who decid
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -154,6 +155,21 @@ def _feature_timeframe(asset: str) -> str:
     return asset.rsplit("_", 1)[-1]
 
 
+def _refuse_non_finite(batch_id: int, bars: pl.DataFrame) -> None:
+    """A person may release a price the gate found absurd, never one that is not a number: no served
+    table can hold NaN or an infinity (the database refuses them)."""
+    values = ("open", "high", "low", "close", "volume")
+    bad = bars.filter(pl.any_horizontal([~pl.col(c).is_finite().fill_null(False) for c in values]))
+    if bad.height:
+        row = bad.row(0, named=True)
+        spoiled = ", ".join(f"{c}={row[c]}" for c in values if row[c] is None or not math.isfinite(row[c]))
+        raise QuarantineError(
+            f"batch {batch_id} holds {bad.height} bar(s) with missing, NaN or infinite values "
+            f"(e.g. {row['instrument_id']} {row['ts']} {spoiled}), which can never be served. "
+            "Fix: discard the batch and have the day re-delivered"
+        )
+
+
 def release(
     conn: sa.Connection, batch_id: int, *, actor: str, note: str, feature_set: FeatureSet = DEFAULT_FEATURE_SET
 ) -> dict[str, Any]:
@@ -168,9 +184,9 @@ def release(
     batch = _decided_batch(conn, batch_id)
     start, end, asset = batch["window_start"], batch["window_end"], batch["asset"]
     if asset == "raw_ohlcv":
-        written = replace_bars(
-            conn, normalize_bars(read_quarantined(conn, batch_id, "ohlcv_1m", BAR_SCHEMA)), start, end
-        )
+        bars = read_quarantined(conn, batch_id, "ohlcv_1m", BAR_SCHEMA)
+        _refuse_non_finite(batch_id, bars)
+        written = replace_bars(conn, normalize_bars(bars), start, end)
     elif asset == "raw_events":
         events = normalize_events(read_quarantined(conn, batch_id, "news_events", EVENT_SCHEMA))
         written = replace_events(conn, events, start, end)
