@@ -46,6 +46,8 @@ class DayCheck:
     day: str
     passed: bool
     metadata: dict[str, dg.MetadataValue]
+    # A day that failed only warning expectations is written and shows as a failed WARN check.
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
 
 
 @dataclass
@@ -117,7 +119,10 @@ def judge_days(
                 metadata = gate_metadata(gate)
                 if batch_id is not None:
                     metadata["quarantine_batch"] = dg.MetadataValue.int(batch_id)
-                judgement.checks.append(DayCheck(check=name, day=day, passed=gate.passed, metadata=metadata))
+                severity = dg.AssetCheckSeverity.WARN if gate.passed else dg.AssetCheckSeverity.ERROR
+                judgement.checks.append(
+                    DayCheck(check=name, day=day, passed=not gate.failures, metadata=metadata, severity=severity)
+                )
     return judgement
 
 
@@ -179,7 +184,7 @@ def _check_results(context: dg.AssetExecutionContext, checks: list[DayCheck]) ->
             passed=c.passed,
             partition=c.day,
             metadata=c.metadata,
-            severity=dg.AssetCheckSeverity.ERROR,
+            severity=c.severity,
             target_materialization_data=latest.get(c.day),
         )
 
