@@ -19,15 +19,28 @@ import sys
 from datetime import date
 
 from pipelines.environment import PROJECT_ROOT, prepare_environment
+from pipelines.run_report import (
+    Tally,
+    console_log_level,
+    failure_blocks,
+    is_database_message,
+    logged_warnings,
+    quiet_storage_errors,
+)
 
 DEFAULT_START = "2024-01-02"
 DEFAULT_END = "2024-01-12"
+# Exit codes: 1 a run failed (a gate, a file), 2 a usage error, 3 the database cannot be reached.
+USAGE = 2
+DATABASE_GONE = 3
+UI_STOP_GRACE_SECONDS = 8
 
 
-def _execute_in_order(keys: list[str], asset_selection=None) -> tuple[list[str], int, int]:
+def _execute_in_order(keys: list[str], asset_selection=None, verbose: bool = False) -> tuple[list[str], Tally]:
     """Run the daily job over ``keys`` in ranged runs of up to 31 days, in order; stop at the first failure.
 
-    Returns the failed run ids (at most one) and the gate checks passed and failed.
+    Prints each run's outcome, its failures (one block each) and its warnings as it goes. Returns the
+    failed run ids (at most one) and the gate tally.
     """
     import dagster as dg
 
@@ -38,32 +51,37 @@ def _execute_in_order(keys: list[str], asset_selection=None) -> tuple[list[str],
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
     job = defs.resolve_job_def(daily_features_job.name)
     instance = dg.DagsterInstance.get()
-    checks_passed = checks_failed = 0
+    tally = Tally()
     failed_runs: list[str] = []
     for i in range(0, len(keys), batch):
         chunk = keys[i : i + batch]
         _wait_for_state_chain(instance)
-        result = job.execute_in_process(
-            instance=instance,
-            asset_selection=asset_selection,
-            tags={**STATE_CHAIN_TAGS, RANGE_START_TAG: chunk[0], RANGE_END_TAG: chunk[-1]},
-            raise_on_error=False,
-            # Per-event DEBUG lines drown the summary; the full event log is in the UI.
-            run_config={
-                "loggers": {"console": {"config": {"log_level": os.environ.get("MARKETFS_LOG_LEVEL", "WARNING")}}}
-            },
-        )
+        with quiet_storage_errors(verbose):
+            result = job.execute_in_process(
+                instance=instance,
+                asset_selection=asset_selection,
+                tags={**STATE_CHAIN_TAGS, RANGE_START_TAG: chunk[0], RANGE_END_TAG: chunk[-1]},
+                raise_on_error=False,
+                # Dagster logs each failure twice with its stack; the CLI says it once, below.
+                # The full event log stays in the instance, for the UI.
+                run_config={"loggers": {"console": {"config": {"log_level": console_log_level(verbose)}}}},
+            )
         print(f"run {result.run_id}: {chunk[0]} .. {chunk[-1]} {'succeeded' if result.success else 'FAILED'}")
-        for evaluation in result.get_asset_check_evaluations():
-            checks_passed += evaluation.passed
-            checks_failed += not evaluation.passed
+        tally.add_checks(result)
+        for line in logged_warnings(instance, result.run_id):
+            print(line)
         if not result.success:
+            blocks = failure_blocks(result, verbose)
+            tally.failures.extend(blocks)
+            sys.stdout.flush()  # the run's line first, then its failures
+            for block in blocks:
+                print(block, file=sys.stderr, flush=True)
             failed_runs.append(result.run_id)
             # Later days continue the features' recursion state from this range: they would fail too.
             if chunk[-1] != keys[-1]:
                 print(f"stopped: {keys[keys.index(chunk[-1]) + 1]} .. {keys[-1]} not attempted")
             break
-    return failed_runs, checks_passed, checks_failed
+    return failed_runs, tally
 
 
 def _wait_for_state_chain(instance) -> None:
@@ -102,7 +120,7 @@ def _wait_for_state_chain(instance) -> None:
         time.sleep(5)
 
 
-def _run(start: str, end: str, snapshot: bool = True) -> int:
+def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> int:
     prepare_environment()
     import dagster as dg
     import sqlalchemy as sa
@@ -115,7 +133,9 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
     keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, end))
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
     instance = dg.DagsterInstance.get()
-    failed_runs, checks_passed, checks_failed = _execute_in_order(keys)
+    failed_runs, tally = _execute_in_order(keys, verbose=verbose)
+    if any(is_database_message(block) for block in tally.failures):
+        return DATABASE_GONE  # nothing more can be read or written: the message above says what to do
 
     snapshot_id = None
     if snapshot and not failed_runs:
@@ -124,7 +144,7 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
             instance=instance,
             run_config={
                 "ops": {"feature_snapshots": {"config": {"start": keys[0], "end": end_day, "timeframe": "1m"}}},
-                "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                "loggers": {"console": {"config": {"log_level": console_log_level(verbose)}}},
             },
             raise_on_error=False,
         )
@@ -133,6 +153,8 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
             snapshot_id = materialization.metadata["snapshot_id"].value
         else:
             failed_runs.append(snapshot_result.run_id)
+            for block in failure_blocks(snapshot_result, verbose):
+                print(block, file=sys.stderr)
 
     from expectations.docs import DataDocs
 
@@ -155,17 +177,18 @@ def _run(start: str, end: str, snapshot: bool = True) -> int:
     print(f"partitions     {len(keys)} ({keys[0]} .. {keys[-1]}), {(len(keys) + batch - 1) // batch} run(s)")
     print(f"bars stored    {bars} in ohlcv_1m, {events} events in news_events")
     print(f"vectors stored {vectors_1m} (1m) and {vectors_1d} (1d) in feature_vectors ({FEATURE_SET.version})")
-    print(f"gate checks    {checks_passed} passed, {checks_failed} failed")
+    print(tally.line())
     if snapshot_id:
         print(f"snapshot       {snapshot_id} (1m vectors of the range; marketfs snapshot describe {snapshot_id})")
-    if failed_runs:
-        print(f"FAILED runs    {', '.join(failed_runs)}: open them in the UI (make ui) for the failed expectations")
+    _say_failed_runs(failed_runs, tally)
     print(f"data docs      {docs_index}")
     print('look           make ui (Dagster UI on http://127.0.0.1:3000), make dsn (psql "$(make -s dsn)")')
     return 1 if failed_runs else 0
 
 
-def _recompute(start: str, end: str | None, asset_selection=None, at_least: str | None = None) -> int:
+def _recompute(
+    start: str, end: str | None, asset_selection=None, at_least: str | None = None, verbose: bool = False
+) -> int:
     """Re-materialise the daily job (or ``asset_selection`` of it) for ``start..end``, in order.
 
     ``end`` None: the newest materialised day of the features, or ``at_least`` when that is later.
@@ -189,14 +212,24 @@ def _recompute(start: str, end: str | None, asset_selection=None, at_least: str 
     keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, end))
     names = ", ".join(k.to_user_string() for k in asset_selection) if asset_selection else "the daily_features job"
     print(f"recomputing {names} for {keys[0]} .. {keys[-1]} ({len(keys)} days, in order)")
-    failed_runs, checks_passed, checks_failed = _execute_in_order(keys, asset_selection)
-    print(f"gate checks    {checks_passed} passed, {checks_failed} failed")
-    if failed_runs:
-        print(f"FAILED runs    {', '.join(failed_runs)}: open them in the UI (make ui) for the failed expectations")
+    failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose)
+    if any(is_database_message(block) for block in tally.failures):
+        return DATABASE_GONE
+    print(tally.line())
+    _say_failed_runs(failed_runs, tally)
     return 1 if failed_runs else 0
 
 
-def _release(batch_id: int, actor: str, note: str) -> int:
+def _say_failed_runs(failed_runs: list[str], tally: Tally) -> None:
+    if not failed_runs:
+        return
+    where = "make ui, Runs"
+    if tally.expectation_failures:
+        where = "make ui; the asset's Checks tab lists each failed expectation with its rows"
+    print(f"FAILED runs    {', '.join(failed_runs)} (the failure is above; the whole run log: {where})")
+
+
+def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int:
     """Release a quarantine batch, tell Dagster, and recompute what was computed without it."""
     env = prepare_environment()
     from datetime import timedelta
@@ -270,59 +303,123 @@ def _release(batch_id: int, actor: str, note: str) -> int:
         first_day, previous = previous, (date.fromisoformat(previous) - timedelta(days=1)).isoformat()
     # ... and days after it that were held back behind the breach: through the newest day with raw data.
     through = max([days[-1][0], *raw_days])
-    return _recompute(first_day, None, asset_selection=sorted(descendants), at_least=through)
+    return _recompute(first_day, None, asset_selection=sorted(descendants), at_least=through, verbose=verbose)
 
 
 def _ui(port: int) -> int:
+    """``dagster dev`` (webserver, daemon and their code servers) in a process group of its own.
+
+    Ctrl-C reaches every process of the terminal's group, and each stops at once; a SIGTERM (systemd,
+    docker stop, kill) or SIGHUP (the terminal closed) reaches this process only, and `dagster dev`
+    alone would then ask its children to stop and wait up to a minute for each. So any of the three
+    is passed on as SIGINT to the whole group, as Ctrl-C would, and what outlives a grace period is killed.
+    """
+    import signal
+    import subprocess
+    import time
+
     prepare_environment()
     os.chdir(PROJECT_ROOT)
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(PROJECT_ROOT / "workspace.yaml"),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
-    os.execv(sys.executable, command)
-    return 0
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")]
+    dev = subprocess.Popen([*command, "-h", "127.0.0.1", "-p", str(port)], start_new_session=True)
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(dev.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    stopping: list[float] = []  # when the first stop signal came
+
+    def stop(signum: int, _frame) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+            if group_alive():
+                os.killpg(dev.pid, signal.SIGINT)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    # Until the whole group is gone, not only `dagster dev`: a code server may outlive it.
+    while dev.poll() is None or (stopping and group_alive()):
+        if stopping and time.monotonic() - stopping[0] > UI_STOP_GRACE_SECONDS:
+            os.killpg(dev.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    code = dev.wait()
+    return 0 if code in (0, -signal.SIGINT, 128 + signal.SIGINT) else code
 
 
-def main(argv: list[str] | None = None) -> int:
+def _day(text: str) -> date:
+    """An argparse type: a calendar day, or a usage error naming the value and the format."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day; write it as YYYY-MM-DD, e.g. 2024-01-02") from None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="materialise raw bars and feature vectors for a range of days")
-    run.add_argument("--start", default=DEFAULT_START, type=date.fromisoformat)
-    run.add_argument("--end", default=DEFAULT_END, type=date.fromisoformat, help="last partition, inclusive")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true", help="show Dagster's log and the traceback of each failure")
+    run = sub.add_parser("run", parents=[verbose], help="materialise raw bars and feature vectors for a range of days")
+    run.add_argument("--start", default=DEFAULT_START, type=_day, help="first partition (YYYY-MM-DD)")
+    run.add_argument("--end", default=DEFAULT_END, type=_day, help="last partition, inclusive")
     run.add_argument("--no-snapshot", action="store_true", help="skip the sample snapshot at the end")
     recompute = sub.add_parser(
-        "recompute", help="re-materialise the daily job from a changed day through the newest materialised day"
+        "recompute",
+        parents=[verbose],
+        help="re-materialise the daily job from a changed day through the newest materialised day",
     )
-    recompute.add_argument("--from", dest="start", required=True, type=date.fromisoformat, help="first day")
-    recompute.add_argument(
-        "--to", dest="end", type=date.fromisoformat, help="last day (default: the newest materialised day)"
-    )
+    recompute.add_argument("--from", dest="start", required=True, type=_day, help="first day")
+    recompute.add_argument("--to", dest="end", type=_day, help="last day (default: the newest materialised day)")
     quarantine = sub.add_parser("quarantine", help="release a held quarantine batch through Dagster")
-    release = quarantine.add_subparsers(dest="action", required=True).add_parser("release")
+    release = quarantine.add_subparsers(dest="action", required=True).add_parser("release", parents=[verbose])
     release.add_argument("batch", type=int)
     release.add_argument("--by", required=True, help="who reviewed it")
     release.add_argument("--note", required=True, help="why")
     ui = sub.add_parser("ui", help="Dagster webserver and daemon on the same database")
     ui.add_argument("--port", type=int, default=3000)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot see: a range that ends before it starts, a NUL byte, a port that cannot be."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and "\x00" in value:
+            parser.error(f"--{name} {value!r} contains a NUL byte; remove it")
+    if args.command == "run" and args.end < args.start:
+        parser.error(f"--end {args.end} is before --start {args.start}; swap them")
+    if args.command == "recompute" and args.end is not None and args.end < args.start:
+        parser.error(f"--to {args.end} is before --from {args.start}; swap them")
+    if args.command == "ui" and not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is not a TCP port (1-65535)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "run":
-        return _run(args.start.isoformat(), args.end.isoformat(), snapshot=not args.no_snapshot)
-    if args.command == "recompute":
-        return _recompute(args.start.isoformat(), args.end.isoformat() if args.end else None)
-    if args.command == "quarantine":
-        return _release(args.batch, args.by, args.note)
-    return _ui(args.port)
+    _check(parser, args)
+    verbose = getattr(args, "verbose", False)
+    try:
+        if args.command == "run":
+            return _run(args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose)
+        if args.command == "recompute":
+            return _recompute(args.start.isoformat(), args.end.isoformat() if args.end else None, verbose=verbose)
+        if args.command == "quarantine":
+            return _release(args.batch, args.by, args.note, verbose)
+        return _ui(args.port)
+    except Exception as exc:
+        from pipelines.run_report import database_gone
+
+        message = database_gone(exc)
+        if message is None or verbose:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return DATABASE_GONE
 
 
 if __name__ == "__main__":
