@@ -12,7 +12,7 @@ import psycopg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
 
-from marketfs.db import engine_for, resolve_dsn
+from marketfs.db import engine_for, resolve_dsn, unreachable_message
 from marketfs.sources import (
     BarSource,
     EventSource,
@@ -64,6 +64,7 @@ def pool_instance_connections(instance: dg.DagsterInstance) -> None:
         from dagster_postgres.utils import create_pg_engine
     except ImportError:
         return
+    bound_instance_retries()
     for storage in (instance.event_log_storage, instance.run_storage):
         if not isinstance(storage, PostgresEventLogStorage | PostgresRunStorage):
             continue
@@ -77,22 +78,73 @@ def pool_instance_connections(instance: dg.DagsterInstance) -> None:
             max_overflow=4,
             pool_recycle=3600,
             pool_pre_ping=True,
+            # libpq waits for ever on a host that drops packets; a lost server must end the run, not hang it.
+            connect_args={"connect_timeout": 5},
         )
         storage._marketfs_pooled = True
 
 
 def database_unreachable(dsn: str, exc: Exception) -> dg.Failure:
     """The failure a run ends with when the feature store database cannot be reached (retries allowed)."""
-    url = sa.make_url(dsn)
-    reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-    return dg.Failure(
-        description=(
-            f"cannot reach the feature store database {url.host}:{url.port}/{url.database} ({reason}). "
-            "Nothing was written by this step. Check that the server runs and that MARKETFS_DSN points at it "
-            "(`make dsn` starts the embedded one)."
-        ),
-        allow_retries=True,
-    )
+    return dg.Failure(description=unreachable_message(dsn, exc), allow_retries=True)
+
+
+# How long one storage call of dagster-postgres keeps retrying a connection before it gives up.
+INSTANCE_RETRY_SECONDS = 10.0
+
+
+class _BoundedRetry:
+    """dagster-postgres's connection retry, bounded in time, quiet, and short-circuited once the server is gone.
+
+    Its own retry logs a warning per attempt and backs off for about 6 s per call; a stored event is
+    several calls and a failing step logs several events, so a lost server took minutes and hundreds of
+    lines before a `DagsterPostgresException`. Here a call retries for at most ``INSTANCE_RETRY_SECONDS``
+    (a server restart or a dropped pooled connection recovers well within that) and, once one call has
+    given up, the next ones try once, until a connection succeeds again: the run ends in seconds.
+    """
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def __call__(self, fn, retry_limit: int = 5, retry_wait: float = 0.2):
+        import time
+
+        from dagster_postgres.utils import DagsterPostgresException
+
+        deadline = time.monotonic() + (0 if self.gone else INSTANCE_RETRY_SECONDS)
+        wait = retry_wait
+        while True:
+            try:
+                result = fn()
+            except (sa.exc.DatabaseError, sa.exc.OperationalError, sa.exc.TimeoutError) as exc:
+                if time.monotonic() + wait > deadline:
+                    self.gone = True
+                    raise DagsterPostgresException("too many retries for DB connection") from exc
+                time.sleep(wait)
+                wait = min(wait * 2, 2.0)
+            else:
+                self.gone = False
+                return result
+
+
+_bounded_retry = _BoundedRetry()
+
+
+def bound_instance_retries() -> None:
+    """Make this process's dagster-postgres storages use the bounded, quiet retry above (idempotent).
+
+    The modules import ``retry_pg_connection_fn`` by name, so each module's binding is replaced.
+    """
+    try:
+        from dagster_postgres import utils
+        from dagster_postgres.event_log import event_log
+        from dagster_postgres.run_storage import run_storage
+        from dagster_postgres.schedule_storage import schedule_storage
+    except ImportError:
+        return
+    for module in (utils, event_log, run_storage, schedule_storage):
+        if hasattr(module, "retry_pg_connection_fn"):
+            module.retry_pg_connection_fn = _bounded_retry
 
 
 def translate_database_errors(fn):
