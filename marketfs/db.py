@@ -46,18 +46,21 @@ def engine_for(dsn: str) -> sa.Engine:
     )
 
 
-def unreachable_message(dsn: str, exc: BaseException | str, what: str = "feature store database") -> str:
+def unreachable_message(
+    dsn: str, exc: BaseException | str, what: str = "feature store database", variable: str = DSN_ENV
+) -> str:
     """The one line said whenever the server behind ``dsn`` cannot be reached: which server, why, what to do.
 
     Names host:port/database, never the password. ``exc`` is the driver's error (or its text); only
-    its first line is kept, the rest is libpq's advice, which the fix below replaces.
+    its first line is kept, the rest is libpq's advice, which the fix below replaces. ``variable`` is
+    the setting that names the server.
     """
     url = sa.make_url(dsn)
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
     return (
         f"cannot reach the {what} {where} ({reason[0] if reason else 'no reason given'}). Nothing was written by "
-        "the step that noticed. Check that the server runs and that MARKETFS_DSN points at it "
+        f"the step that noticed. Check that the server runs and that {variable} points at it "
         "(`make dsn` starts the embedded one), then run the command again."
     )
 

@@ -405,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     _check(parser, args)
     verbose = getattr(args, "verbose", False)
     try:
+        if args.command != "ui":
+            from pipelines.resources import bound_instance_retries
+
+            bound_instance_retries()  # before the instance is created: its first connections are bounded too
         if args.command == "run":
             return _run(args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose)
         if args.command == "recompute":

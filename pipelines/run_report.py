@@ -138,7 +138,9 @@ def database_gone(exc: BaseException) -> str | None:
     if driver is None:
         return None
     if dagster_storage and os.environ.get(DAGSTER_PG_ENV):
-        return unreachable_message(os.environ[DAGSTER_PG_ENV], driver, what="Dagster instance database")
+        return unreachable_message(
+            os.environ[DAGSTER_PG_ENV], driver, what="Dagster instance database", variable=DAGSTER_PG_ENV
+        )
     return unreachable_message(os.environ.get(DSN_ENV, ""), driver)
 
 
