@@ -7,17 +7,26 @@ marketfs quarantine list [--all]     held quarantine batches (all of them with -
 marketfs quarantine show BATCH       a batch, why it was held, and its failed expectations
 marketfs quarantine release BATCH --by NAME --note WHY   runs `python -m pipelines quarantine release ...`
 marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows, logged
+marketfs latest INSTRUMENT... --features F,G [--timeframe 1m]          the newest vector per instrument
+marketfs frame ENTITIES --features F,G --tolerance 5m [--snapshot ID] [--out FILE]
+                                     point-in-time join of a CSV or Parquet of (instrument_id, ts) rows
+
+Exit codes: 2 a usage error or a request that cannot be served (the message says why), 3 the database
+cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from datetime import timedelta
 
+import psycopg
 import sqlalchemy as sa
 
-from marketfs.db import DSN_ENV, engine_for, resolve_dsn
+from marketfs.db import DSN_ENV, engine_for, resolve_dsn, unreachable_message
 from marketfs.embedded_pg import EmbeddedPostgres, default_home
 
 
@@ -122,6 +131,59 @@ def _snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", None: "seconds"}
+
+
+def _tolerance(text: str) -> timedelta:
+    """An argparse type: a duration such as 90s, 5m, 1h, 2d (a bare number is seconds), never negative."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration >= 0; write e.g. 90s, 5m, 1h or 2d")
+    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one feature, e.g. --features ret_1,rsi_14")
+    return names
+
+
+def _retrieve(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from marketfs import retrieval
+    from marketfs.snapshots import SnapshotError
+
+    dsn = resolve_dsn()
+    try:
+        if args.command == "latest":
+            frame = retrieval.latest(args.instruments, args.features, args.timeframe, dsn=dsn)
+        else:
+            path = args.entities
+            try:
+                entities = (
+                    pl.read_parquet(path) if path.endswith(".parquet") else pl.read_csv(path, try_parse_dates=True)
+                )
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                print(f"error: cannot read entities file {path}: {str(exc).splitlines()[0]}", file=sys.stderr)
+                return 2
+            frame = retrieval.training_frame(
+                entities, args.features, args.tolerance, args.snapshot, timeframe=args.timeframe, dsn=dsn
+            )
+    except (retrieval.RetrievalError, SnapshotError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "out", None):
+        frame.write_parquet(args.out) if args.out.endswith(".parquet") else frame.write_csv(args.out)
+        print(f"{frame.height} rows written to {args.out}")
+    else:
+        with pl.Config(tbl_rows=50, tbl_cols=-1):
+            print(frame)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="marketfs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -146,8 +208,31 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("id")
     delete.add_argument("--by", required=True, help="who deletes it")
     delete.add_argument("--note", required=True, help="why")
+    latest = sub.add_parser("latest", help="the newest feature vector per instrument")
+    latest.add_argument("instruments", nargs="+")
+    frame = sub.add_parser("frame", help="point-in-time join of entity rows (instrument_id, ts)")
+    frame.add_argument("entities", help="a CSV or Parquet file with columns instrument_id and ts (with offset)")
+    frame.add_argument("--tolerance", required=True, type=_tolerance, help="e.g. 5m: how old a vector may be")
+    frame.add_argument("--snapshot", help="read a frozen snapshot instead of the live table")
+    frame.add_argument("--out", help="write the frame to this .parquet or .csv file instead of printing it")
+    for p in (latest, frame):
+        p.add_argument("--features", required=True, type=_names, help="comma-separated, e.g. ret_1,rsi_14")
+        p.add_argument("--timeframe", default="1m", help="1m or 1d")
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            parser.error(f"{name} {value!r} contains a NUL byte; remove it")
+    try:
+        return _command(args)
+    except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
+        if not os.environ.get(DSN_ENV):
+            raise  # the embedded server is started on demand: its own errors say what failed
+        print(f"error: {unreachable_message(os.environ[DSN_ENV], exc)}", file=sys.stderr)
+        return 3
 
+
+def _command(args: argparse.Namespace) -> int:
     server = EmbeddedPostgres(default_home())
     if args.command == "dsn":
         print(resolve_dsn())
@@ -161,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running: {'yes' if server.running_port() else 'no'}")
     elif args.command == "snapshot":
         return _snapshot(args)
+    elif args.command in ("latest", "frame"):
+        return _retrieve(args)
     elif args.command == "quarantine" and args.action == "release":
         return _release_through_dagster(args)
     else:

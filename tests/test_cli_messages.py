@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 from dagster_helpers import dagster_process_env
 
+from marketfs.cli import main as marketfs_main
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from pipelines.cli import main
 
@@ -120,3 +121,52 @@ def test_arguments_that_cannot_be_right_are_usage_errors(
     assert exit_.value.code == 2
     assert said in err and "usage: python -m pipelines" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["frame", "e.csv", "--features", "ret_1", "--tolerance=-5m"], "'-5m' is not a duration >= 0"),
+        (["frame", "e.csv", "--features", "ret_1", "--tolerance", "five minutes"], "'five minutes' is not a duration"),
+        (["latest", "AAA", "--features", " , "], "name at least one feature"),
+        (["latest", "AA\x00A", "--features", "ret_1"], "contains a NUL byte"),
+        (["quarantine", "show", "x7"], "invalid int value: 'x7'"),
+    ],
+)
+def test_marketfs_arguments_that_cannot_be_right_are_usage_errors(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        marketfs_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert said in err and "usage: marketfs" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["latest", "AAA", "--features", "ret_1", "--timeframe", "5m"], "timeframe"),
+        (["latest", "AAA", "--features", "ret_1,no_such_feature"], "no_such_feature"),
+        (["frame", "{entities}", "--features", "ret_1", "--tolerance", "5m", "--timeframe", "1w"], "timeframe"),
+        (["frame", "{missing}", "--features", "ret_1", "--tolerance", "5m"], "cannot read entities file"),
+    ],
+)
+def test_marketfs_requests_that_cannot_be_served_are_one_line(
+    argv: list[str], said: str, dsn: str, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entities = tmp_path / "entities.csv"
+    entities.write_text("instrument_id,ts\nAAA,2024-01-02T10:00:00+00:00\n")
+    monkeypatch.setenv("MARKETFS_DSN", dsn)
+    argv = [a.format(entities=entities, missing=tmp_path / "missing.csv") for a in argv]
+    assert marketfs_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_marketfs_with_the_database_gone_says_which_server(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MARKETFS_DSN", "postgresql://marketfs:secret@127.0.0.1:1/marketfs")
+    assert marketfs_main(["quarantine", "list"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot reach the feature store database 127.0.0.1:1/marketfs" in err and "make dsn" in err
+    assert "secret" not in err and len(err.strip().splitlines()) == 1
