@@ -46,6 +46,7 @@ def _execute_in_order(keys: list[str], asset_selection=None, verbose: bool = Fal
 
     from assets.partitions import BATCHED_BACKFILL
     from pipelines.definitions import daily_features_job, defs
+    from pipelines.run_health import process_tags
     from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG, STATE_CHAIN_TAGS
 
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
@@ -60,7 +61,7 @@ def _execute_in_order(keys: list[str], asset_selection=None, verbose: bool = Fal
             result = job.execute_in_process(
                 instance=instance,
                 asset_selection=asset_selection,
-                tags={**STATE_CHAIN_TAGS, RANGE_START_TAG: chunk[0], RANGE_END_TAG: chunk[-1]},
+                tags={**STATE_CHAIN_TAGS, **process_tags(), RANGE_START_TAG: chunk[0], RANGE_END_TAG: chunk[-1]},
                 raise_on_error=False,
                 # Dagster logs each failure twice with its stack; the CLI says it once, below.
                 # The full event log stays in the instance, for the UI.
@@ -90,12 +91,15 @@ def _wait_for_state_chain(instance) -> None:
 
     import dagster as dg
 
+    from pipelines.run_health import fail_runs_whose_process_is_gone
     from pipelines.sensors import STATE_CHAIN_TAG
 
     timeout = float(os.environ.get("MARKETFS_STATE_CHAIN_WAIT", "3600"))
     deadline = time.monotonic() + timeout
     said: set[str] = set()
     while True:
+        for run_id in fail_runs_whose_process_is_gone(instance):
+            print(f"run {run_id}: its process is gone (killed, or the machine restarted); marked FAILURE")
         active = instance.get_runs(
             filters=dg.RunsFilter(
                 tags={STATE_CHAIN_TAG: "daily"},
@@ -108,8 +112,9 @@ def _wait_for_state_chain(instance) -> None:
             if run.run_id not in said:
                 print(
                     f"waiting for run {run.run_id} ({run.status.value}): one run of the state chain at a time. "
-                    "A run whose process was killed never ends by itself: terminate it in the UI (Runs -> the "
-                    "run -> Terminate, force), or set MARKETFS_STATE_CHAIN_WAIT=0 to go ahead anyway"
+                    "Runs of this machine whose process died are failed at once; one launched elsewhere is ended "
+                    "by Dagster's run monitoring (make ui), or terminate it in the UI (Runs -> the run -> "
+                    "Terminate, force), or set MARKETFS_STATE_CHAIN_WAIT=0 to go ahead anyway"
                 )
                 said.add(run.run_id)
         if time.monotonic() > deadline:
@@ -129,6 +134,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
     from assets.partitions import BATCHED_BACKFILL, DAILY
     from marketfs.db import engine_for
     from pipelines.definitions import defs
+    from pipelines.run_health import process_tags
 
     keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, end))
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
@@ -146,6 +152,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
                 "ops": {"feature_snapshots": {"config": {"start": keys[0], "end": end_day, "timeframe": "1m"}}},
                 "loggers": {"console": {"config": {"log_level": console_log_level(verbose)}}},
             },
+            tags=process_tags(),
             raise_on_error=False,
         )
         if snapshot_result.success:
@@ -158,7 +165,10 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
 
     from expectations.docs import DataDocs
 
-    docs_index = DataDocs.default().build_index()
+    try:
+        docs_index = DataDocs.default().build_index()
+    except Exception as exc:  # a report, not data: the run's outcome stands whatever happens to the index
+        docs_index = f"not rebuilt ({exc.__class__.__name__}: {exc}); the runs and their verdicts are unaffected"
     window_start = DAILY.time_window_for_partition_key(keys[0]).start
     window_end = DAILY.time_window_for_partition_key(keys[-1]).end
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:

@@ -11,6 +11,7 @@ from assets.features import feature_vectors_1d, feature_vectors_1m
 from assets.raw import bars_1d, raw_events, raw_ohlcv
 from assets.snapshots import feature_snapshots
 from pipelines.resources import FeatureStore, market_data_from_env
+from pipelines.run_health import dead_runs
 from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor
 
 ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, feature_vectors_1m, feature_vectors_1d]
@@ -53,6 +54,6 @@ defs = dg.Definitions(
     assets=[*ALL_ASSETS, feature_snapshots],
     jobs=[daily_features_job, snapshot_job],
     schedules=[daily_features_schedule],
-    sensors=[landing_files_sensor],
+    sensors=[landing_files_sensor, dead_runs],
     resources={"store": FeatureStore(), "market_data": market_data_from_env()},
 )

@@ -93,3 +93,68 @@ def test_the_instance_monitors_runs_and_never_resumes_them() -> None:
         assert 0 < instance.run_monitoring_start_timeout_seconds <= 600
         assert 0 < instance.run_monitoring_cancel_timeout_seconds <= 600
         assert 0 < instance.run_monitoring_max_runtime_seconds <= 24 * 3600
+
+
+# A run as the daemon's DefaultRunLauncher starts it: no marketfs process tags; the worker logs its pid
+# in the engine event Dagster's own run worker writes (dagster/_grpc/impl.py, _run_in_subprocess).
+WORKER_RUN = textwrap.dedent(
+    """
+    import os
+    import time
+    import dagster as dg
+    from dagster._core.events import EngineEventData
+
+    @dg.asset
+    def slow(context):
+        run = context.instance.get_run_by_id(context.run_id)
+        context.instance.report_engine_event(
+            f"Started process for run (pid: {os.getpid()}).", run, EngineEventData.in_process(os.getpid())
+        )
+        print("STARTED", context.run_id, flush=True)
+        time.sleep(300)
+
+    dg.materialize([slow], instance=dg.DagsterInstance.get())
+    """
+)
+
+
+def test_the_dead_runs_sensor_fails_a_daemon_launched_run_whose_worker_was_killed(
+    empty_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = dagster_process_env(empty_dsn, empty_dsn, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_RUN],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while not line.startswith("STARTED") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the run process ended before its asset started"
+        run_id = line.split()[1]
+        for name in ("DAGSTER_HOME", "MARKETFS_DAGSTER_PG_URL"):
+            monkeypatch.setenv(name, env[name])
+        from pipelines.run_health import dead_runs
+
+        with dg.DagsterInstance.get() as instance:
+            assert "every unfinished run" in dead_runs(dg.build_sensor_context(instance=instance)).skip_message
+            # Only the sensor, on the workers' host, reads worker pids; a command does not.
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert fail_runs_whose_process_is_gone(instance) == []
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
+
+            reason = dead_runs(dg.build_sensor_context(instance=instance)).skip_message
+            assert run_id in reason
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+            [failure] = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+            assert f"pid {proc.pid}" in failure.message and "run worker" in failure.message
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
