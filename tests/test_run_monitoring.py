@@ -37,27 +37,28 @@ SLOW_RUN = textwrap.dedent(
 )
 
 
+def start_run(script: str, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[subprocess.Popen, str]:
+    """Start ``script`` in its own process on a test instance (this process then uses the same instance)
+    and return the process and its run id once the asset is executing."""
+    env = dagster_process_env(dsn, dsn, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    line, deadline = "", time.monotonic() + 60
+    while not line.startswith("STARTED") and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError("the run process ended before its asset started")
+    for name in ("DAGSTER_HOME", "MARKETFS_DAGSTER_PG_URL"):
+        monkeypatch.setenv(name, env[name])
+    return proc, line.split()[1]
+
+
 def test_a_run_whose_process_was_killed_ends_failure_at_the_next_command(
     empty_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = dagster_process_env(empty_dsn, empty_dsn, tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_RUN],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc, run_id = start_run(SLOW_RUN, empty_dsn, tmp_path, monkeypatch)
     try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while not line.startswith("STARTED") and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "the run process ended before its asset started"
-        run_id = line.split()[1]
-        for name in ("DAGSTER_HOME", "MARKETFS_DAGSTER_PG_URL"):
-            monkeypatch.setenv(name, env[name])
         with dg.DagsterInstance.get() as instance:
             assert fail_runs_whose_process_is_gone(instance) == []  # alive: left alone
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
@@ -121,24 +122,8 @@ WORKER_RUN = textwrap.dedent(
 def test_the_dead_runs_sensor_fails_a_daemon_launched_run_whose_worker_was_killed(
     empty_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = dagster_process_env(empty_dsn, empty_dsn, tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER_RUN],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc, run_id = start_run(WORKER_RUN, empty_dsn, tmp_path, monkeypatch)
     try:
-        line = ""
-        deadline = time.monotonic() + 60
-        while not line.startswith("STARTED") and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "the run process ended before its asset started"
-        run_id = line.split()[1]
-        for name in ("DAGSTER_HOME", "MARKETFS_DAGSTER_PG_URL"):
-            monkeypatch.setenv(name, env[name])
         from pipelines.run_health import dead_runs
 
         with dg.DagsterInstance.get() as instance:
