@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
@@ -45,7 +46,8 @@ def test_partition_rows_read_back_equal_the_computation(dsn: str, engine: sa.Eng
     ).vectors
     assert got.height == expected.height > 1000
     assert got.equals(expected)
-    assert all(check.passed for check in result.get_asset_check_evaluations())
+    # Warnings (e.g. 1d INSUFFICIENT_OHLCV on a two-day history) show as failed WARN checks; none blocks.
+    assert all(c.passed or c.severity == dg.AssetCheckSeverity.WARN for c in result.get_asset_check_evaluations())
 
 
 def test_rerun_gives_the_same_rows_not_twice_as_many(dsn: str, engine: sa.Engine) -> None:
