@@ -37,8 +37,8 @@ FLAG_MEANINGS: dict[QualityFlag, str] = {
     QualityFlag.LOW_EVENT_COUNT: "Fewer events in the window than `low_event_count` (but at least one).",
     QualityFlag.LOW_SENTIMENT_CONFIDENCE: "Mean confidence of the window's events below `low_sentiment_confidence`.",
     QualityFlag.TIMESTAMP_MISMATCH: (
-        "The bar's ts is off the timeframe's grid, or the source delivered it out of order or more than once "
-        "(the last delivery is kept)."
+        "The bar's ts is off the timeframe's grid, or the source delivered it more than once with other "
+        "values (the last delivery is kept)."
     ),
     QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN); it is stored as null.",
 }

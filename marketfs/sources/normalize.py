@@ -12,17 +12,14 @@ MISMATCH = QualityFlag.TIMESTAMP_MISMATCH.value
 def normalize_bars(delivered: pl.DataFrame) -> pl.DataFrame:
     """Sort and deduplicate bars given in delivery order; flag what the source got wrong.
 
-    TIMESTAMP_MISMATCH goes on a bar whose ts is off the minute grid, that arrived after a later bar
-    of the same instrument, or that was delivered more than once (the last delivery is kept).
+    TIMESTAMP_MISMATCH goes on a bar whose ts is off the minute grid, or that was delivered more than
+    once (the last delivery is kept; the landing source has already collapsed identical copies). The order of rows is not a fact about the bars:
+    a file written newest-first holds the same bars as one written oldest-first.
     """
     indexed = delivered.with_row_index("_order")
     ts_us = pl.col("ts").dt.epoch("us")
     flagged = indexed.with_columns(
-        (
-            (ts_us % 60_000_000 != 0)
-            | (pl.col("ts") < pl.col("ts").cum_max().shift(1).over("instrument_id", order_by="_order"))
-            | (pl.len().over("instrument_id", "ts") > 1)
-        ).alias("_mismatch")
+        ((ts_us % 60_000_000 != 0) | (pl.len().over("instrument_id", "ts") > 1)).alias("_mismatch")
     )
     kept = (
         flagged.with_columns(pl.col("_mismatch").any().over("instrument_id", "ts"))
