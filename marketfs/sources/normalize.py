@@ -13,8 +13,9 @@ def normalize_bars(delivered: pl.DataFrame) -> pl.DataFrame:
     """Sort and deduplicate bars given in delivery order; flag what the source got wrong.
 
     TIMESTAMP_MISMATCH goes on a bar whose ts is off the minute grid, or that was delivered more than
-    once (the last delivery is kept; the landing source has already collapsed identical copies). The order of rows is not a fact about the bars:
-    a file written newest-first holds the same bars as one written oldest-first.
+    once (the last delivery is kept; the landing source has already collapsed identical copies). The
+    order of rows is not a fact about the bars: a file written newest-first holds the same bars as one
+    written oldest-first.
     """
     indexed = delivered.with_row_index("_order")
     ts_us = pl.col("ts").dt.epoch("us")
