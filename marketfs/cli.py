@@ -27,7 +27,7 @@ import psycopg
 import sqlalchemy as sa
 
 from marketfs.db import DSN_ENV, engine_for, resolve_dsn, unreachable_message
-from marketfs.embedded_pg import EmbeddedPostgres, default_home
+from marketfs.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, default_home
 
 
 def _quarantine(args: argparse.Namespace) -> int:
@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} {value!r} contains a NUL byte; remove it")
     try:
         return _command(args)
+    except EmbeddedPostgresError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # it says what failed and what to do
+        return 3
     except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
         if not os.environ.get(DSN_ENV):
             raise  # the embedded server is started on demand: its own errors say what failed

@@ -427,9 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             return _release(args.batch, args.by, args.note, verbose)
         return _ui(args.port)
     except Exception as exc:
+        from marketfs.embedded_pg import EmbeddedPostgresError
         from pipelines.run_report import database_gone
 
-        message = database_gone(exc)
+        # The embedded server's own errors (a damaged state file, a taken port, root without user
+        # namespaces) already say what to do.
+        message = str(exc) if isinstance(exc, EmbeddedPostgresError) else database_gone(exc)
         if message is None or verbose:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -3,6 +3,7 @@ usage errors. The pipeline runs as a user runs it: `python -m pipelines` in a su
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -170,3 +171,26 @@ def test_marketfs_with_the_database_gone_says_which_server(monkeypatch, capsys: 
     err = capsys.readouterr().err
     assert "cannot reach the feature store database 127.0.0.1:1/marketfs" in err and "make dsn" in err
     assert "secret" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_damaged_state_file_is_one_message_from_both_commands(tmp_path: Path) -> None:
+    """The embedded server's own errors say what to do; the CLIs print them once, without a traceback."""
+    from marketfs.embedded_pg import EmbeddedPostgres
+
+    home = tmp_path / ".marketfs"
+    server = EmbeddedPostgres(home, durable=False)
+    server.ensure_running()
+    server.stop()
+    (home / "postgres.json").write_text("")
+    unset = ("MARKETFS_DSN", "MARKETFS_DAGSTER_PG_URL", "MARKETFS_TEST_DSN", "DAGSTER_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(MARKETFS_HOME=str(home), PYTHONWARNINGS="ignore")
+    try:
+        for command in ([sys.executable, "-m", "pipelines", "run"], [sys.executable, "-m", "marketfs.cli", "dsn"]):
+            result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 3, result.stderr
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith(f"error: {home / 'postgres.json'} is empty"), line
+            assert "reset-password" in line and "Traceback" not in result.stderr
+    finally:
+        server.destroy()
