@@ -152,7 +152,7 @@ def report_run(
     if failure is not None:
         raise failure
     if judgement.breaches:
-        raise _breach_failure(context, judgement, chained=chained)
+        raise breach_failure(context, judgement, chained=chained)
 
 
 def _check_results(context: dg.AssetExecutionContext, checks: list[DayCheck]) -> Iterator[dg.AssetCheckEvaluation]:
@@ -198,7 +198,7 @@ def _with_page(publish, context: dg.AssetExecutionContext, check: str, day: str,
         return gate
 
 
-def _breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, chained: bool) -> dg.Failure:
+def breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, chained: bool) -> dg.Failure:
     """The run's failure: which days breached (with instrument and ts), which were written, what to do."""
     asset = context.asset_key.to_user_string()
     lines = [

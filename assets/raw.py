@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 
 from assets.data_versions import InputProvenance, content_version
-from assets.gates import DayCheck, Judgement, _breach_failure, judge_days, report_run
+from assets.gates import DayCheck, Judgement, breach_failure, judge_days, report_run
 from assets.metadata import frame_summary
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from marketfs.features.resample import daily_bars
@@ -57,7 +57,7 @@ def _file_failure(
     asset = context.asset_key.to_user_string()
     lines = [f"{asset} {day} was not ingested (nothing of it written): {error}" for day, error in bad_days.items()]
     if judged.breaches:
-        lines.append(_breach_failure(context, judged, chained=False).description)
+        lines.append(breach_failure(context, judged, chained=False).description)
     elif judged.accepted:
         lines.append(f"Written: {', '.join(judged.accepted)}.")
     first = min(bad_days)
