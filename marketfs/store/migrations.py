@@ -1,8 +1,12 @@
 """Versioned, forward-only schema migrations, plus columns derived from the feature registry.
 
 ``migrate()`` is safe to call from every run: an advisory lock serialises concurrent callers and
-each migration runs once, in its own transaction, recorded in ``schema_migrations``.
-TimescaleDB features are used when the server has the extension, and skipped when it has not.
+each migration runs once, in its own transaction, recorded in ``schema_migrations`` in that same
+transaction (a failing migration leaves the earlier ones applied and recorded). A migration exists
+only through ``@migration(version, name)``, which refuses a version out of sequence, and a test checks
+that every ``_mNNN_*`` function here is registered: none can be written and forgotten.
+TimescaleDB features are used when the server has the extension, and skipped when it has not or
+when ``MARKETFS_TIMESCALEDB=off``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -18,9 +23,36 @@ from marketfs.features.registry import all_feature_columns
 
 logger = logging.getLogger(__name__)
 MIGRATION_LOCK_ID = 0x6D6B7466  # any constant shared by every caller
-Migration = Callable[[sa.Connection, bool], None]
 
 
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[sa.Connection, bool], None]
+
+
+# In version order; filled by @migration as the module is read.
+MIGRATIONS: list[Migration] = []
+
+
+def migration(version: int, name: str) -> Callable[[Callable[[sa.Connection, bool], None]], Callable]:
+    """Register the decorated ``_mNNN_*`` function as migration ``version`` (the next one in sequence)."""
+
+    def register(apply: Callable[[sa.Connection, bool], None]) -> Callable[[sa.Connection, bool], None]:
+        expected = len(MIGRATIONS) + 1
+        if version != expected or not apply.__name__.startswith(f"_m{version:03d}_"):
+            raise RuntimeError(
+                f"migration {apply.__name__} registered as version {version}: the next version is {expected}, "
+                f"and its function must be named _m{expected:03d}_<what it does>"
+            )
+        MIGRATIONS.append(Migration(version, name, apply))
+        return apply
+
+    return register
+
+
+@migration(1, "base tables: ohlcv_1m, feature_vectors")
 def _m001_base_tables(conn: sa.Connection, timescale: bool) -> None:
     conn.execute(
         sa.text(
@@ -82,6 +114,7 @@ def _hypertable(conn: sa.Connection, table: str, column: str, chunk: str) -> Non
     )
 
 
+@migration(2, "news_events, ohlcv_1d, feature_state, bar source flags")
 def _m002_events_daily_bars_state(conn: sa.Connection, timescale: bool) -> None:
     # What the source got wrong about a bar (e.g. TIMESTAMP_MISMATCH), carried into its vector.
     conn.execute(sa.text("ALTER TABLE ohlcv_1m ADD COLUMN source_flags text[] NOT NULL DEFAULT '{}'"))
@@ -147,6 +180,7 @@ def _m002_events_daily_bars_state(conn: sa.Connection, timescale: bool) -> None:
         _hypertable(conn, "news_events", "published_at", "7 days")
 
 
+@migration(3, "quality_log, quarantine tables")
 def _m003_quality_log_and_quarantine(conn: sa.Connection, timescale: bool) -> None:
     # Every verdict of every gate, and every human decision about quarantined data.
     conn.execute(
@@ -209,6 +243,7 @@ def _m003_quality_log_and_quarantine(conn: sa.Connection, timescale: bool) -> No
         conn.execute(sa.text(f"CREATE INDEX quarantine_{table}_batch ON quarantine_{table} (batch_id)"))
 
 
+@migration(4, "feature snapshots")
 def _m004_snapshots(conn: sa.Connection, timescale: bool) -> None:
     conn.execute(
         sa.text(
@@ -275,6 +310,7 @@ def _m004_snapshots(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(5, "one key index on feature_vectors")
 def _m005_lean_feature_indexes(conn: sa.Connection, timescale: bool) -> None:
     # One index serves the upsert key, latest() and point-in-time lookups: key columns ordered
     # (instrument, timeframe, version, ts). The separate version index and the GIN index on flags
@@ -290,6 +326,7 @@ def _m005_lean_feature_indexes(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(6, "TimescaleDB compression settings and the feature_quality_daily continuous aggregate")
 def _m006_timescale_compression_and_rollup(conn: sa.Connection, timescale: bool) -> None:
     if not timescale:
         return
@@ -299,40 +336,61 @@ def _m006_timescale_compression_and_rollup(conn: sa.Connection, timescale: bool)
     ts.create_daily_quality_rollup(conn)
 
 
+@migration(7, "BRIN time indexes where no index leads with the time column")
 def _m007_time_range_indexes(conn: sa.Connection, timescale: bool) -> None:
     # Every run reads and replaces whole time windows across instruments, which the (instrument, ts)
     # keys cannot range-scan: without this, plain PostgreSQL scans the whole table per window (a
-    # 5M-vector re-run spent minutes per 31-day batch). Rows arrive in time order, so a BRIN index is
-    # a few pages and costs nothing to maintain. Hypertables get the same from chunk exclusion.
-    if timescale:
-        return
-    for table, column in (
-        ("ohlcv_1m", "ts"),
-        ("ohlcv_1d", "ts"),
-        ("news_events", "published_at"),
-        ("feature_vectors", "ts"),
-        ("feature_state", "ts"),
-    ):
-        conn.execute(sa.text(f"CREATE INDEX {table}_{column}_brin ON {table} USING brin ({column})"))
+    # 5M-vector re-run spent minutes per 31-day batch). Rows arrive in time order (a window is
+    # deleted and written again as a block), so a BRIN index is a few pages and costs next to nothing
+    # on writes; autosummarize keeps the newest block ranges summarised between vacuums.
+    # A hypertable already has a b-tree on its time column in every chunk and chunk exclusion, and
+    # its columnstore batches carry their own min/max: a BRIN there would only cost. So each table is
+    # indexed unless an index already leads with its time column, which also covers feature_state on
+    # TimescaleDB (a plain table there) and hypertables of a database migrated before
+    # MARKETFS_TIMESCALEDB=off.
+    for table, column in TIME_COLUMNS.items():
+        if not _time_column_leads_an_index(conn, table, column):
+            conn.execute(
+                sa.text(
+                    f"CREATE INDEX {table}_{column}_brin ON {table} USING brin ({column}) WITH (autosummarize = on)"
+                )
+            )
 
 
-MIGRATIONS: list[tuple[int, str, Migration]] = [
-    (1, "base tables: ohlcv_1m, feature_vectors", _m001_base_tables),
-    (2, "news_events, ohlcv_1d, feature_state, bar source flags", _m002_events_daily_bars_state),
-    (3, "quality_log, quarantine tables", _m003_quality_log_and_quarantine),
-    (4, "feature snapshots", _m004_snapshots),
-    (5, "one key index on feature_vectors", _m005_lean_feature_indexes),
-    (
-        6,
-        "TimescaleDB compression settings and the feature_quality_daily continuous aggregate",
-        _m006_timescale_compression_and_rollup,
-    ),
-]
+# The served tables' time columns: the ones window reads, replaces and retention filter on.
+TIME_COLUMNS = {
+    "ohlcv_1m": "ts",
+    "ohlcv_1d": "ts",
+    "news_events": "published_at",
+    "feature_vectors": "ts",
+    "feature_state": "ts",
+}
+
+
+def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
+    return bool(
+        conn.execute(
+            sa.text(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a "
+                "ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+                "WHERE i.indrelid = CAST(:t AS regclass) AND a.attname = :c)"
+            ),
+            {"t": table, "c": column},
+        ).scalar()
+    )
+
+
+def timescaledb_forced_off() -> bool:
+    """True when ``MARKETFS_TIMESCALEDB`` asks for plain tables whatever the server offers."""
+    return os.environ.get("MARKETFS_TIMESCALEDB", "auto").strip().lower() in ("off", "0", "false", "no")
 
 
 def _ensure_timescaledb(conn: sa.Connection) -> bool:
-    if os.environ.get("MARKETFS_TIMESCALEDB", "auto").lower() in ("off", "0", "false", "no"):
-        return timescaledb_installed(conn)
+    """Whether the migrations use TimescaleDB: the extension is there (or can be created) and not forced off."""
+    if timescaledb_forced_off():
+        # Even with the extension installed in the database (e.g. through template1): new tables are
+        # plain, no policy is touched. Tables already made hypertables stay so.
+        return False
     if timescaledb_installed(conn):
         return True
     available = conn.execute(
@@ -473,31 +531,47 @@ def _ensure_finite_checks(conn: sa.Connection) -> list[str]:
 
 
 def migrate(dsn: str) -> list[str]:
-    """Bring the database at ``dsn`` up to date; return the names of the migrations applied now."""
+    """Bring the database at ``dsn`` up to date; return the names of the migrations applied now.
+
+    A session-level advisory lock serialises migrators for the whole run; each migration commits with
+    its ``schema_migrations`` row, so a failure leaves the database at the last version that succeeded.
+    """
     engine = engine_for(dsn)
     applied_now: list[str] = []
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-        conn.execute(
-            sa.text(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                "version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-        )
-        timescale = _ensure_timescaledb(conn)
-        done = {row[0] for row in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
-        for version, name, migration in MIGRATIONS:
-            if version in done:
-                continue
-            migration(conn, timescale)
-            conn.execute(
-                sa.text("INSERT INTO schema_migrations (version, name) VALUES (:v, :n)"), {"v": version, "n": name}
-            )
-            applied_now.append(name)
-        _ensure_feature_columns(conn)
-        _ensure_finite_checks(conn)
-        if timescale:
-            from marketfs.store.timescale import apply_policies
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        conn.commit()
+        try:
+            with conn.begin():
+                conn.execute(
+                    sa.text(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
+                        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                )
+                timescale = _ensure_timescaledb(conn)
+                done = {row[0] for row in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
+            for step in MIGRATIONS:
+                if step.version in done:
+                    continue
+                with conn.begin():
+                    step.apply(conn, timescale)
+                    conn.execute(
+                        sa.text("INSERT INTO schema_migrations (version, name) VALUES (:v, :n)"),
+                        {"v": step.version, "n": step.name},
+                    )
+                applied_now.append(step.name)
+            with conn.begin():
+                _ensure_feature_columns(conn)
+                _ensure_finite_checks(conn)
+                if timescale:
+                    from marketfs.store.timescale import apply_policies
 
-            apply_policies(conn)
+                    apply_policies(conn)
+        finally:
+            # A session lock outlives a transaction and would travel with the pooled connection.
+            if not conn.invalidated:
+                conn.rollback()
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+                conn.commit()
     return applied_now
