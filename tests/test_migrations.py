@@ -145,3 +145,12 @@ def test_a_failing_migration_leaves_the_earlier_ones_committed_and_recorded(
     assert scalar(empty_dsn, "SELECT pg_try_advisory_lock(:id) AND pg_advisory_unlock(:id)", id=MIGRATION_LOCK_ID)
     assert migrate(empty_dsn) == [step.name for step in MIGRATIONS[2:]]
     assert recorded_versions(empty_dsn) == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_concurrent_migrators_take_turns_for_the_whole_run(empty_dsn: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(migrate, [empty_dsn, empty_dsn]))
+    assert sorted(map(len, results)) == [0, len(MIGRATIONS)]
+    assert recorded_versions(empty_dsn) == list(range(1, len(MIGRATIONS) + 1))

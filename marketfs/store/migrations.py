@@ -340,8 +340,8 @@ def _m006_timescale_compression_and_rollup(conn: sa.Connection, timescale: bool)
 def _m007_time_range_indexes(conn: sa.Connection, timescale: bool) -> None:
     # Every run reads and replaces whole time windows across instruments, which the (instrument, ts)
     # keys cannot range-scan: without this, plain PostgreSQL scans the whole table per window (a
-    # 5M-vector re-run spent minutes per 31-day batch). Rows arrive in time order (a window is
-    # deleted and written again as a block), so a BRIN index is a few pages and costs next to nothing
+    # 5M-vector re-run spent minutes per 31-day batch). Rows arrive in time order (each run writes its
+    # window as one block), so a BRIN index is a few pages and costs next to nothing
     # on writes; autosummarize keeps the newest block ranges summarised between vacuums.
     # A hypertable already has a b-tree on its time column in every chunk and chunk exclusion, and
     # its columnstore batches carry their own min/max: a BRIN there would only cost. So each table is
