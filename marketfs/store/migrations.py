@@ -515,7 +515,13 @@ def _ensure_finite_checks(conn: sa.Connection) -> list[str]:
         else:
             for column in list(unvalidated):
                 name = finite_constraint_name(table, column)
-                if _try(conn, f'ALTER TABLE {table} VALIDATE CONSTRAINT "{name}"') is None:
+                validated = _try(conn, f'ALTER TABLE {table} VALIDATE CONSTRAINT "{name}"') is None
+                # TimescaleDB cannot VALIDATE on a hypertable with columnstore enabled, but can add the
+                # check anew (which validates it): swap the NOT VALID one for it, in one savepoint.
+                validated = validated or (
+                    _try(conn, f'ALTER TABLE {table} DROP CONSTRAINT "{name}", {_finite_check(table, column)}') is None
+                )
+                if validated:
                     unvalidated.remove(column)
         if missing or unvalidated:
             problems.append(
