@@ -41,8 +41,9 @@ bench: $(STAMP)  ## benchmarks at the default size (a few minutes); ARGS="--days
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 	$(BIN)/python benchmarks/retrieval.py
 
-docs: $(STAMP)  ## regenerate docs/features.md from the feature registry
+docs: $(STAMP)  ## regenerate docs/features.md and the feature suites from the declarations
 	$(BIN)/python -m marketfs.catalog --write
+	$(BIN)/python -m expectations.generate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

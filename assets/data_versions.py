@@ -97,7 +97,7 @@ def stored_content_version(conn: sa.Connection, asset: str, start: datetime, end
     The same frame the assets hash before they write (the served table's columns), read back: a
     release from quarantine, which writes outside a run, reports it.
     """
-    from marketfs.features.registry import DEFAULT_FEATURE_SET
+    from marketfs.features.registry import datasets
     from marketfs.store.bars import read_bars
     from marketfs.store.events import read_events
     from marketfs.store.feature_vectors import read_vectors
@@ -108,9 +108,9 @@ def stored_content_version(conn: sa.Connection, asset: str, start: datetime, end
         frame = read_bars(conn, start, end, timeframe="1d")
     elif asset == "raw_events":
         frame = read_events(conn, start, end)
-    elif asset.startswith("feature_vectors_"):
-        timeframe = asset.rsplit("_", 1)[-1]
-        frame = read_vectors(conn, feature_set=DEFAULT_FEATURE_SET, timeframe=timeframe, start=start, end=end)
+    elif asset in datasets():
+        feature_set, timeframe = datasets()[asset]
+        frame = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end)
     else:
         raise ValueError(f"no served table known for asset {asset!r}")
     return content_version(frame)

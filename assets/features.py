@@ -1,8 +1,9 @@
-"""Feature vectors per timeframe: computed from stored bars and events, gated day by day, then written.
+"""Feature vectors, one asset per feature set and timeframe, made by a factory from the declarations.
 
-The gate runs inside the writing asset, before the write, because a blocking Dagster check only
-stops downstream assets: the asset it checks would already have been written. Days form a chain
-(RSI, MACD and ATR continue from the previous day's state), so a run writes the days before the
+Each asset computes its set's vectors from stored bars and events, gates them day by day, then
+writes them. The gate runs inside the writing asset, before the write, because a blocking Dagster
+check only stops downstream assets: the asset it checks would already have been written. Days form
+a chain (recursions continue from the previous day's state), so a run writes the days before the
 first breaching day, quarantines that day, and holds back the days after it.
 """
 
@@ -15,19 +16,22 @@ import dagster as dg
 import polars as pl
 
 from assets.data_versions import InputProvenance, content_version
-from assets.gates import Judgement, judge_days, report_run
+from assets.gates import DRIFT_CHECK, GATE_CHECK, Judgement, judge_days, report_run
 from assets.metadata import flag_counts, frame_summary, vector_preview
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
-from marketfs.features.compute import WARMUP_BARS, FeatureComputation, HistoryError, compute_feature_vectors
-from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS, definitions_hash
-from marketfs.store.bars import read_bars
+from marketfs.features.code_version import code_version
+from marketfs.features.compute import FeatureComputation, HistoryError, compute_feature_vectors
+from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
+from marketfs.features.timeframes import timeframe as timeframe_spec
+from marketfs.store.bars import read_bars_for
 from marketfs.store.events import read_events
 from marketfs.store.feature_vectors import (
     read_recent_partitions,
     read_state_before,
     read_vectors,
+    vector_schema,
     write_features,
 )
 from pipelines.resources import FeatureStore, translate_database_errors
@@ -35,50 +39,68 @@ from pipelines.resources import FeatureStore, translate_database_errors
 if TYPE_CHECKING:
     from expectations.drift import DriftProfile
 
-FEATURE_SET = DEFAULT_FEATURE_SET
-GATE_CHECK = "quality_gate"
-DRIFT_CHECK = "drift_gate"
-
-# Lineage of the warm-up: how many earlier daily partitions of bars a day's vectors may read.
-# Warm-up itself is read by bar count (WARMUP_BARS), so these only need to cover it: 40 minute
-# bars fit in the previous trading day (4 days span a long weekend); 40 daily bars in 60 days.
-BAR_LOOKBACK_DAYS = {"1m": 4, "1d": 60}
+# The asset that materialises a timeframe's bar table: its bars are what the vectors read.
+BARS_ASSET = {"ohlcv_1m": "raw_ohlcv", "ohlcv_1d": "bars_1d"}
 
 
-def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefinition:
-    name = f"feature_vectors_{timeframe}"
-    suite = name
-    event_window, label = EVENT_WINDOWS[timeframe]
+def has_drift_gate(fs: FeatureSet, timeframe: str) -> bool:
+    """From the declaration and the policy, as the generated suites are: not from files found at import."""
+    from expectations.generate import drift_suite, load_policy
+
+    return drift_suite(fs, timeframe, load_policy()) is not None
+
+
+def feature_assets(fs: FeatureSet) -> list[dg.AssetsDefinition]:
+    """One asset per timeframe of a feature set."""
+    return [_feature_vectors_asset(fs, timeframe) for timeframe in fs.timeframes]
+
+
+def _column_schema(fs: FeatureSet, timeframe: str) -> dg.TableSchema:
+    formulas = {f.name: f.formula for f in fs.for_timeframe(timeframe)}
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name, str(dtype), description=formulas.get(name, ""))
+            for name, dtype in vector_schema(fs, timeframe).items()
+        ]
+    )
+
+
+def _feature_vectors_asset(fs: FeatureSet, timeframe: str) -> dg.AssetsDefinition:
+    name = dataset_name(fs, timeframe)
+    spec = timeframe_spec(timeframe)
+    drift = has_drift_gate(fs, timeframe)
     checks = {
-        GATE_CHECK: f"Great Expectations suite expectations/suites/{suite}.json, one verdict per day; "
+        GATE_CHECK: f"Great Expectations suite expectations/suites/{name}.json, one verdict per day; "
         "a breaching day is quarantined and the days after it are held back."
     }
-    if suite_path(f"{suite}_drift").exists():
+    if drift:
         checks[DRIFT_CHECK] = (
-            f"Drift suite expectations/suites/{suite}_drift.json against its reference, one verdict per day; "
+            f"Drift suite expectations/suites/{name}_drift.json against its reference, one verdict per day; "
             "a breach blocks the write."
         )
+    windows = ", ".join(fs.event_windows(timeframe)) or "none"
 
     @daily_asset(
         name,
-        group_name="features",
-        # Derived from the definitions: editing a formula or lookback marks the asset stale in the UI.
-        code_version=f"{FEATURE_SET.version}-{definitions_hash(FEATURE_SET, timeframe)}-3",
+        group_name=f"features_{fs.version}",
+        # Follows the declaration and the source of the functions that compute it (code_version.py).
+        code_version=code_version(fs, timeframe),
         deps=[
+            # Warm-up bars are read by count; the lineage covers the days they can come from.
             dg.AssetDep(
-                bars_asset,
+                BARS_ASSET[spec.bar_table],
                 partition_mapping=dg.TimeWindowPartitionMapping(
-                    start_offset=-BAR_LOOKBACK_DAYS[timeframe], allow_nonexistent_upstream_partitions=True
+                    start_offset=-spec.lookback_days, allow_nonexistent_upstream_partitions=True
                 ),
             ),
-            # Events of the look-back window (t - 1h or t - 1d) reach into the previous day.
+            # Events of the look-back window reach into the previous day.
             dg.AssetDep(
                 "raw_events",
                 partition_mapping=dg.TimeWindowPartitionMapping(
                     start_offset=-1, allow_nonexistent_upstream_partitions=True
                 ),
             ),
-            # RSI, MACD and ATR continue from the state stored at the previous day's last bar.
+            # Recursions continue from the state stored at the previous day's last bar.
             dg.AssetDep(
                 name,
                 partition_mapping=dg.TimeWindowPartitionMapping(
@@ -87,123 +109,136 @@ def _feature_vectors_asset(timeframe: str, bars_asset: str) -> dg.AssetsDefiniti
             ),
         ],
         checks=checks,
-        description=f"Feature vectors {FEATURE_SET.version}, timeframe {timeframe} (event window {label}), "
-        "in table feature_vectors.",
+        description=f"Feature vectors {fs.version}, timeframe {timeframe} (event windows: {windows}), in table "
+        f"feature_vectors. {fs.description}",
+        owners=[f"team:{fs.owner}"],
         metadata={
-            "feature_catalog": dg.MetadataValue.md(catalog_table(FEATURE_SET, timeframe)),
-            "owner": dg.MetadataValue.text("quant-platform"),
+            "feature_set": dg.MetadataValue.text(fs.version),
+            "timeframe": dg.MetadataValue.text(timeframe),
+            "feature_catalog": dg.MetadataValue.md(catalog_table(fs, timeframe)),
+            "dagster/column_schema": _column_schema(fs, timeframe),
+            "declaration": dg.MetadataValue.path(f"marketfs/feature_sets/{fs.version}.py"),
         },
     )
     @translate_database_errors
     def _asset(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
-        from expectations.docs import DataDocs
-        from expectations.gate import load_suite_json, publish_day, validate_days
-
-        provenance = InputProvenance.capture(context)
-        quality_suite = load_suite_json(suite_path(suite))
-        drift_file = suite_path(f"{suite}_drift")
-        drift_template = load_suite_json(drift_file) if drift_file.exists() else None
-        docs = DataDocs.default()
-        materializations: list[tuple] = []
-        judgement = Judgement()
-        failure = None
-        plan = DayChunks(context.partition_keys)
-        history = None  # the drift reference, read once and carried from chunk to chunk
-        try:
-            for days in plan:
-                start, end = day_window(days[0])[0], day_window(days[-1])[1]
-                computation = _compute(store, timeframe, start, end)
-                vectors = computation.vectors.with_columns(day_of())
-                by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
-                plan.saw(vectors.height, len(by_day))
-                checks_by_day = {GATE_CHECK: validate_days(vectors, suite, suite=quality_suite)}
-                profile = None
-                if drift_template is not None:
-                    if history is None:
-                        history = _drift_history(store, drift_template, timeframe, start)
-                    checks_by_day[DRIFT_CHECK], profile = _drift(vectors, history, drift_template, timeframe)
-
-                def rows_of_day(day: str, computation: FeatureComputation = computation) -> dict[str, pl.DataFrame]:
-                    day_start, day_end = day_window(day)
-                    return {
-                        "feature_vectors": _in_window(computation.vectors, day_start, day_end),
-                        "feature_state": _in_window(computation.state, day_start, day_end).with_columns(
-                            pl.lit(timeframe).alias("timeframe"),
-                            pl.lit(FEATURE_SET.version).alias("feature_set_version"),
-                        ),
-                    }
-
-                def publish(
-                    check: str, day: str, gate: GateResult, by_day: dict = by_day, profile=profile
-                ) -> str | None:
-                    label_ = f"{name}-{day}"
-                    if check == DRIFT_CHECK:
-                        row = profile.frame.filter(pl.col(DAY) == day).drop(DAY)
-                        return publish_day(
-                            row, gate.suite, profile.suite, docs=docs, label=label_, run_name=context.run_id
-                        )
-                    return publish_day(
-                        by_day[day], suite, quality_suite, docs=docs, label=label_, run_name=context.run_id
-                    )
-
-                chunk = judge_days(
-                    context,
-                    store,
-                    days=days,
-                    checks=checks_by_day,
-                    rows_of_day=rows_of_day,
-                    chained=True,
-                    publish=publish,
-                )
-                judgement.extend(chunk)
-                if chunk.accepted:
-                    # The days before the first breach, with their state, in one transaction.
-                    write_start, write_end = day_window(chunk.accepted[0])[0], day_window(chunk.accepted[-1])[1]
-                    accepted = FeatureComputation(
-                        vectors=_in_window(computation.vectors, write_start, write_end),
-                        state=_in_window(computation.state, write_start, write_end),
-                    )
-                    with store.engine().begin() as conn:
-                        write_features(
-                            conn,
-                            accepted,
-                            feature_set=FEATURE_SET,
-                            timeframe=timeframe,
-                            start=write_start,
-                            end=write_end,
-                            run_id=context.run_id,
-                        )
-                    empty = vectors.clear().drop(DAY)
-                    for day in chunk.accepted:
-                        rows = by_day.get(day, empty)
-                        materializations.append((context.asset_key, day, _day_metadata(rows), content_version(rows)))
-                    if history is not None:
-                        history = _roll(history, accepted.vectors, drift_template)
-                if chunk.breaches:
-                    break  # later days continue the breaching day's state: they are held back
-        except dg.Failure as exc:  # a bad file or missing history in a later chunk: written days are recorded
-            failure = exc
-        yield from report_run(context, provenance, materializations, judgement, chained=True, failure=failure)
+        yield from _materialise(context, store, fs, timeframe, drift)
 
     return _asset
 
 
-def _compute(store: FeatureStore, timeframe: str, start: datetime, end: datetime) -> FeatureComputation:
-    event_window, _ = EVENT_WINDOWS[timeframe]
+def _materialise(
+    context: dg.AssetExecutionContext, store: FeatureStore, fs: FeatureSet, timeframe: str, drift: bool
+) -> Iterator:
+    """Compute, gate and write the run's days in chunks, then report each day."""
+    from expectations.docs import DataDocs
+    from expectations.gate import load_suite_json
+
+    name = dataset_name(fs, timeframe)
+    provenance = InputProvenance.capture(context)
+    quality_suite = load_suite_json(suite_path(name))
+    drift_template = load_suite_json(suite_path(f"{name}_drift")) if drift else None
+    gate = _DayGate(context, name, quality_suite, drift_template, DataDocs.default())
+    materializations: list[tuple] = []
+    judgement = Judgement()
+    failure = None
+    plan = DayChunks(context.partition_keys)
+    history = None  # the drift reference, read once and carried from chunk to chunk
+    try:
+        for days in plan:
+            start, end = day_window(days[0])[0], day_window(days[-1])[1]
+            computation = _compute(store, fs, timeframe, start, end)
+            vectors = computation.vectors.with_columns(day_of())
+            by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
+            plan.saw(vectors.height, len(by_day))
+            if drift_template is not None and history is None:
+                history = _drift_history(store, fs, drift_template, timeframe, start)
+            chunk = gate.judge(store, days, computation, vectors, by_day, history, fs, timeframe)
+            judgement.extend(chunk)
+            if chunk.accepted:
+                accepted = _write_accepted(store, context, fs, timeframe, computation, chunk.accepted)
+                empty = vectors.clear().drop(DAY)
+                for day in chunk.accepted:
+                    rows = by_day.get(day, empty)
+                    materializations.append((context.asset_key, day, _day_metadata(rows), content_version(rows)))
+                if history is not None:
+                    history = _roll(history, accepted.vectors, drift_template)
+            if chunk.breaches:
+                break  # later days continue the breaching day's state: they are held back
+    except dg.Failure as exc:  # a bad file or missing history in a later chunk: written days are recorded
+        failure = exc
+    yield from report_run(context, provenance, materializations, judgement, chained=True, failure=failure)
+
+
+@dataclasses.dataclass
+class _DayGate:
+    """The quality and drift verdicts of a chunk's days, logged, quarantined and published."""
+
+    context: dg.AssetExecutionContext
+    name: str
+    quality_suite: dict
+    drift_template: dict | None
+    docs: object
+
+    def judge(self, store, days, computation, vectors, by_day, history, fs, timeframe) -> Judgement:
+        from expectations.gate import publish_day, validate_days
+
+        checks_by_day = {GATE_CHECK: validate_days(vectors, self.name, suite=self.quality_suite)}
+        profile = None
+        if self.drift_template is not None:
+            checks_by_day[DRIFT_CHECK], profile = _drift(vectors, history, self.drift_template, fs, timeframe)
+
+        def rows_of_day(day: str) -> dict[str, pl.DataFrame]:
+            day_start, day_end = day_window(day)
+            return {
+                "feature_vectors": _in_window(computation.vectors, day_start, day_end),
+                "feature_state": _in_window(computation.state, day_start, day_end).with_columns(
+                    pl.lit(timeframe).alias("timeframe"), pl.lit(fs.version).alias("feature_set_version")
+                ),
+            }
+
+        def publish(check: str, day: str, gate: GateResult) -> str | None:
+            label = f"{self.name}-{day}"
+            run = self.context.run_id
+            if check == DRIFT_CHECK:
+                row = profile.frame.filter(pl.col(DAY) == day).drop(DAY)
+                return publish_day(row, gate.suite, profile.suite, docs=self.docs, label=label, run_name=run)
+            return publish_day(by_day[day], self.name, self.quality_suite, docs=self.docs, label=label, run_name=run)
+
+        return judge_days(
+            self.context, store, days=days, checks=checks_by_day, rows_of_day=rows_of_day, chained=True, publish=publish
+        )
+
+
+def _write_accepted(
+    store: FeatureStore,
+    context: dg.AssetExecutionContext,
+    fs: FeatureSet,
+    timeframe: str,
+    computation: FeatureComputation,
+    days: list[str],
+) -> FeatureComputation:
+    """The days before the first breach, with their state, in one transaction."""
+    start, end = day_window(days[0])[0], day_window(days[-1])[1]
+    accepted = FeatureComputation(
+        vectors=_in_window(computation.vectors, start, end), state=_in_window(computation.state, start, end)
+    )
+    with store.engine().begin() as conn:
+        write_features(
+            conn, accepted, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=context.run_id
+        )
+    return accepted
+
+
+def _compute(store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime) -> FeatureComputation:
+    warmup = fs.warmup_bars(timeframe)
     with store.engine().connect() as conn:
-        bars = read_bars(conn, start, end, warmup_bars=WARMUP_BARS, timeframe=timeframe)
-        events = read_events(conn, start - event_window, end)
-        state = read_state_before(conn, feature_set=FEATURE_SET, timeframe=timeframe, start=start)
+        bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup)
+        events = read_events(conn, start - fs.event_lookback(timeframe), end)
+        state = read_state_before(conn, feature_set=fs, timeframe=timeframe, start=start)
     try:
         return compute_feature_vectors(
-            bars,
-            timeframe,
-            events=events,
-            state=state,
-            feature_set=FEATURE_SET,
-            start=start,
-            end=end,
-            warmup_limit=WARMUP_BARS,
+            bars, timeframe, events=events, state=state, feature_set=fs, start=start, end=end, warmup_limit=warmup
         )
     except HistoryError as exc:
         raise dg.Failure(description=f"{start:%Y-%m-%d}: {exc}", allow_retries=False) from exc
@@ -214,12 +249,13 @@ def _in_window(frame: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFr
 
 
 def _day_metadata(vectors: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+    """What the UI shows for one written day: rows, range, flags, each instrument's last vector."""
     metadata = frame_summary(vectors, preview=vector_preview(vectors) if vectors.height else None)
     metadata.update({f"flag_{k}": dg.MetadataValue.int(v) for k, v in flag_counts(vectors).items()})
     return metadata
 
 
-def _drift_history(store: FeatureStore, template: dict, timeframe: str, start: datetime) -> pl.DataFrame:
+def _drift_history(store: FeatureStore, fs: FeatureSet, template: dict, timeframe: str, start: datetime) -> pl.DataFrame:
     """The stored vectors a run's drift reference draws on: the trailing days before ``start``, or the
     pinned window or snapshot. Only the columns drift compares (the reference spans weeks)."""
     from expectations.drift import ReferenceSpec, drift_columns
@@ -230,7 +266,7 @@ def _drift_history(store: FeatureStore, template: dict, timeframe: str, start: d
         if spec.kind == "trailing":
             history = read_recent_partitions(
                 conn,
-                feature_set=FEATURE_SET,
+                feature_set=fs,
                 timeframe=timeframe,
                 before=start,
                 partitions=spec.partitions,
@@ -243,7 +279,7 @@ def _drift_history(store: FeatureStore, template: dict, timeframe: str, start: d
         else:
             history = read_vectors(
                 conn,
-                feature_set=FEATURE_SET,
+                feature_set=fs,
                 timeframe=timeframe,
                 start=datetime.fromisoformat(spec.start).replace(tzinfo=UTC),
                 end=datetime.fromisoformat(spec.end).replace(tzinfo=UTC),
@@ -266,14 +302,14 @@ def _roll(history: pl.DataFrame, written: pl.DataFrame, template: dict) -> pl.Da
 
 
 def _drift(
-    vectors: pl.DataFrame, history: pl.DataFrame, template: dict, timeframe: str
+    vectors: pl.DataFrame, history: pl.DataFrame, template: dict, fs: FeatureSet, timeframe: str
 ) -> tuple[dict[str, GateResult], "DriftProfile"]:
     """One drift verdict per day (the day profile against its reference, one GX validation), and the profile."""
     from expectations.drift import drift_profile
     from expectations.gate import validate_days
 
     profile = drift_profile(
-        vectors.drop(DAY), history, template, source=f"feature_vectors ({FEATURE_SET.version}, {timeframe})"
+        vectors.drop(DAY), history, template, source=f"feature_vectors ({fs.version}, {timeframe})"
     )
     name = template["name"]
     results = validate_days(profile.frame, name, suite=profile.suite, examples=()) if profile.frame.height else {}
@@ -304,5 +340,4 @@ def _describe(table: pl.DataFrame | None) -> str | None:
     return str(table["reference"][0])
 
 
-feature_vectors_1m = _feature_vectors_asset("1m", "raw_ohlcv")
-feature_vectors_1d = _feature_vectors_asset("1d", "bars_1d")
+FEATURE_ASSETS: list[dg.AssetsDefinition] = [a for fs in FEATURE_SETS.values() for a in feature_assets(fs)]

@@ -22,6 +22,10 @@ from expectations.gate import GateResult
 from marketfs.store.quality import log_verdicts, open_batch, quarantine_rows
 from pipelines.resources import FeatureStore
 
+# The check names every gated asset reports per day.
+GATE_CHECK = "quality_gate"
+DRIFT_CHECK = "drift_gate"
+
 
 @dataclass
 class Breach:

@@ -12,6 +12,7 @@ def frame_summary(frame: pl.DataFrame, *, preview: pl.DataFrame | None = None) -
     """Rows, instruments, time range and a preview (``preview`` or the frame's first rows)."""
     meta: dict[str, dg.MetadataValue] = {
         "rows": dg.MetadataValue.int(frame.height),
+        "dagster/row_count": dg.MetadataValue.int(frame.height),
         "instruments": dg.MetadataValue.int(frame["instrument_id"].n_unique() if frame.height else 0),
     }
     if frame.height:

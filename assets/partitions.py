@@ -76,6 +76,7 @@ def daily_asset(
     deps: Sequence[dg.AssetDep | str] = (),
     checks: dict[str, str] | None = None,
     metadata: dict | None = None,
+    owners: Sequence[str] = ("team:quant-platform",),
 ) -> Callable:
     """A daily-partitioned asset that writes to the feature store and reports per-day results.
 
@@ -98,6 +99,7 @@ def daily_asset(
                 code_version=code_version,
                 kinds={"postgres", "polars"},
                 metadata=metadata or {},
+                owners=list(owners),
             )
         ],
         check_specs=[

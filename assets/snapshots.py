@@ -4,7 +4,7 @@ from datetime import datetime, timedelta
 
 import dagster as dg
 
-from assets.features import feature_vectors_1d, feature_vectors_1m
+from assets.features import FEATURE_ASSETS
 from marketfs.snapshots import SnapshotError, create_snapshot
 from pipelines.resources import FeatureStore, translate_database_errors
 
@@ -24,7 +24,7 @@ def _utc(day: str) -> datetime:
 
 
 @dg.asset(
-    deps=[feature_vectors_1m, feature_vectors_1d],
+    deps=FEATURE_ASSETS,
     group_name="snapshots",
     kinds={"postgres"},
     pool="feature_store",
@@ -36,8 +36,15 @@ def _utc(day: str) -> datetime:
 def feature_snapshots(
     context: dg.AssetExecutionContext, config: SnapshotConfig, store: FeatureStore
 ) -> dg.MaterializeResult:
+    from expectations.gate import suite_versions
+    from marketfs.features.registry import dataset_name, feature_set
+
     start, end = _utc(config.start), _utc(config.end)
-    upstream = _upstream_data_versions(context, f"feature_vectors_{config.timeframe}", config.start, config.end)
+    try:
+        dataset = dataset_name(feature_set(config.feature_set_version), config.timeframe)
+    except KeyError as exc:
+        raise dg.Failure(description=f"snapshot config: {exc.args[0]}", allow_retries=False) from exc
+    upstream = _upstream_data_versions(context, dataset, config.start, config.end)
     try:
         with store.engine().begin() as conn:
             snapshot = create_snapshot(
@@ -48,7 +55,7 @@ def feature_snapshots(
                 end=end,
                 instruments=config.instruments or None,
                 run_id=context.run_id,
-                extra_manifest={"dagster_upstream": upstream},
+                extra_manifest={"dagster_upstream": upstream, "suite_versions": suite_versions(dataset)},
             )
     except SnapshotError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc

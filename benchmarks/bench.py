@@ -84,9 +84,9 @@ def m_validate(work: Path, instruments: int, days: int) -> dict:
     imported = time.perf_counter() - t0
     # As the asset does: one validation of the rows and one of the day profile give every day's verdict.
     with_days = vectors.with_columns(pl.col("ts").dt.strftime("%Y-%m-%d").alias("day"))
-    quality = validate_days(with_days, "feature_vectors_1m")
+    quality = validate_days(with_days, "feature_vectors_fs_v1_1m")
     after_quality = time.perf_counter() - t0
-    template = load_suite_json(suite_path("feature_vectors_1m_drift"))
+    template = load_suite_json(suite_path("feature_vectors_fs_v1_1m_drift"))
     profile = drift_profile(vectors, vectors.clear(), template, source="bench")
     drift = (
         validate_days(profile.frame, template["name"], suite=profile.suite, examples=()) if profile.frame.height else {}
@@ -112,7 +112,7 @@ def _frame(work: Path):
 
 def m_write_ours(work: Path, instruments: int, days: int) -> dict:
     from marketfs.db import engine_for
-    from marketfs.features.registry import FS_V1
+    from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
     from marketfs.store.feature_vectors import upsert_window
 
     vectors = _frame(work)

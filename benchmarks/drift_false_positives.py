@@ -5,7 +5,7 @@
 Workload, for each universe size: deterministic synthetic bars and events, 125 trading days from
 2024-01-02. Every day with at least ``min_partitions`` reference days before it is profiled against
 its trailing 20 days (``expectations.drift.drift_profile``) and the profile is validated with the
-drift suite ``expectations/suites/feature_vectors_1m_drift.json`` in one Great Expectations
+drift suite ``expectations/suites/feature_vectors_fs_v1_1m_drift.json`` in one Great Expectations
 validation (``expectations.gate.validate_days``), as the asset does (pure functions, no database).
 Then the last day is replaced by planted shifts and gated again. ``--write`` replaces the generated
 part of docs/drift.md.
@@ -26,12 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from expectations.drift import drift_gates, drift_profile  # noqa: E402
 from expectations.gate import load_suite_json, suite_path, validate_days  # noqa: E402
-from marketfs.features.compute import WARMUP_BARS, compute_feature_vectors  # noqa: E402
+from marketfs.features.compute import compute_feature_vectors  # noqa: E402
+from marketfs.features.registry import DEFAULT_FEATURE_SET  # noqa: E402
 from marketfs.sources import SyntheticBars, SyntheticEvents  # noqa: E402
 from marketfs.sources.synthetic import trading_days  # noqa: E402
 
 START = datetime(2024, 1, 2, tzinfo=UTC)
-SUITE = "feature_vectors_1m_drift"
+SUITE = "feature_vectors_fs_v1_1m_drift"
+WARMUP_BARS = DEFAULT_FEATURE_SET.warmup_bars("1m")
 SHIFTS = (
     "variance x2",
     "variance x1.2",

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 from common import bench_database, machine, peak_rss_mb  # noqa: F401  (sys.path set up there)
 
-from marketfs.features.registry import FS_V1
+from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
 from marketfs.store.copy import copy_frame_in
 from marketfs.store.feature_vectors import vector_schema
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 import polars as pl
 
 from marketfs.features.flags import QualityFlag, unexplained_nulls
-from marketfs.features.registry import DEFAULT_FEATURE_SET
+from marketfs.features.registry import datasets
 
 
 def for_validation(frame: pl.DataFrame, suite_name: str) -> pl.DataFrame:
     """``frame`` plus the derived columns of its suite; list columns become comma-joined strings."""
     if suite_name.startswith("raw_ohlcv") and "ts" in frame.columns:
         frame = frame.with_columns((pl.col("ts").dt.epoch("us") % 60_000_000).alias("ts_offgrid_us"))
-    if suite_name.startswith("feature_vectors") and "quality_flags" in frame.columns:
-        timeframe = suite_name.split("_")[2]
-        features = [(f.name, f.family) for f in DEFAULT_FEATURE_SET.for_timeframe(timeframe) if f.name in frame.columns]
+    dataset = datasets().get(suite_name)
+    if dataset is not None and "quality_flags" in frame.columns:
+        feature_set, timeframe = dataset
+        features = [(f.name, f.null_reasons()) for f in feature_set.for_timeframe(timeframe) if f.name in frame.columns]
         frame = frame.with_columns(
             *[pl.col("quality_flags").list.contains(flag.value).alias(f"flag_{flag.value}") for flag in QualityFlag],
             unexplained_nulls(features).alias("unexplained_nulls"),

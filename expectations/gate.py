@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -96,6 +97,23 @@ class GateResult:
 def suite_path(name: str) -> Path:
     """``$MARKETFS_SUITES_DIR/<name>.json`` when set (e.g. a reviewed copy), else the suites in this package."""
     return Path(os.environ.get("MARKETFS_SUITES_DIR", SUITES_DIR)) / f"{name}.json"
+
+
+def suite_versions(name: str) -> dict[str, dict[str, str]]:
+    """The version and file hash of a dataset's suites (``<name>.json``, ``<name>_drift.json``) as the gates
+    read them (``MARKETFS_SUITES_DIR`` honoured): what a snapshot's manifest records."""
+    versions = {}
+    for suite in (name, f"{name}_drift"):
+        path = suite_path(suite)
+        if not path.exists():
+            continue
+        text = path.read_bytes()
+        meta = json.loads(text).get("meta", {})
+        versions[suite] = {
+            "suite_version": str(meta.get("suite_version", "")),
+            "sha256": hashlib.sha256(text).hexdigest()[:16],
+        }
+    return versions
 
 
 def load_suite_json(path: Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""The feature catalog, generated from the registry and the flag definitions.
+"""The feature catalog, generated from the feature set declarations and the flag definitions.
 
 python -m marketfs.catalog            print it
 python -m marketfs.catalog --write    update docs/features.md
+python -m marketfs.catalog --check    exit 1 when docs/features.md differs from the declarations
 """
 
 from __future__ import annotations
@@ -9,44 +10,67 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from marketfs.features.compute import DAILY_STAMP_US, WARMUP_BARS
 from marketfs.features.flags import FLAG_MEANINGS, load_flag_config
-from marketfs.features.registry import EVENT_WINDOWS, FEATURE_SETS, FeatureSet
+from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
+from marketfs.features.timeframes import TIMEFRAMES
 
 CATALOG_PATH = Path(__file__).resolve().parents[1] / "docs" / "features.md"
 
 
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _bounds(low: float | None, high: float | None) -> str:
+    if low is None and high is None:
+        return ""
+    return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+
+
 def catalog_table(fs: FeatureSet, timeframe: str) -> str:
     """The markdown table of one feature set and timeframe (also shown on the asset in the Dagster UI)."""
-    window = EVENT_WINDOWS[timeframe][1]
-    lines = ["| name | formula | lookback | inputs | version | owner |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| name | family | formula | lookback | gate bounds | drift | owner | description |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for f in fs.for_timeframe(timeframe):
-        lookback = f"{f.lookback} bars" if f.lookback else f"events in (ts - {window}, ts]"
-        lines.append(f"| `{f.name}` | {f.formula} | {lookback} | {', '.join(f.inputs)} | {f.version} | {f.owner} |")
+        lookback = f"{f.lookback} bars" if f.lookback else f"events in (ts - {f.p['window']}, ts]"
+        low, high, _ = f.gate_bounds(timeframe)
+        lines.append(
+            f"| `{f.name}` | {f.family}({_params(f.p)}) | {f.formula} | {lookback} | {_bounds(low, high)} | "
+            f"{'yes' if f.drift else ''} | {fs.owner_of(f)} | {f.description} |"
+        )
     return "\n".join(lines)
 
 
 def render_catalog() -> str:
     config = load_flag_config()
-    stamp = f"{DAILY_STAMP_US // 3_600_000_000:02d}:{DAILY_STAMP_US // 60_000_000 % 60:02d}"
     lines = [
         "# Feature catalog",
         "",
-        "Generated from `marketfs/features/registry.py` by `python -m marketfs.catalog --write`; do not edit.",
+        "Generated from the declarations in `marketfs/feature_sets/` by `make docs`; do not edit.",
         "",
         "Conventions: a vector at `ts` uses only bars with time <= ts and events published <= ts. "
-        "Minute bars are stamped as delivered; daily bars are resampled from the day's valid minute bars "
-        f"and stamped {stamp} UTC. Lookback counts valid bars of history, this bar included "
-        "(TA-Lib's lookback + 1); a feature is null, and the vector flagged INSUFFICIENT_OHLCV, until it is met. "
-        f"Each run reads {WARMUP_BARS} warm-up bars per instrument and continues RSI, MACD and ATR from the state "
-        "stored at the previous day's last bar, so values are identical however partitions are run.",
+        "Minute bars are stamped as delivered; bars of longer timeframes are resampled from the valid minute "
+        "bars of their interval and stamped with its last minute (5m: 09:34 for 09:30-09:34; 1d: 23:59 UTC). "
+        "Lookback counts valid bars of history, this bar included (TA-Lib's lookback + 1); a feature is null, "
+        "and the vector flagged INSUFFICIENT_OHLCV, until it is met. Each run reads warm-up bars per instrument "
+        "(the longest lookback, plus slack) and continues the recursions (RSI, MACD, ATR, EMA) from the state "
+        "stored at the previous day's last bar, so values are identical however partitions are run. "
+        "Gate bounds are those of the generated quality suite `expectations/suites/<dataset>.json`.",
         "",
     ]
     for version, fs in FEATURE_SETS.items():
-        lines += [f"## {version}", ""]
+        lines += [f"## {version}", "", fs.description, "", f"Owner: {fs.owner}.", ""]
         for timeframe in fs.timeframes:
-            window = EVENT_WINDOWS[timeframe][1]
-            lines += [f"### timeframe `{timeframe}` (event window {window})", "", catalog_table(fs, timeframe), ""]
+            windows = ", ".join(fs.event_windows(timeframe)) or "none"
+            lines += [
+                f"### timeframe `{timeframe}` (dataset `{dataset_name(fs, timeframe)}`, event windows: {windows}, "
+                f"warm-up {fs.warmup_bars(timeframe)} bars)",
+                "",
+                catalog_table(fs, timeframe),
+                "",
+            ]
     lines += [
         "## Quality flags",
         "",
@@ -54,7 +78,7 @@ def render_catalog() -> str:
         "`WHERE quality_flags @> ARRAY['NO_EVENTS']` or `WHERE cardinality(quality_flags) = 0`.",
         f"Thresholds (`marketfs/config/quality_flags.toml`): low_event_count = {config.low_event_count}, "
         f"low_sentiment_confidence = {config.low_sentiment_confidence}, stale_after = "
-        f"{ {tf: str(config.stale_after_for(tf)) for tf in ('1m', '1d')} }.",
+        f"{ {tf: str(config.stale_after_for(tf)) for tf in TIMEFRAMES} }.",
         "",
         "| flag | meaning |",
         "|---|---|",
@@ -73,8 +97,15 @@ def render_catalog() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
     text = render_catalog()
-    if "--write" in (argv if argv is not None else sys.argv[1:]):
+    if "--check" in args:
+        if not CATALOG_PATH.exists() or CATALOG_PATH.read_text() != text:
+            print(f"{CATALOG_PATH} is out of date. Fix: make docs, then commit it", file=sys.stderr)
+            return 1
+        print(f"{CATALOG_PATH} matches the declarations")
+        return 0
+    if "--write" in args:
         CATALOG_PATH.parent.mkdir(parents=True, exist_ok=True)
         CATALOG_PATH.write_text(text)
         print(f"wrote {CATALOG_PATH}")

@@ -20,7 +20,6 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
-from expectations.gate import suite_path
 from marketfs.features.registry import FeatureSet, feature_set
 from marketfs.store.copy import copy_frame_in, copy_query_out, csv_ready
 from marketfs.store.feature_vectors import vector_schema
@@ -45,19 +44,6 @@ def content_hash(frame: pl.DataFrame) -> str:
     buffer = io.BytesIO()
     csv_ready(ordered).write_csv(buffer, include_header=True, null_value="")
     return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
-def _suite_versions(timeframe: str) -> dict[str, dict[str, str]]:
-    versions = {}
-    # The suites the gates use (MARKETFS_SUITES_DIR honoured), not a second idea of where they live.
-    for path in sorted(suite_path(f"feature_vectors_{timeframe}").parent.glob(f"feature_vectors_{timeframe}*.json")):
-        text = path.read_bytes()
-        meta = json.loads(text).get("meta", {})
-        versions[path.stem] = {
-            "suite_version": str(meta.get("suite_version", "")),
-            "sha256": hashlib.sha256(text).hexdigest()[:16],
-        }
-    return versions
 
 
 def _upstream_partitions(rows: pl.DataFrame) -> dict[str, list[str]]:
@@ -112,7 +98,6 @@ def create_snapshot(
             f.name: {"version": f.version, "formula": f.formula, "lookback": f.lookback, "inputs": list(f.inputs)}
             for f in fs.for_timeframe(timeframe)
         },
-        "suite_versions": _suite_versions(timeframe),
         "upstream_partitions": _upstream_partitions(rows),
         "run_id": run_id,
         "created_at": datetime.now(UTC).isoformat(),

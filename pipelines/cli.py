@@ -130,7 +130,6 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
     import dagster as dg
     import sqlalchemy as sa
 
-    from assets.features import FEATURE_SET
     from assets.partitions import BATCHED_BACKFILL, DAILY
     from marketfs.db import engine_for
     from pipelines.definitions import defs
@@ -172,21 +171,29 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
     window_start = DAILY.time_window_for_partition_key(keys[0]).start
     window_end = DAILY.time_window_for_partition_key(keys[-1]).end
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:
-        bars, events, vectors_1m, vectors_1d = conn.execute(
+        window = {"s": window_start, "e": window_end}
+        bars, events = conn.execute(
             sa.text(
                 "SELECT (SELECT count(*) FROM ohlcv_1m WHERE ts >= :s AND ts < :e), "
-                "(SELECT count(*) FROM news_events WHERE published_at >= :s AND published_at < :e), "
-                "(SELECT count(*) FROM feature_vectors WHERE ts >= :s AND ts < :e AND feature_set_version = :v "
-                "AND timeframe = '1m'), "
-                "(SELECT count(*) FROM feature_vectors WHERE ts >= :s AND ts < :e AND feature_set_version = :v "
-                "AND timeframe = '1d')"
+                "(SELECT count(*) FROM news_events WHERE published_at >= :s AND published_at < :e)"
             ),
-            {"s": window_start, "e": window_end, "v": FEATURE_SET.version},
+            window,
         ).one()
+        stored = conn.execute(
+            sa.text(
+                "SELECT feature_set_version, timeframe, count(*) FROM feature_vectors WHERE ts >= :s AND ts < :e "
+                "GROUP BY 1, 2 ORDER BY 1, 2"
+            ),
+            window,
+        ).all()
     print()
     print(f"partitions     {len(keys)} ({keys[0]} .. {keys[-1]}), {(len(keys) + batch - 1) // batch} run(s)")
     print(f"bars stored    {bars} in ohlcv_1m, {events} events in news_events")
-    print(f"vectors stored {vectors_1m} (1m) and {vectors_1d} (1d) in feature_vectors ({FEATURE_SET.version})")
+    by_version: dict[str, list[str]] = {}
+    for version, timeframe, count in stored:
+        by_version.setdefault(version, []).append(f"{count} ({timeframe})")
+    for version, counts in by_version.items():
+        print(f"vectors stored {', '.join(counts)} in feature_vectors ({version})")
     print(tally.line())
     if snapshot_id:
         print(f"snapshot       {snapshot_id} (1m vectors of the range; marketfs snapshot describe {snapshot_id})")

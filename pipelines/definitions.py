@@ -7,14 +7,14 @@ from datetime import timedelta
 
 import dagster as dg
 
-from assets.features import feature_vectors_1d, feature_vectors_1m
+from assets.features import FEATURE_ASSETS
 from assets.raw import bars_1d, raw_events, raw_ohlcv
 from assets.snapshots import feature_snapshots
 from pipelines.resources import FeatureStore, market_data_from_env
 from pipelines.run_health import dead_runs
 from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor
 
-ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, feature_vectors_1m, feature_vectors_1d]
+ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, *FEATURE_ASSETS]
 
 # One process per run: a daily run is five short steps, and a step subprocess costs ~2 s of imports.
 # Runs still scale out, one per partition batch, through the instance's run launcher (see README).
@@ -24,7 +24,8 @@ daily_features_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     # Schedule, sensor and job-backfill runs queue one at a time on the features' state chain (dagster.yaml).
     run_tags=STATE_CHAIN_TAGS,
-    description="Raw bars and events, daily bars, and 1m and 1d feature vectors for a range of daily partitions.",
+    description="Raw bars and events, daily bars, and the vectors of every declared feature set and timeframe, "
+    "for a range of daily partitions.",
 )
 
 snapshot_job = dg.define_asset_job(

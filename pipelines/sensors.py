@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
 from marketfs.sources.landing import BARS, EVENTS
 from marketfs.sources.landing_index import LandingIndex
 from pipelines.resources import MarketData
@@ -22,8 +23,9 @@ from pipelines.resources import MarketData
 # One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
 STATE_CHAIN_TAG = "marketfs/state_chain"
 STATE_CHAIN_TAGS = {STATE_CHAIN_TAG: "daily"}
-# The asset whose newest materialised day ends a recomputation (feature_vectors_1d has the same days).
-CHAIN_END_ASSET = dg.AssetKey("feature_vectors_1m")
+# The asset whose newest materialised day ends a recomputation: the default feature set's first
+# timeframe (every feature asset runs the same days in the daily job).
+CHAIN_END_ASSET = dg.AssetKey(dataset_name(DEFAULT_FEATURE_SET, DEFAULT_FEATURE_SET.timeframes[0]))
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 

@@ -57,7 +57,7 @@ def test_writer_killed_mid_transaction_leaves_the_table_as_it_was(dsn: str, engi
         from datetime import datetime, timedelta, UTC
         import polars as pl
         from marketfs.db import engine_for
-        from marketfs.features.registry import FS_V1
+        from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
         from marketfs.store.feature_vectors import read_vectors, upsert_window
         start = datetime(2024, 1, 3, tzinfo=UTC); end = start + timedelta(days=1)
         engine = engine_for({dsn!r})

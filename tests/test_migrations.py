@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from marketfs.db import engine_for, timescaledb_installed
-from marketfs.features.registry import FS_V1
+from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
 from marketfs.store import migrations
 from marketfs.store.bars import read_bars
 from marketfs.store.feature_vectors import read_vectors

@@ -10,8 +10,8 @@ import polars as pl
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
 
+from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
 from marketfs.features.compute import compute_feature_vectors
-from marketfs.features.registry import FS_V1
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from marketfs.store.feature_vectors import read_vectors
 

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from marketfs import snapshots
-from marketfs.features.registry import FS_V1
+from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
 from marketfs.retrieval import OnlineReader, RetrievalError, latest, training_frame
 from marketfs.store.feature_vectors import upsert_window, vector_schema
 

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from marketfs.db import timescaledb_installed
 from marketfs.embedded_pg import EmbeddedPostgres
+from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
 from marketfs.features.compute import compute_feature_vectors
-from marketfs.features.registry import FS_V1
 from marketfs.sources import SyntheticBars
 from marketfs.store.feature_vectors import read_vectors, upsert_window
 from marketfs.store.migrations import migrate

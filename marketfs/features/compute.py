@@ -3,7 +3,8 @@
 Pure: polars frames in, polars frames out. The caller supplies the window's bars plus warm-up
 bars before it, the events of the window plus its look-back, and the recursion state stored at
 the last bar before the window (see ``recursive.py``); it gets the vectors of the window and the
-state at each day's last bar, to store for the next day.
+state at each day's last bar, to store for the next day. What is computed comes from the feature
+set's declaration: each feature's family and parameters.
 """
 
 from __future__ import annotations
@@ -13,34 +14,24 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from marketfs.features import market, recursive
+from marketfs.features import recursive
 from marketfs.features.events import EVENT_SCHEMA, event_feature_names, event_features
 from marketfs.features.flags import FlagConfig, QualityFlag, flag_if, load_flag_config
-from marketfs.features.registry import DEFAULT_FEATURE_SET, EVENT_WINDOWS, FeatureSet
+from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet, parse_window
+from marketfs.features.timeframes import timeframe as timeframe_spec
 
 KEY_COLUMNS = ["instrument_id", "timeframe", "ts", "feature_set_version"]
 PRICE_COLUMNS = ("open", "high", "low", "close")
-STEP_US = {"1m": 60_000_000, "1d": 86_400_000_000}
-# A daily bar is stamped with the last minute of its UTC day: it holds only minute bars <= its ts.
-DAILY_STAMP_US = 86_340_000_000
 
-# Warm-up bars to read before a window: the longest fixed window (21 for vol_20) and enough to
-# hold the whole history of an instrument that has no recursion state yet.
-WARMUP_BARS = max(21, recursive.SEED_BARS) + 6
 
-MARKET_FAMILIES = {
-    "returns": market.returns,
-    "volatility": market.volatility,
-    "bollinger": market.bollinger,
-    "volume": market.volume_z,
-}
-
-STATE_SCHEMA: dict[str, pl.DataType] = {
-    "instrument_id": pl.String(),
-    "ts": pl.Datetime("us", "UTC"),
-    "bars_seen": pl.Int64(),
-    **recursive.STATE_COLUMNS,
-}
+def state_schema(feature_set: FeatureSet, timeframe: str) -> dict[str, pl.DataType]:
+    """The stored recursion state of a feature set's timeframe: one column per recursion it carries."""
+    return {
+        "instrument_id": pl.String(),
+        "ts": pl.Datetime("us", "UTC"),
+        "bars_seen": pl.Int64(),
+        **{key: pl.Float64() for key in feature_set.state_columns(timeframe)},
+    }
 
 
 class HistoryError(ValueError):
@@ -50,14 +41,12 @@ class HistoryError(ValueError):
 @dataclass(frozen=True)
 class FeatureComputation:
     vectors: pl.DataFrame
-    state: pl.DataFrame  # STATE_SCHEMA rows: the state at each instrument's last valid bar of each UTC day
+    state: pl.DataFrame  # state_schema rows: the state at each instrument's last valid bar of each UTC day
 
 
 def on_grid(timeframe: str) -> pl.Expr:
-    epoch = pl.col("ts").dt.epoch("us")
-    if timeframe == "1d":
-        return (epoch % STEP_US["1d"]) == DAILY_STAMP_US
-    return (epoch % STEP_US[timeframe]) == 0
+    spec = timeframe_spec(timeframe)
+    return (pl.col("ts").dt.epoch("us") % spec.step_us) == spec.stamp_offset_us
 
 
 def valid_bar() -> pl.Expr:
@@ -65,7 +54,14 @@ def valid_bar() -> pl.Expr:
     return prices_ok & pl.col("volume").is_finite() & (pl.col("volume") >= 0) & (pl.col("high") >= pl.col("low"))
 
 
-def _positions(valid: pl.DataFrame, state: pl.DataFrame | None, start: datetime | None, warmup_limit: int | None):
+def _positions(
+    valid: pl.DataFrame,
+    state: pl.DataFrame | None,
+    start: datetime | None,
+    warmup_limit: int | None,
+    schema: dict[str, pl.DataType],
+    seed_bars: int,
+):
     """Attach ``_pos`` (position in the instrument's history) and the state to continue from."""
     counts = valid.group_by("instrument_id").agg(
         (pl.col("ts") < start).sum().alias("_n_warm") if start is not None else pl.lit(0, pl.UInt32).alias("_n_warm"),
@@ -73,10 +69,10 @@ def _positions(valid: pl.DataFrame, state: pl.DataFrame | None, start: datetime 
         if start is not None
         else pl.lit(None, pl.Datetime("us", "UTC")).alias("_last_warm"),
     )
-    usable = pl.DataFrame(schema=STATE_SCHEMA) if state is None else state.select(list(STATE_SCHEMA))
-    usable = usable.filter(pl.col("bars_seen") >= recursive.SEED_BARS)
+    usable = pl.DataFrame(schema=schema) if state is None else state.select(list(schema))
+    usable = usable.filter(pl.col("bars_seen") >= seed_bars)
     joined = counts.join(
-        usable.rename({c: f"_state_{c}" for c in STATE_SCHEMA if c != "instrument_id"}), on="instrument_id", how="left"
+        usable.rename({c: f"_state_{c}" for c in schema if c != "instrument_id"}), on="instrument_id", how="left"
     )
     mismatch = joined.filter(pl.col("_state_ts").is_not_null() & (pl.col("_state_ts") != pl.col("_last_warm")))
     if mismatch.height:
@@ -142,15 +138,15 @@ def compute_feature_vectors(
 ) -> FeatureComputation:
     """Feature vectors of ``feature_set`` at ``timeframe`` for ``[start, end)``.
 
-    ``bars`` holds the window's bars and up to ``warmup_limit`` bars before ``start`` per
-    instrument (with ``warmup_limit=None`` the bars are the whole history). ``events`` must
-    cover ``[start - event window, end)``. ``state`` is the stored recursion state at each
-    instrument's last bar before ``start``.
+    ``bars`` holds the window's bars of ``timeframe`` and up to ``warmup_limit`` bars before
+    ``start`` per instrument (with ``warmup_limit=None`` the bars are the whole history).
+    ``events`` must cover ``[start - feature_set.event_lookback(timeframe), end)``. ``state`` is the
+    stored recursion state at each instrument's last bar before ``start``.
     """
     config = config or load_flag_config()
     features = feature_set.for_timeframe(timeframe)
     names = [f.name for f in features]
-    market_names = [f.name for f in features if f.family != "events"]
+    market = [f for f in features if not f.is_event]
     if "source_flags" not in bars.columns:
         bars = bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
     bars = bars.sort("instrument_id", "ts")
@@ -160,17 +156,14 @@ def compute_feature_vectors(
     if end is not None:
         in_window = in_window & (pl.col("ts") < end)
 
-    valid = _positions(bars.filter(valid_bar()), state, start, warmup_limit)
-    families = {f.family for f in features}
-    for family in sorted(families & MARKET_FAMILIES.keys()):
-        valid = valid.with_columns(**MARKET_FAMILIES[family]())
-    if "recursive" in families:
-        valid = valid.with_columns(**{f"_s_{k}": v for k, v in recursive.state_exprs().items()})
-        valid = valid.with_columns(recursive.signal_expr().alias("_s_macd_signal"))
-        valid = valid.with_columns(**recursive.feature_exprs())
+    schema = state_schema(feature_set, timeframe)
+    recursions = feature_set.recursions(timeframe)
+    valid = _positions(bars.filter(valid_bar()), state, start, warmup_limit, schema, recursive.seed_bars(recursions))
+    valid = recursive.apply(valid, recursions)
+    valid = valid.with_columns(**{f.name: f.spec.expr(f.p) for f in market})
     lookback_short = pl.any_horizontal([pl.col("_pos") + 1 < f.lookback for f in features if f.lookback > 0])
     computed = valid.filter(in_window).select(
-        "instrument_id", "ts", *market_names, lookback_short.alias("_short"), pl.lit(True).alias("_valid")
+        "instrument_id", "ts", *[f.name for f in market], lookback_short.alias("_short"), pl.lit(True).alias("_valid")
     )
 
     window_bars = bars.filter(in_window)
@@ -179,36 +172,12 @@ def compute_feature_vectors(
         window_bars.select("instrument_id", "ts", "source_flags"), on=["instrument_id", "ts"], how="left"
     )
 
-    event_names: list[str] = []
-    if "events" in families:
-        window, label = EVENT_WINDOWS[timeframe]
-        event_frame = events if events is not None else pl.DataFrame(schema=EVENT_SCHEMA)
-        vectors = event_features(vectors, event_frame, window, label)
-        event_names = event_feature_names(label)
+    windows = feature_set.event_windows(timeframe)
+    event_frame = events if events is not None else pl.DataFrame(schema=EVENT_SCHEMA)
+    for label in windows:
+        vectors = event_features(vectors, event_frame, parse_window(label), label)
 
-    non_finite = pl.any_horizontal([pl.col(n).is_nan() | pl.col(n).is_infinite() for n in names])
-    flags = [
-        flag_if(pl.col("_valid").is_null(), QualityFlag.MISSING_OHLCV),
-        flag_if(pl.col("_short").fill_null(False), QualityFlag.INSUFFICIENT_OHLCV),
-    ]
-    if event_names:
-        count = pl.col(event_names[0])
-        flags += [
-            flag_if(count == 0, QualityFlag.NO_EVENTS),
-            flag_if((count > 0) & (count < config.low_event_count), QualityFlag.LOW_EVENT_COUNT),
-            flag_if(
-                (count > 0) & (pl.col(event_names[2]) < config.low_sentiment_confidence),
-                QualityFlag.LOW_SENTIMENT_CONFIDENCE,
-            ),
-        ]
-    flags += [
-        flag_if(
-            ~on_grid(timeframe)
-            | pl.col("source_flags").fill_null([]).list.contains(QualityFlag.TIMESTAMP_MISMATCH.value),
-            QualityFlag.TIMESTAMP_MISMATCH,
-        ),
-        flag_if(non_finite.fill_null(False), QualityFlag.COMPUTATION_ERROR),
-    ]
+    vectors = vectors.with_columns(_flags(vectors, names, windows, timeframe, config).alias("quality_flags"))
     out = vectors.select(
         pl.col("instrument_id"),
         pl.lit(timeframe).alias("timeframe"),
@@ -218,11 +187,11 @@ def compute_feature_vectors(
             pl.when(pl.col(n).is_nan() | pl.col(n).is_infinite()).then(None).otherwise(pl.col(n)).alias(n)
             for n in names
         ],
-        pl.concat_list(flags).alias("quality_flags"),
+        pl.col("quality_flags"),
     ).sort("instrument_id", "ts")
 
-    new_state = pl.DataFrame(schema=STATE_SCHEMA)
-    if "recursive" in families:
+    new_state = pl.DataFrame(schema=schema)
+    if recursions:
         new_state = (
             valid.filter(in_window)
             .with_columns(pl.col("ts").dt.truncate("1d").alias("_day"))
@@ -232,8 +201,34 @@ def compute_feature_vectors(
                 "instrument_id",
                 "ts",
                 (pl.col("_pos") + 1).cast(pl.Int64).alias("bars_seen"),
-                *[pl.col(f"_s_{c}").alias(c) for c in recursive.STATE_COLUMNS],
+                *[recursive.smoothed(r.key).alias(r.key) for r in recursions],
             )
             .sort("instrument_id", "ts")
         )
     return FeatureComputation(vectors=out, state=new_state)
+
+
+def _flags(vectors: pl.DataFrame, names: list[str], windows: list[str], timeframe: str, config: FlagConfig) -> pl.Expr:
+    """Each vector's quality flags; the event flags follow the timeframe's first event window."""
+    non_finite = pl.any_horizontal([pl.col(n).is_nan() | pl.col(n).is_infinite() for n in names])
+    flags = [
+        flag_if(pl.col("_valid").is_null(), QualityFlag.MISSING_OHLCV),
+        flag_if(pl.col("_short").fill_null(False), QualityFlag.INSUFFICIENT_OHLCV),
+    ]
+    if windows:
+        stats = event_feature_names(windows[0])
+        count, confidence = pl.col(stats[0]), pl.col(stats[2])
+        flags += [
+            flag_if(count == 0, QualityFlag.NO_EVENTS),
+            flag_if((count > 0) & (count < config.low_event_count), QualityFlag.LOW_EVENT_COUNT),
+            flag_if((count > 0) & (confidence < config.low_sentiment_confidence), QualityFlag.LOW_SENTIMENT_CONFIDENCE),
+        ]
+    flags += [
+        flag_if(
+            ~on_grid(timeframe)
+            | pl.col("source_flags").fill_null([]).list.contains(QualityFlag.TIMESTAMP_MISMATCH.value),
+            QualityFlag.TIMESTAMP_MISMATCH,
+        ),
+        flag_if(non_finite.fill_null(False), QualityFlag.COMPUTATION_ERROR),
+    ]
+    return pl.concat_list(flags)

@@ -51,8 +51,9 @@ class FlagConfig:
     stale_after: dict[str, timedelta] | None = None
 
     def stale_after_for(self, timeframe: str) -> timedelta:
-        defaults = {"1m": timedelta(days=1), "1d": timedelta(days=7)}
-        return (self.stale_after or {}).get(timeframe, defaults[timeframe])
+        from marketfs.features.timeframes import timeframe as timeframe_spec
+
+        return (self.stale_after or {}).get(timeframe) or timeframe_spec(timeframe).stale_after
 
 
 def _duration(text: str) -> timedelta:
@@ -81,29 +82,12 @@ def flag_if(condition: pl.Expr, flag: QualityFlag) -> pl.Expr:
     return pl.when(condition).then(pl.lit([flag.value])).otherwise(pl.lit([], pl.List(pl.String)))
 
 
-# Which flags explain a null in a feature: any other null is a defect the quality gate catches.
-_MARKET_NULL_REASONS = (QualityFlag.MISSING_OHLCV, QualityFlag.INSUFFICIENT_OHLCV, QualityFlag.COMPUTATION_ERROR)
-_EVENT_NULL_REASONS = {
-    "event_count": (),
-    "sentiment_mean": (QualityFlag.NO_EVENTS, QualityFlag.COMPUTATION_ERROR),
-    "sentiment_conf_mean": (QualityFlag.NO_EVENTS, QualityFlag.COMPUTATION_ERROR),
-    "sentiment_weighted": (QualityFlag.NO_EVENTS, QualityFlag.LOW_SENTIMENT_CONFIDENCE, QualityFlag.COMPUTATION_ERROR),
-    "sentiment_std": (QualityFlag.NO_EVENTS, QualityFlag.LOW_EVENT_COUNT, QualityFlag.COMPUTATION_ERROR),
-}
-
-
-def null_reasons(feature_name: str, family: str) -> tuple[QualityFlag, ...]:
-    if family != "events":
-        return _MARKET_NULL_REASONS
-    return _EVENT_NULL_REASONS[feature_name.rsplit("_", 1)[0]]
-
-
-def unexplained_nulls(features: list[tuple[str, str]]) -> pl.Expr:
-    """Per vector, how many of ``features`` ((name, family) pairs) are null with no flag that explains it."""
+def unexplained_nulls(features: list[tuple[str, tuple[QualityFlag, ...]]]) -> pl.Expr:
+    """Per vector, how many of ``features`` ((name, flags that explain its null) pairs) are null with
+    no flag that explains it."""
     flags = pl.col("quality_flags")
     terms = []
-    for name, family in features:
-        reasons = null_reasons(name, family)
+    for name, reasons in features:
         explained = pl.any_horizontal([flags.list.contains(r.value) for r in reasons]) if reasons else pl.lit(False)
         terms.append((pl.col(name).is_null() & ~explained).cast(pl.Int32))
     return pl.sum_horizontal(terms) if terms else pl.lit(0)

@@ -1,6 +1,6 @@
 """Market features over OHLCV bars that look at a fixed window of bars.
 
-Each function returns expressions evaluated on valid bars sorted by (instrument_id, ts);
+Each function returns an expression evaluated on valid bars sorted by (instrument_id, ts);
 ``.over("instrument_id")`` keeps instruments apart.
 """
 
@@ -18,26 +18,24 @@ def _ret(n: int) -> pl.Expr:
     return close / close.shift(n) - 1.0
 
 
-def returns() -> dict[str, pl.Expr]:
-    return {"ret_1": _ret(1).over(BY), "ret_5": _ret(5).over(BY)}
+def returns(n: int) -> pl.Expr:
+    return _ret(n).over(BY)
 
 
-def volatility() -> dict[str, pl.Expr]:
-    return {"vol_20": window_std(_ret(1), 20, ddof=1).over(BY)}
+def volatility(n: int) -> pl.Expr:
+    """Sample standard deviation (ddof=1) of one-bar returns over the last ``n`` bars."""
+    return window_std(_ret(1), n, ddof=1).over(BY)
 
 
-def bollinger(n: int = 20, k: float = 2.0) -> dict[str, pl.Expr]:
+def bollinger(n: int, k: float, output: str) -> pl.Expr:
     # TA-Lib BBANDS: SMA middle band, population standard deviation (ddof=0).
     middle = window_mean(close, n)
     width = k * window_std(close, n, ddof=0)
     upper, lower = middle + width, middle - width
-    return {
-        "bb_upper": upper.over(BY),
-        "bb_lower": lower.over(BY),
-        "bb_pct_b": ((close - lower) / (upper - lower)).over(BY),
-    }
+    values = {"upper": upper, "lower": lower, "pct_b": (close - lower) / (upper - lower)}
+    return values[output].over(BY)
 
 
-def volume_z(n: int = 20) -> dict[str, pl.Expr]:
+def volume_z(n: int) -> pl.Expr:
     volume = pl.col("volume")
-    return {"volume_z_20": ((volume - window_mean(volume, n)) / window_std(volume, n, ddof=1)).over(BY)}
+    return ((volume - window_mean(volume, n)) / window_std(volume, n, ddof=1)).over(BY)

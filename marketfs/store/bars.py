@@ -44,3 +44,21 @@ def read_bars(
     ).format(cols=select_list(STORED_BAR_SCHEMA, "b"), warm_cols=select_list(STORED_BAR_SCHEMA, "w"), table=table)
     frame = copy_query_out(conn, query, {"start": start, "end": end, "warmup": warmup_bars}, STORED_BAR_SCHEMA)
     return frame.sort("instrument_id", "ts")
+
+
+def read_bars_for(
+    conn: sa.Connection, timeframe: str, start: datetime, end: datetime, warmup_bars: int
+) -> pl.DataFrame:
+    """Bars of ``timeframe`` in ``[start, end)`` with up to ``warmup_bars`` of them before ``start`` per
+    instrument: read from its table, or resampled from the minute bars (``timeframes.py``)."""
+    from marketfs.features.resample import resampled_with_warmup
+    from marketfs.features.timeframes import timeframe as timeframe_spec
+
+    spec = timeframe_spec(timeframe)
+    stored = next(tf for tf, table in BAR_TABLES.items() if table == spec.bar_table)
+    if not spec.resample_on_read:
+        return read_bars(conn, start, end, warmup_bars=warmup_bars, timeframe=stored)
+    # Enough minute bars for warmup_bars whole intervals after the first, possibly partial, is dropped.
+    read_limit = (warmup_bars + 1) * spec.minutes
+    minutes = read_bars(conn, start, end, warmup_bars=read_limit, timeframe=stored)
+    return resampled_with_warmup(minutes, timeframe, start, read_limit)

@@ -15,7 +15,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
-from marketfs.features.compute import KEY_COLUMNS, STATE_SCHEMA, FeatureComputation
+from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, state_schema
 from marketfs.features.registry import FeatureSet
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
@@ -175,13 +175,14 @@ def read_vectors(
 
 def read_state_before(conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, start: datetime) -> pl.DataFrame:
     """The latest stored recursion state per instrument strictly before ``start``."""
+    schema = state_schema(feature_set, timeframe)
     query = sql.SQL(
         "SELECT DISTINCT ON (instrument_id) {} FROM feature_state "
         "WHERE timeframe = %(timeframe)s AND feature_set_version = %(version)s AND ts < %(start)s "
         "ORDER BY instrument_id, ts DESC"
-    ).format(select_list(STATE_SCHEMA))
+    ).format(select_list(schema))
     params = {"timeframe": timeframe, "version": feature_set.version, "start": start}
-    return copy_query_out(conn, query, params, STATE_SCHEMA)
+    return copy_query_out(conn, query, params, schema)
 
 
 def read_recent_partitions(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from marketfs.db import engine_for, timescaledb_installed
-from marketfs.features.registry import all_feature_columns
+from marketfs.features.registry import all_feature_columns, all_state_columns
 
 logger = logging.getLogger(__name__)
 MIGRATION_LOCK_ID = 0x6D6B7466  # any constant shared by every caller
@@ -357,6 +357,24 @@ def _m007_time_range_indexes(conn: sa.Connection, timescale: bool) -> None:
             )
 
 
+@migration(8, "feature_state columns named by recursion and parameters")
+def _m008_state_columns_by_recursion(conn: sa.Connection, timescale: bool) -> None:
+    # Before feature sets were declarations, fs_v1's recursions had the only state columns. Named by
+    # indicator and parameters, a second set with RSI(7) or another MACD gets columns of its own
+    # (added from the declarations by _ensure_columns), and fs_v1's stored state carries over as is.
+    renames = {
+        "ema_fast": "macd12_26_9_fast",
+        "ema_slow": "macd12_26_9_slow",
+        "macd_signal": "macd12_26_9_signal",
+        "rsi_avg_gain": "rsi14_avg_gain",
+        "rsi_avg_loss": "rsi14_avg_loss",
+        "atr": "atr14",
+    }
+    for table in ("feature_state", "quarantine_feature_state"):
+        for old, new in renames.items():
+            conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
+
+
 # The served tables' time columns: the ones window reads, replaces and retention filter on.
 TIME_COLUMNS = {
     "ohlcv_1m": "ts",
@@ -408,20 +426,30 @@ def _ensure_timescaledb(conn: sa.Connection) -> bool:
     return True
 
 
-def _ensure_feature_columns(conn: sa.Connection) -> None:
-    for table in ("feature_vectors", "quarantine_feature_vectors", "feature_snapshot_rows"):
-        existing = {
-            row[0]
-            for row in conn.execute(
-                sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"), {"t": table}
-            )
-        }
-        if not existing:
-            continue
-        for name in all_feature_columns():
-            if name not in existing:
-                # Feature names come from the registry, not from users; quoted as identifiers all the same.
-                conn.execute(sa.text(f'ALTER TABLE {table} ADD COLUMN "{name}" double precision'))
+def _ensure_columns(conn: sa.Connection) -> None:
+    """Columns derived from the feature set declarations: a feature's value, a recursion's state."""
+    derived = {
+        ("feature_vectors", "quarantine_feature_vectors", "feature_snapshot_rows"): all_feature_columns(),
+        ("feature_state", "quarantine_feature_state"): all_state_columns(),
+    }
+    for tables, names in derived.items():
+        for table in tables:
+            _add_missing_columns(conn, table, names)
+
+
+def _add_missing_columns(conn: sa.Connection, table: str, names: list[str]) -> None:
+    existing = {
+        row[0]
+        for row in conn.execute(
+            sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"), {"t": table}
+        )
+    }
+    if not existing:
+        return
+    for name in names:
+        if name not in existing:
+            # Names come from the declarations, not from users; quoted as identifiers all the same.
+            conn.execute(sa.text(f'ALTER TABLE {table} ADD COLUMN "{name}" double precision'))
 
 
 # The served tables' float columns, which must never hold NaN or an infinity (feature_vectors'
@@ -568,7 +596,7 @@ def migrate(dsn: str) -> list[str]:
                     )
                 applied_now.append(step.name)
             with conn.begin():
-                _ensure_feature_columns(conn)
+                _ensure_columns(conn)
                 _ensure_finite_checks(conn)
                 if timescale:
                     from marketfs.store.timescale import apply_policies

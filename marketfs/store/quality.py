@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from marketfs import jsonsafe
-from marketfs.features.compute import STATE_SCHEMA, FeatureComputation
+from marketfs.features.compute import FeatureComputation, state_schema
 from marketfs.features.events import EVENT_SCHEMA
-from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet
+from marketfs.features.registry import FeatureSet
 from marketfs.sources.base import BAR_SCHEMA
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import select_list
@@ -151,8 +151,11 @@ def _record_decision(conn: sa.Connection, batch: dict[str, Any], status: str, ac
     )
 
 
-def _feature_timeframe(asset: str) -> str:
-    return asset.rsplit("_", 1)[-1]
+def _feature_dataset(asset: str) -> tuple[FeatureSet, str] | None:
+    """The feature set and timeframe an asset's batches hold, or None for a raw asset."""
+    from marketfs.features.registry import datasets
+
+    return datasets().get(asset)
 
 
 def _refuse_non_finite(batch_id: int, bars: pl.DataFrame) -> None:
@@ -170,9 +173,7 @@ def _refuse_non_finite(batch_id: int, bars: pl.DataFrame) -> None:
         )
 
 
-def release(
-    conn: sa.Connection, batch_id: int, *, actor: str, note: str, feature_set: FeatureSet = DEFAULT_FEATURE_SET
-) -> dict[str, Any]:
+def release(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dict[str, Any]:
     """Write a held batch into its served tables, as a passing run would have, and log who released it."""
     from marketfs.sources.normalize import normalize_bars, normalize_events
     from marketfs.store.bars import replace_bars
@@ -190,10 +191,10 @@ def release(
     elif asset == "raw_events":
         events = normalize_events(read_quarantined(conn, batch_id, "news_events", EVENT_SCHEMA))
         written = replace_events(conn, events, start, end)
-    elif asset.startswith("feature_vectors_"):
-        timeframe = _feature_timeframe(asset)
+    elif (dataset := _feature_dataset(asset)) is not None:
+        feature_set, timeframe = dataset
         vectors = read_quarantined(conn, batch_id, "feature_vectors", vector_schema(feature_set, timeframe))
-        state = read_quarantined(conn, batch_id, "feature_state", STATE_SCHEMA)
+        state = read_quarantined(conn, batch_id, "feature_state", state_schema(feature_set, timeframe))
         stats = write_features(
             conn,
             FeatureComputation(vectors=vectors, state=state),

@@ -1,0 +1,64 @@
+"""The bar timeframes feature sets can be computed at: their grid, where a bar is stamped, where bars come from.
+
+A bar of a resampled timeframe holds the valid minute bars of its interval and is stamped with the
+last minute of it (09:30-09:34 -> 09:34, a UTC day -> 23:59), so a vector at ts uses only minute
+bars stamped <= ts, as the minute vectors do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+MINUTE = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Timeframe:
+    name: str
+    step: timedelta
+    # Where the bars are read from: the stored table, and whether they are resampled on read.
+    bar_table: str
+    resample_on_read: bool
+    # How many earlier daily partitions of bars a day's warm-up may reach back into (Dagster lineage).
+    lookback_days: int
+    # An instrument without a bar at a grid time is flagged MISSING_OHLCV while its last bar is more
+    # recent than this (quality_flags.toml may override it per timeframe).
+    stale_after: timedelta
+
+    @property
+    def stamp_offset(self) -> timedelta:
+        """Where in its interval a bar is stamped: the interval's start for minute bars, its last minute otherwise."""
+        return timedelta(0) if self.step == MINUTE else self.step - MINUTE
+
+    @property
+    def step_us(self) -> int:
+        return self.step // timedelta(microseconds=1)
+
+    @property
+    def stamp_offset_us(self) -> int:
+        return self.stamp_offset // timedelta(microseconds=1)
+
+    @property
+    def minutes(self) -> int:
+        return self.step // MINUTE
+
+
+TIMEFRAMES: dict[str, Timeframe] = {
+    tf.name: tf
+    for tf in (
+        # Warm-up is read by bar count (compute.warmup_bars); lookback_days only need to cover it:
+        # ~40 minute bars fit in the previous trading day (4 days span a long weekend), 40 five-minute
+        # bars in two, 40 daily bars in 60 days.
+        Timeframe("1m", MINUTE, "ohlcv_1m", False, lookback_days=4, stale_after=timedelta(days=1)),
+        Timeframe("5m", 5 * MINUTE, "ohlcv_1m", True, lookback_days=4, stale_after=timedelta(days=1)),
+        Timeframe("1d", timedelta(days=1), "ohlcv_1d", False, lookback_days=60, stale_after=timedelta(days=7)),
+    )
+}
+
+
+def timeframe(name: str) -> Timeframe:
+    try:
+        return TIMEFRAMES[name]
+    except KeyError:
+        raise KeyError(f"unknown timeframe {name!r}; known: {', '.join(TIMEFRAMES)}") from None
