@@ -224,9 +224,7 @@ def _write_accepted(
         vectors=_in_window(computation.vectors, start, end), state=_in_window(computation.state, start, end)
     )
     with store.engine().begin() as conn:
-        write_features(
-            conn, accepted, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=context.run_id
-        )
+        write_features(conn, accepted, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=context.run_id)
     return accepted
 
 
@@ -255,7 +253,9 @@ def _day_metadata(vectors: pl.DataFrame) -> dict[str, dg.MetadataValue]:
     return metadata
 
 
-def _drift_history(store: FeatureStore, fs: FeatureSet, template: dict, timeframe: str, start: datetime) -> pl.DataFrame:
+def _drift_history(
+    store: FeatureStore, fs: FeatureSet, template: dict, timeframe: str, start: datetime
+) -> pl.DataFrame:
     """The stored vectors a run's drift reference draws on: the trailing days before ``start``, or the
     pinned window or snapshot. Only the columns drift compares (the reference spans weeks)."""
     from expectations.drift import ReferenceSpec, drift_columns
@@ -308,9 +308,7 @@ def _drift(
     from expectations.drift import drift_profile
     from expectations.gate import validate_days
 
-    profile = drift_profile(
-        vectors.drop(DAY), history, template, source=f"feature_vectors ({fs.version}, {timeframe})"
-    )
+    profile = drift_profile(vectors.drop(DAY), history, template, source=f"feature_vectors ({fs.version}, {timeframe})")
     name = template["name"]
     results = validate_days(profile.frame, name, suite=profile.suite, examples=()) if profile.frame.height else {}
     verdicts: dict[str, GateResult] = {}

@@ -227,7 +227,7 @@ def render_suites(policy: dict[str, Any] | None = None) -> dict[str, str]:
     """Every generated suite file's name and text."""
     policy = policy or load_policy()
     files: dict[str, str] = {}
-    for name, (fs, timeframe) in datasets().items():
+    for fs, timeframe in datasets().values():
         for suite in (quality_suite(fs, timeframe, policy), drift_suite(fs, timeframe, policy)):
             if suite is not None:
                 files[f"{suite['name']}.json"] = json.dumps(suite, indent=2) + "\n"
@@ -237,7 +237,9 @@ def render_suites(policy: dict[str, Any] | None = None) -> dict[str, str]:
 def stale_suites(directory: Path = SUITES_DIR) -> list[str]:
     """Suite files that differ from what the declarations give, are missing, or are no longer declared."""
     due = render_suites()
-    stale = [name for name, text in due.items() if not (directory / name).exists() or (directory / name).read_text() != text]
+    stale = [
+        name for name, text in due.items() if not (directory / name).exists() or (directory / name).read_text() != text
+    ]
     stale += [p.name for p in directory.glob("feature_vectors_*.json") if p.name not in due]
     return sorted(stale)
 

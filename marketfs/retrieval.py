@@ -96,6 +96,15 @@ def _entities(entities: pl.DataFrame | pd.DataFrame) -> pl.DataFrame:
     return frame
 
 
+def _version(feature_set: str | None, feature_set_version: str | None) -> str:
+    """The feature set asked for, by either name of the argument (``feature_set_version`` is the older one)."""
+    if feature_set is not None and feature_set_version is not None and feature_set != feature_set_version:
+        raise RetrievalError(
+            f"feature_set={feature_set!r} and feature_set_version={feature_set_version!r} disagree; give one"
+        )
+    return feature_set or feature_set_version or DEFAULT_FEATURE_SET.version
+
+
 def training_frame(
     entities: pl.DataFrame | pd.DataFrame,
     features: Sequence[str],
@@ -103,7 +112,8 @@ def training_frame(
     snapshot: str | None = None,
     *,
     timeframe: str = "1m",
-    feature_set_version: str = DEFAULT_FEATURE_SET.version,
+    feature_set: str | None = None,
+    feature_set_version: str | None = None,
     include_feature_ts: bool = False,
     output: Output = "polars",
     dsn: str | None = None,
@@ -111,8 +121,10 @@ def training_frame(
     """Entity rows with, for each, the features of the latest vector at or before its ts (within ``tolerance``).
 
     With ``snapshot`` the vectors come from that frozen snapshot (its version and timeframe), else
-    from the live table. ``include_feature_ts`` adds the matched vector's ts as ``feature_ts``.
+    from the live table of ``feature_set`` (a declared version, default fs_v1; ``feature_set_version``
+    is its older name). ``include_feature_ts`` adds the matched vector's ts as ``feature_ts``.
     """
+    feature_set_version = _version(feature_set, feature_set_version)
     if not isinstance(tolerance, timedelta):
         raise RetrievalError(f"tolerance must be a timedelta, e.g. timedelta(minutes=5), not {tolerance!r}")
     if tolerance < timedelta(0):
@@ -185,10 +197,12 @@ class OnlineReader:
         features: Sequence[str],
         timeframe: str = "1m",
         *,
-        feature_set_version: str = DEFAULT_FEATURE_SET.version,
+        feature_set: str | None = None,
+        feature_set_version: str | None = None,
         output: Literal["polars", "pandas", "records"] = "polars",
     ) -> Any:
         """The newest vector per instrument (instruments without one get nulls), with its ts and flags."""
+        feature_set_version = _version(feature_set, feature_set_version)
         if isinstance(instruments, str):
             instruments = [instruments]
         if not instruments:
@@ -245,7 +259,8 @@ def latest(
     features: Sequence[str],
     timeframe: str = "1m",
     *,
-    feature_set_version: str = DEFAULT_FEATURE_SET.version,
+    feature_set: str | None = None,
+    feature_set_version: str | None = None,
     output: Literal["polars", "pandas", "records"] = "polars",
     dsn: str | None = None,
 ) -> Any:
@@ -254,7 +269,8 @@ def latest(
     reader = _readers.get(key)
     if reader is None:
         reader = _readers[key] = OnlineReader(key)
-    return reader.latest(instruments, features, timeframe, feature_set_version=feature_set_version, output=output)
+    version = _version(feature_set, feature_set_version)
+    return reader.latest(instruments, features, timeframe, feature_set=version, output=output)
 
 
 __all__ = ["OnlineReader", "RetrievalError", "latest", "training_frame"]

@@ -115,23 +115,25 @@ def test_a_feature_breach_writes_the_days_before_and_holds_back_the_days_after(
     result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=tmp_path)
     assert not result.success
     assert evaluations(result, "raw_ohlcv") == dict.fromkeys(DAYS, True)
-    assert evaluations(result, "feature_vectors_1m") == {"2024-04-02": True, "2024-04-03": False}
-    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [("feature_vectors_1m", "2024-04-03")]
+    assert evaluations(result, "feature_vectors_fs_v1_1m") == {"2024-04-02": True, "2024-04-03": False}
+    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [
+        ("feature_vectors_fs_v1_1m", "2024-04-03")
+    ]
     assert rows(
         engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM feature_vectors WHERE timeframe = '1m' ORDER BY 1"
     ) == [("2024-04-02",)]
-    records = day_records(result, "feature_vectors_1m")
+    records = day_records(result, "feature_vectors_fs_v1_1m")
     assert sorted(records) == ["2024-04-02"]
     [(served,)] = rows(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'")
     assert records["2024-04-02"]["rows"] == served
-    message = result.failure_data_for_node("feature_vectors_1m").error.message
+    message = result.failure_data_for_node("feature_vectors_fs_v1_1m").error.message
     assert "Not written: 2024-04-04" in message and "Fix 2024-04-03 first" in message
 
 
 def test_each_partition_records_its_own_rows_and_a_warmed_up_preview(dsn: str, engine: sa.Engine) -> None:
     result = materialize_range(dsn, DAYS[0], DAYS[-1])
     assert result.success
-    records = day_records(result, "feature_vectors_1m")
+    records = day_records(result, "feature_vectors_fs_v1_1m")
     per_day = dict(
         rows(
             engine,
@@ -145,7 +147,7 @@ def test_each_partition_records_its_own_rows_and_a_warmed_up_preview(dsn: str, e
     warmed = dict(zip(header, first, strict=True))
     # The last vector of the day, not the first bars of a history: the indicators are warmed up.
     assert all(warmed[f] != "None" for f in ("rsi_14", "macd_signal", "atr_14", "vol_20", "bb_pct_b"))
-    assert set(evaluations(result, "feature_vectors_1m")) == set(DAYS)
+    assert set(evaluations(result, "feature_vectors_fs_v1_1m")) == set(DAYS)
 
 
 def test_a_run_in_one_day_chunks_equals_a_run_in_one_chunk(
@@ -172,6 +174,6 @@ def test_a_run_in_one_day_chunks_equals_a_run_in_one_chunk(
         with engine.begin() as conn:
             conn.execute(sa.text("TRUNCATE feature_vectors, feature_state, quality_log"))
     (one_chunk_log, one_chunk_vectors), (daily_log, daily_vectors) = results
-    assert any(r[2] == "feature_vectors_1m_drift" and r[7] and "trailing" in r[7] for r in one_chunk_log)
+    assert any(r[2] == "feature_vectors_fs_v1_1m_drift" and r[7] and "trailing" in r[7] for r in one_chunk_log)
     assert daily_log == one_chunk_log
     assert all(a.height and a.equals(b) for a, b in zip(one_chunk_vectors, daily_vectors, strict=True))

@@ -28,7 +28,7 @@ def test_definitions_hold_assets_job_and_schedule() -> None:
     from pipelines.definitions import defs
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert {"raw_ohlcv", "feature_vectors_1m"} <= keys
+    assert {"raw_ohlcv", "feature_vectors_fs_v1_1m"} <= keys
     assert defs.resolve_job_def("daily_features") is not None
     assert defs.resolve_schedule_def("daily_features_schedule") is not None
 

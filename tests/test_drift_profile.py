@@ -211,7 +211,7 @@ def test_shipped_suite_is_valid_and_its_bounds_split_the_declared_trip_rate() ->
     """GX accepts it; the bounds are the Bonferroni split of meta.trip_rate_target over the critical gates."""
     from scipy import stats
 
-    path = suite_path("feature_vectors_1m_drift")
+    path = suite_path("feature_vectors_fs_v1_1m_drift")
     template = load_suite_json(path)
     check_expectations(path, template)
     assert template == json.loads(path.read_text())

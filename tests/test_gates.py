@@ -46,7 +46,7 @@ def at(frame: pl.DataFrame, row: int, **values) -> pl.DataFrame:
 
 def test_clean_partitions_pass(clean_bars: pl.DataFrame, clean_vectors: pl.DataFrame) -> None:
     assert failed(clean_bars, "raw_ohlcv") == set()
-    assert failed(clean_vectors, "feature_vectors_1m") == set()
+    assert failed(clean_vectors, "feature_vectors_fs_v1_1m") == set()
 
 
 @pytest.mark.parametrize(
@@ -120,13 +120,13 @@ def test_each_raw_event_expectation_blocks(change: dict, expectation: str) -> No
     ],
 )
 def test_each_vector_expectation_blocks(clean_vectors: pl.DataFrame, change: dict, expectation: str) -> None:
-    assert expectation in failed(at(clean_vectors, 100, **change), "feature_vectors_1m")
+    assert expectation in failed(at(clean_vectors, 100, **change), "feature_vectors_fs_v1_1m")
 
 
 def test_duplicate_vector_keys_block(clean_vectors: pl.DataFrame) -> None:
     crafted = pl.concat([clean_vectors, clean_vectors[5:6]])
     assert "expect_compound_columns_to_be_unique(instrument_id,timeframe,ts,feature_set_version)" in failed(
-        crafted, "feature_vectors_1m"
+        crafted, "feature_vectors_fs_v1_1m"
     )
 
 
@@ -137,7 +137,9 @@ def test_share_of_a_flag_above_its_ceiling_blocks(clean_vectors: pl.DataFrame) -
         .then(pl.col("quality_flags").list.concat(pl.lit(["MISSING_OHLCV"])))
         .otherwise(pl.col("quality_flags"))
     )
-    assert "expect_column_values_to_be_between(share__flag_MISSING_OHLCV)" in failed(crafted, "feature_vectors_1m")
+    assert "expect_column_values_to_be_between(share__flag_MISSING_OHLCV)" in failed(
+        crafted, "feature_vectors_fs_v1_1m"
+    )
 
 
 def _with_days(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
@@ -164,17 +166,17 @@ def _missing_share(vectors: pl.DataFrame, share: float) -> pl.DataFrame:
 def test_a_flag_share_verdict_is_the_days_own_whatever_ran_beside_it(clean_vectors: pl.DataFrame) -> None:
     """30% MISSING_OHLCV on one day breaches its 5% ceiling alone and inside 31 days; 3% passes in both."""
     bad, fine = _missing_share(clean_vectors, 0.30), _missing_share(clean_vectors, 0.03)
-    alone = validate_days(_with_days({"2024-01-17": bad}), "feature_vectors_1m")
+    alone = validate_days(_with_days({"2024-01-17": bad}), "feature_vectors_fs_v1_1m")
     assert not alone["2024-01-17"].passed
     days = {f"2024-01-{d:02d}": clean_vectors for d in range(1, 32)}
-    in_range = validate_days(_with_days({**days, "2024-01-17": bad, "2024-01-18": fine}), "feature_vectors_1m")
+    in_range = validate_days(_with_days({**days, "2024-01-17": bad, "2024-01-18": fine}), "feature_vectors_fs_v1_1m")
     assert [d for d, r in in_range.items() if not r.passed] == ["2024-01-17"]
     assert {o.label for o in in_range["2024-01-17"].blocking_failures} == {
         o.label for o in alone["2024-01-17"].blocking_failures
     }
     [share] = [o for o in in_range["2024-01-17"].outcomes if o.column == "share__flag_MISSING_OHLCV"]
     assert share.observed_value == pytest.approx(0.30, abs=0.01) and share.element_count == clean_vectors.height
-    assert validate_days(_with_days({"2024-01-18": fine}), "feature_vectors_1m")["2024-01-18"].passed
+    assert validate_days(_with_days({"2024-01-18": fine}), "feature_vectors_fs_v1_1m")["2024-01-18"].passed
 
 
 def test_a_bad_bar_fails_only_its_day_and_names_instrument_and_ts(clean_bars: pl.DataFrame) -> None:
@@ -218,14 +220,14 @@ def test_editing_a_threshold_in_the_json_changes_the_gate(
 ) -> None:
     suites = tmp_path / "suites"
     shutil.copytree(SUITES_DIR, suites)
-    path = suites / "feature_vectors_1m.json"
+    path = suites / "feature_vectors_fs_v1_1m.json"
     suite = json.loads(path.read_text())
     for e in suite["expectations"]:
         if e["kwargs"].get("column") == "ret_1":
             e["kwargs"]["max_value"] = 0.0001
     path.write_text(json.dumps(suite))
     monkeypatch.setenv("MARKETFS_SUITES_DIR", str(suites))
-    assert "expect_column_values_to_be_between(ret_1)" in failed(clean_vectors, "feature_vectors_1m")
+    assert "expect_column_values_to_be_between(ret_1)" in failed(clean_vectors, "feature_vectors_fs_v1_1m")
 
 
 def test_malformed_suite_files_name_the_file_and_expectation(clean_vectors: pl.DataFrame, tmp_path: Path) -> None:
@@ -275,7 +277,7 @@ def test_a_raw_warning_cannot_block_a_derived_suite() -> None:
     }
     assert raised["warning"] == {"TIMESTAMP_MISMATCH"}
     derived = [p.stem for p in SUITES_DIR.glob("feature_vectors_*.json")]
-    assert {"feature_vectors_1m", "feature_vectors_1d"} <= set(derived)
+    assert {"feature_vectors_fs_v1_1m", "feature_vectors_fs_v1_1d"} <= set(derived)
     checked = 0
     for suite in derived:
         for expectation in _suite_expectations(suite):
@@ -316,11 +318,11 @@ def test_an_off_grid_and_a_duplicate_bar_warn_and_block_nothing(dsn: str, engine
     }
     # The UI shows the day's warnings as a failed WARN check on the written partition, not as a pass.
     assert failed.get(("raw_ohlcv", DAYS[1])) == dg.AssetCheckSeverity.WARN
-    assert failed.get(("feature_vectors_1d", DAYS[1])) == dg.AssetCheckSeverity.WARN
+    assert failed.get(("feature_vectors_fs_v1_1d", DAYS[1])) == dg.AssetCheckSeverity.WARN
     assert set(failed.values()) == {dg.AssetCheckSeverity.WARN}
     # (1d vectors of a three-day history also warn on every day: INSUFFICIENT_OHLCV is a warning there.)
     assert {day for asset, day in failed if asset == "raw_ohlcv"} == {DAYS[1]}
-    for asset in ("raw_ohlcv", "feature_vectors_1m", "feature_vectors_1d"):
+    for asset in ("raw_ohlcv", "feature_vectors_fs_v1_1m", "feature_vectors_fs_v1_1d"):
         assert set(evaluations(result, asset)) == set(DAYS), asset
     served = "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM feature_vectors WHERE timeframe = :tf ORDER BY 1"
     for timeframe in ("1m", "1d"):
@@ -331,11 +333,11 @@ def test_an_off_grid_and_a_duplicate_bar_warn_and_block_nothing(dsn: str, engine
         d=DAYS[1],
     )
     assert ("raw_ohlcv", "ts_offgrid_us") in warned and ("raw_ohlcv", "instrument_id,ts") in warned
-    assert ("feature_vectors_1d", "share__flag_TIMESTAMP_MISMATCH") in warned
+    assert ("feature_vectors_fs_v1_1d", "share__flag_TIMESTAMP_MISMATCH") in warned
     [check] = [
         e
         for e in result.get_asset_check_evaluations()
-        if e.asset_key.to_user_string() == "feature_vectors_1d" and e.partition == DAYS[1]
+        if e.asset_key.to_user_string() == "feature_vectors_fs_v1_1d" and e.partition == DAYS[1]
     ]
     assert "FAILED expect_column_values_to_be_between(share__flag_TIMESTAMP_MISMATCH)" in check.metadata
     assert not rows(engine, "SELECT * FROM quarantine_batches")

@@ -63,7 +63,7 @@ def test_a_database_at_version_6_gets_the_time_indexes_on_its_next_migrate(
         patch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:6])
         migrate(empty_dsn)
     assert recorded_versions(empty_dsn) == [1, 2, 3, 4, 5, 6]
-    assert migrate(empty_dsn) == [MIGRATIONS[6].name]
+    assert migrate(empty_dsn) == [step.name for step in MIGRATIONS[6:]]
     assert recorded_versions(empty_dsn) == list(range(1, len(MIGRATIONS) + 1))
     # Every served table can range-scan its time column: a BRIN on a plain table, the hypertable's own b-tree.
     with engine_for(empty_dsn).connect() as conn:

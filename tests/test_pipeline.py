@@ -101,13 +101,13 @@ def test_breaching_partition_fails_run_and_leaves_feature_vectors_unchanged(
     [check] = [
         c
         for c in result.get_asset_check_evaluations()
-        if c.asset_key.to_user_string() == "feature_vectors_1m" and c.check_name == "quality_gate"
+        if c.asset_key.to_user_string() == "feature_vectors_fs_v1_1m" and c.check_name == "quality_gate"
     ]
     assert not check.passed and check.partition == "2024-01-03"
     failed = {k: v.value for k, v in check.metadata.items() if k.startswith("FAILED ")}
     assert "FAILED expect_column_values_to_be_between(ret_1)" in failed
     assert "2 of" in failed["FAILED expect_column_values_to_be_between(ret_1)"]  # the jump up and back down
-    failure = result.failure_data_for_node("feature_vectors_1m")
+    failure = result.failure_data_for_node("feature_vectors_fs_v1_1m")
     assert "2024-01-03 breached its gate; nothing of 2024-01-03 was written" in failure.error.message
     assert "AAA 2024-01-03 " in failure.error.message  # the instrument and an example ts
 

@@ -86,7 +86,7 @@ def test_bad_raw_bars_are_quarantined_as_delivered_and_released(dsn: str, engine
     with pytest.raises(quality.QuarantineError, match="already released by alice"), engine.begin() as conn:
         quality.discard(conn, batch_id, actor="bob", note="too late")
     # Released raw data now feeds features: the bad bar is treated as missing, never as a number.
-    result = materialize_selection(dsn, ["feature_vectors_1m"], "2024-01-03")
+    result = materialize_selection(dsn, ["feature_vectors_fs_v1_1m"], "2024-01-03")
     assert result.success
     assert count(engine, "SELECT count(*) FROM feature_vectors WHERE 'MISSING_OHLCV' = ANY(quality_flags)") >= 1
 
@@ -124,7 +124,7 @@ def test_breaching_vectors_are_quarantined_with_state_and_release_serves_them(
     land(tmp_path, DAY, bars=spiked)
     result = materialize_range(dsn, "2024-01-03", landing_dir=tmp_path)
     assert not result.success
-    evaluation = check(result, "feature_vectors_1m")
+    evaluation = check(result, "feature_vectors_fs_v1_1m")
     batch_id = evaluation.metadata["quarantine_batch"].value
     assert count(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'") == 0
     held = count(engine, "SELECT count(*) FROM quarantine_feature_vectors WHERE batch_id = :b", b=batch_id)
@@ -148,8 +148,8 @@ def test_drift_gate_blocks_a_shifted_partition_and_says_what_drifted(
     land(tmp_path, shifted, bars=noisy)
     result = materialize_range(dsn, "2024-01-10", landing_dir=tmp_path)
     assert not result.success
-    assert check(result, "feature_vectors_1m").passed  # quality is fine; the distribution is not
-    drift = check(result, "feature_vectors_1m", "drift_gate")
+    assert check(result, "feature_vectors_fs_v1_1m").passed  # quality is fine; the distribution is not
+    drift = check(result, "feature_vectors_fs_v1_1m", "drift_gate")
     assert not drift.passed
     assert "trailing 5 partitions 2024-01-03..2024-01-09" in drift.metadata["reference"].value
     drifted = [k for k in drift.metadata if k.startswith("FAILED ")]
@@ -158,7 +158,8 @@ def test_drift_gate_blocks_a_shifted_partition_and_says_what_drifted(
     assert "| feature | statistic | observed |" in table and "| vol_20 |" in table
     assert count(engine, "SELECT count(*) FROM feature_vectors WHERE ts >= :d AND timeframe = '1m'", d=shifted) == 0
     assert (
-        count(engine, "SELECT count(*) FROM quality_log WHERE suite = 'feature_vectors_1m_drift' AND NOT success") > 0
+        count(engine, "SELECT count(*) FROM quality_log WHERE suite = 'feature_vectors_fs_v1_1m_drift' AND NOT success")
+        > 0
     )
 
 
@@ -179,7 +180,7 @@ def test_drift_against_a_pinned_snapshot(
         snap = snapshots.create_snapshot(conn, feature_set_version="fs_v1", timeframe="1m", start=days[0], end=days[-1])
     suites = tmp_path / "suites"
     shutil.copytree(SUITES_DIR, suites)
-    drift_file = suites / "feature_vectors_1m_drift.json"
+    drift_file = suites / "feature_vectors_fs_v1_1m_drift.json"
     suite = json.loads(drift_file.read_text())
     suite["meta"]["reference"] = {"kind": "snapshot", "snapshot": snap.snapshot_id}
     drift_file.write_text(json.dumps(suite))
@@ -189,6 +190,6 @@ def test_drift_against_a_pinned_snapshot(
     land(tmp_path / "landing", days[-1], bars=noisy)
     result = materialize_range(dsn, "2024-01-10", landing_dir=tmp_path / "landing")
     assert not result.success
-    drift = check(result, "feature_vectors_1m", "drift_gate")
+    drift = check(result, "feature_vectors_fs_v1_1m", "drift_gate")
     assert not drift.passed
     assert f"pinned snapshot {snap.snapshot_id}" in drift.metadata["reference"].value

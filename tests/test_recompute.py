@@ -24,6 +24,14 @@ from marketfs.features.registry import DEFAULT_FEATURE_SET
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from marketfs.store.feature_vectors import read_vectors
 
+# Every feature asset: all are downstream of the raw bars.
+FEATURE_ASSETS = [
+    "feature_vectors_fs_v1_1d",
+    "feature_vectors_fs_v1_1m",
+    "feature_vectors_fs_v2_1m",
+    "feature_vectors_fs_v2_5m",
+]
+
 ROOT = Path(__file__).resolve().parents[1]
 FIRST = datetime(2024, 1, 2, tzinfo=UTC)
 DAYS = [FIRST + timedelta(days=i) for i in range(4)]  # 01-02 .. 01-05
@@ -159,7 +167,7 @@ def test_release_is_recorded_in_dagster_and_recomputes_from_the_released_day(
     assert release.returncode == 0, release.stdout + release.stderr
     # From 01-02: the breach stopped the raw step, so no features were computed for the day before either;
     # through 01-05: the raw days after the breach were written, their features held back.
-    assert f"recomputing bars_1d, feature_vectors_1d, feature_vectors_1m for {first} .. {last}" in release.stdout
+    assert f"recomputing bars_1d, {', '.join(FEATURE_ASSETS)} for {first} .. {last}" in release.stdout
 
     code = (
         "import json, dagster as dg; inst = dg.DagsterInstance.get(); "
@@ -167,7 +175,7 @@ def test_release_is_recorded_in_dagster_and_recomputes_from_the_released_day(
         f"asset_partitions=['{CHANGED.date().isoformat()}']), limit=1).records; "
         "m = recs[0].asset_materialization; "
         "print(json.dumps({'meta': {k: v.value for k, v in m.metadata.items()}, 'tags': dict(m.tags or {}), "
-        "'features': sorted(inst.get_materialized_partitions(dg.AssetKey('feature_vectors_1m')))}))"
+        "'features': sorted(inst.get_materialized_partitions(dg.AssetKey('feature_vectors_fs_v1_1m')))}))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     recorded = json.loads(out.stdout.strip().splitlines()[-1])

@@ -48,7 +48,6 @@ def test_a_breach_is_still_judged_quarantined_and_logged_when_data_docs_cannot_b
     assert any("Data Docs page for raw_ohlcv 2024-04-03 not rendered" in w for w in warnings), warnings
 
 
-
 def test_the_cli_run_succeeds_and_says_so_when_data_docs_cannot_be_written(empty_dsn: str, tmp_path: Path) -> None:
     """`make run` end to end, as a user runs it: the Data Docs index at the end is a report too."""
     from test_cli_messages import land, landing_env, pipelines

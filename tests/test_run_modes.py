@@ -57,9 +57,9 @@ def test_skipping_a_day_fails_with_a_clear_message(dsn: str) -> None:
     assert materialize_range(dsn, "2024-01-02").success
     result = materialize_selection(dsn, ["raw_ohlcv", "raw_events"], "2024-01-03")
     assert result.success
-    result = materialize_selection(dsn, ["raw_ohlcv", "raw_events", "feature_vectors_1m"], "2024-01-04")
+    result = materialize_selection(dsn, ["raw_ohlcv", "raw_events", "feature_vectors_fs_v1_1m"], "2024-01-04")
     assert not result.success
-    message = result.failure_data_for_node("feature_vectors_1m").error.message
+    message = result.failure_data_for_node("feature_vectors_fs_v1_1m").error.message
     assert "materialise the previous partition" in message
     from marketfs.db import engine_for
 

@@ -34,8 +34,8 @@ def test_snapshot_reads_back_identically_after_the_live_table_is_recomputed(dsn:
     assert manifest["row_count"] == before.height > 2000
     assert set(manifest["upstream_partitions"]) == {"2024-01-02", "2024-01-03", "2024-01-04"}
     assert manifest["feature_definitions"]["rsi_14"]["lookback"] == 15
-    assert "feature_vectors_1m" in manifest["suite_versions"]
-    assert set(manifest["dagster_upstream"]) == {"feature_vectors_1m"}  # the test instance keeps no history
+    assert "feature_vectors_fs_v1_1m" in manifest["suite_versions"]
+    assert set(manifest["dagster_upstream"]) == {"feature_vectors_fs_v1_1m"}  # the test instance keeps no history
 
     # The live table changes under the snapshot: a recomputation and a direct edit.
     assert materialize_range(dsn, "2024-01-02", "2024-01-04", instruments=2).success

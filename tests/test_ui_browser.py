@@ -157,7 +157,7 @@ def test_lineage_materialise_and_failed_check_in_a_browser(dagster_ui: tuple[str
             page.wait_for_timeout(3000)
             if page.get_by_role("button", name="Skip").count():  # the newsletter prompt of a fresh instance
                 page.get_by_role("button", name="Skip").click()
-            for asset in ("raw_ohlcv", "raw_events", "bars_1d", "feature_vectors_1m", "feature_vectors_1d"):
+            for asset in ("raw_ohlcv", "raw_events", "bars_1d", "feature_vectors_fs_v1_1m", "feature_vectors_fs_v1_1d"):
                 assert page.get_by_text(asset, exact=True).first.is_visible(), asset
             page.screenshot(path=ARTIFACTS / "01-lineage.png")
 

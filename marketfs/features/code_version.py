@@ -70,15 +70,24 @@ def _roots(fs: FeatureSet, timeframe: str) -> list[Callable]:
     for feature in fs.for_timeframe(timeframe):
         spec = feature.spec
         roots += [
-            c for c in (spec.expr, spec.recursions, spec.lookback, spec.null_reasons) if isinstance(c, types.FunctionType)
+            c
+            for c in (spec.expr, spec.recursions, spec.lookback, spec.null_reasons)
+            if isinstance(c, types.FunctionType)
         ]
     return roots
 
 
 def code_version(fs: FeatureSet, timeframe: str) -> str:
-    """``<version>-<12 hex>``: a hash of the timeframe's declaration and of the source that computes it."""
+    """``<version>-<12 hex>``: a hash of the timeframe's declaration and of the source that computes it.
+
+    Gate bounds and drift take part: they decide which days are written. Owner and description do not.
+    """
     digest = hashlib.sha256()
-    digest.update(repr((fs.version, timeframe, fs.for_timeframe(timeframe))).encode())
+    # What decides the values and which days are written; owner and description do not.
+    declared = [
+        (f.name, f.family, f.params, f.version, f.drift, f.gate_bounds(timeframe)) for f in fs.for_timeframe(timeframe)
+    ]
+    digest.update(repr((fs.version, timeframe, declared)).encode())
     for name, source in sorted(source_closure(_roots(fs, timeframe)).items()):
         digest.update(name.encode())
         digest.update(source.encode())

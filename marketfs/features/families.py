@@ -93,7 +93,9 @@ FAMILIES: dict[str, Family] = {
             "volatility",
             ("close",),
             lookback=lambda p: p["n"] + 1,
-            formula=lambda p: f"sample std (ddof=1) of the one-bar return over the last {p['n']} bars, this bar included",
+            formula=lambda p: (
+                f"sample std (ddof=1) of the one-bar return over the last {p['n']} bars, this bar included"
+            ),
             expr=lambda p: market.volatility(p["n"]),
             bounds=lambda p: (0, None),
         ),
@@ -115,15 +117,19 @@ FAMILIES: dict[str, Family] = {
             formula=lambda p: f"(volume - mean{p['n']}(volume)) / sample std{p['n']}(volume)",
             expr=lambda p: market.volume_z(p["n"]),
             bounds=lambda p: (-_z_bound(p["n"]), _z_bound(p["n"])),
-            bounds_why=lambda p: f"a {p['n']}-sample z-score with sample std is bounded by {p['n'] - 1}/sqrt({p['n']}) "
-            f"= {(p['n'] - 1) / math.sqrt(p['n']):.3f}",
+            bounds_why=lambda p: (
+                f"a {p['n']}-sample z-score with sample std is bounded by {p['n'] - 1}/sqrt({p['n']}) "
+                f"= {(p['n'] - 1) / math.sqrt(p['n']):.3f}"
+            ),
         ),
         Family(
             "rsi",
             ("close",),
             lookback=lambda p: p["n"] + 1,
-            formula=lambda p: f"TA-Lib RSI({p['n']}): 100*G/(G+L), G and L Wilder averages of gains and losses, "
-            f"seeded with their {p['n']}-bar mean",
+            formula=lambda p: (
+                f"TA-Lib RSI({p['n']}): 100*G/(G+L), G and L Wilder averages of gains and losses, "
+                f"seeded with their {p['n']}-bar mean"
+            ),
             expr=lambda p: recursive.rsi(p["n"]),
             recursions=lambda p: recursive.rsi_recursions(p["n"]),
             bounds=lambda p: (0, 100),
@@ -132,9 +138,11 @@ FAMILIES: dict[str, Family] = {
             "macd",
             ("close",),
             lookback=lambda p: recursive.macd_first(p["slow"], p["signal"]) + 1,
-            formula=lambda p: f"TA-Lib MACD({p['fast']},{p['slow']},{p['signal']}) "
-            + _OUTPUT[p["output"]].format(**p)
-            + f"; EMAs seeded with SMAs aligned at bar {p['slow']}",
+            formula=lambda p: (
+                f"TA-Lib MACD({p['fast']},{p['slow']},{p['signal']}) "
+                + _OUTPUT[p["output"]].format(**p)
+                + f"; EMAs seeded with SMAs aligned at bar {p['slow']}"
+            ),
             expr=lambda p: recursive.macd(p["fast"], p["slow"], p["signal"], p["output"]),
             recursions=lambda p: recursive.macd_recursions(p["fast"], p["slow"], p["signal"]),
         ),
@@ -142,8 +150,9 @@ FAMILIES: dict[str, Family] = {
             "atr",
             OHLC,
             lookback=lambda p: p["n"] + 1,
-            formula=lambda p: f"TA-Lib ATR({p['n']}): Wilder average of true range, seeded with the mean of the "
-            f"first {p['n']}",
+            formula=lambda p: (
+                f"TA-Lib ATR({p['n']}): Wilder average of true range, seeded with the mean of the first {p['n']}"
+            ),
             expr=lambda p: recursive.atr(p["n"]),
             recursions=lambda p: recursive.atr_recursions(p["n"]),
             bounds=lambda p: (0, None),
@@ -152,8 +161,10 @@ FAMILIES: dict[str, Family] = {
             "ema_cross",
             ("close",),
             lookback=lambda p: max(p["fast"], p["slow"]),
-            formula=lambda p: f"TA-Lib EMA{p['fast']}(close) / EMA{p['slow']}(close) - 1, each EMA seeded with "
-            "the SMA of its first closes",
+            formula=lambda p: (
+                f"TA-Lib EMA{p['fast']}(close) / EMA{p['slow']}(close) - 1, each EMA seeded with "
+                "the SMA of its first closes"
+            ),
             expr=lambda p: recursive.ema_cross(p["fast"], p["slow"]),
             recursions=lambda p: recursive.ema_cross_recursions(p["fast"], p["slow"]),
             bounds=lambda p: (-1, None),

@@ -11,12 +11,12 @@ code versions (``assets/features.py``). Adding a feature set is one new file in
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cached_property
 from typing import Any
 
 from marketfs.features.events import EVENT_STATS
@@ -109,7 +109,9 @@ def feature(
     )
 
 
-def event_features(window: str, *, timeframes: tuple[str, ...] | None = None, drift: bool = True) -> tuple[Feature, ...]:
+def event_features(
+    window: str, *, timeframes: tuple[str, ...] | None = None, drift: bool = True
+) -> tuple[Feature, ...]:
     """The five news-event statistics over the window ``(ts - window, ts]``, named ``<stat>_<window>``.
 
     ``sentiment_std`` never takes part in drift: it is null below two events, so its daily
@@ -183,11 +185,6 @@ class FeatureSet:
     def drift_features(self, timeframe: str) -> list[str]:
         return [f.name for f in self.for_timeframe(timeframe) if f.drift]
 
-    @cached_property
-    def declaration(self) -> str:
-        """The declaration as text, independent of the process: what the code version hashes."""
-        return repr((self.version, self.timeframes, self.features, self.owner))
-
 
 def dataset_name(fs: FeatureSet, timeframe: str) -> str:
     """The name shared by a feature set's timeframe everywhere: its Dagster asset, its suites, quality_log."""
@@ -226,8 +223,12 @@ def _validate(fs: FeatureSet, origin: str) -> FeatureSet:
     return fs
 
 
+@functools.cache
 def _discover() -> dict[str, FeatureSet]:
-    """Every ``FEATURE_SET`` declared in a module of ``marketfs.feature_sets``, by version."""
+    """Every ``FEATURE_SET`` declared in a module of ``marketfs.feature_sets``, by version.
+
+    Found on first use, not at import: a declaration imports this module, and must be importable first.
+    """
     import marketfs.feature_sets as package
 
     found: dict[str, FeatureSet] = {}
@@ -243,27 +244,36 @@ def _discover() -> dict[str, FeatureSet]:
     return found
 
 
-FEATURE_SETS: dict[str, FeatureSet] = _discover()
-DEFAULT_FEATURE_SET = FEATURE_SETS["fs_v1"]
+DEFAULT_VERSION = "fs_v1"
+
+
+def __getattr__(name: str) -> object:
+    # FEATURE_SETS and DEFAULT_FEATURE_SET, discovered on first use (PEP 562).
+    if name == "FEATURE_SETS":
+        return _discover()
+    if name == "DEFAULT_FEATURE_SET":
+        return _discover()[DEFAULT_VERSION]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def feature_set(version: str) -> FeatureSet:
+    sets = _discover()
     try:
-        return FEATURE_SETS[version]
+        return sets[version]
     except KeyError:
-        raise KeyError(f"unknown feature set version {version!r}; known: {', '.join(FEATURE_SETS)}") from None
+        raise KeyError(f"unknown feature set version {version!r}; known: {', '.join(sets)}") from None
 
 
 def datasets() -> dict[str, tuple[FeatureSet, str]]:
     """Every (feature set, timeframe) by its dataset name."""
-    return {dataset_name(fs, tf): (fs, tf) for fs in FEATURE_SETS.values() for tf in fs.timeframes}
+    return {dataset_name(fs, tf): (fs, tf) for fs in _discover().values() for tf in fs.timeframes}
 
 
 def all_feature_columns() -> list[str]:
     """Every feature column of every version, in declaration order: the served table's value columns."""
-    return list(dict.fromkeys(f.name for fs in FEATURE_SETS.values() for f in fs.features))
+    return list(dict.fromkeys(f.name for fs in _discover().values() for f in fs.features))
 
 
 def all_state_columns() -> list[str]:
     """Every recursion state column of every version and timeframe: ``feature_state``'s value columns."""
-    return list(dict.fromkeys(c for fs in FEATURE_SETS.values() for tf in fs.timeframes for c in fs.state_columns(tf)))
+    return list(dict.fromkeys(c for fs in _discover().values() for tf in fs.timeframes for c in fs.state_columns(tf)))

@@ -371,8 +371,19 @@ def _m008_state_columns_by_recursion(conn: sa.Connection, timescale: bool) -> No
         "atr": "atr14",
     }
     for table in ("feature_state", "quarantine_feature_state"):
+        columns = set(
+            conn.execute(
+                sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"), {"t": table}
+            ).scalars()
+        )
         for old, new in renames.items():
-            conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
+            if old not in columns:
+                continue
+            if new in columns:  # added from the declarations by a newer release's migrate before this ran
+                conn.execute(sa.text(f"UPDATE {table} SET {new} = coalesce({new}, {old})"))
+                conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {old}"))
+            else:
+                conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
 
 
 # The served tables' time columns: the ones window reads, replaces and retention filter on.
