@@ -19,6 +19,7 @@ from assets.data_versions import InputProvenance, content_version
 from assets.gates import DRIFT_CHECK, GATE_CHECK, Judgement, judge_days, report_run
 from assets.metadata import flag_counts, frame_summary, vector_preview
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
+from assets.resources import FeatureStore, translate_database_errors
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
 from marketfs.features.code_version import code_version
@@ -34,7 +35,6 @@ from marketfs.store.feature_vectors import (
     vector_schema,
     write_features,
 )
-from pipelines.resources import FeatureStore, translate_database_errors
 
 if TYPE_CHECKING:
     from expectations.drift import DriftProfile

@@ -18,9 +18,9 @@ import polars as pl
 from assets.data_versions import InputProvenance, day_materializations
 from assets.metadata import gate_metadata
 from assets.partitions import day_window
+from assets.resources import FeatureStore
 from expectations.gate import GateResult
 from marketfs.store.quality import log_verdicts, open_batch, quarantine_rows
-from pipelines.resources import FeatureStore
 
 # The check names every gated asset reports per day.
 GATE_CHECK = "quality_gate"

@@ -14,7 +14,7 @@ from datetime import datetime
 import dagster as dg
 import polars as pl
 
-from pipelines.resources import DATABASE_RETRY
+from assets.resources import DATABASE_RETRY
 
 START_DATE = os.environ.get("MARKETFS_START_DATE", "2024-01-01")
 

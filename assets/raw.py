@@ -14,13 +14,13 @@ from assets.data_versions import InputProvenance, content_version
 from assets.gates import GATE_CHECK, DayCheck, Judgement, breach_failure, judge_days, report_run
 from assets.metadata import frame_summary
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
+from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
-from pipelines.resources import FeatureStore, MarketData, translate_database_errors
 
 
 def _gate_checks(asset: str) -> dict[str, str]:

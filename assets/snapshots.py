@@ -5,8 +5,8 @@ from datetime import datetime, timedelta
 import dagster as dg
 
 from assets.features import FEATURE_ASSETS
+from assets.resources import FeatureStore, translate_database_errors
 from marketfs.snapshots import SnapshotError, create_snapshot
-from pipelines.resources import FeatureStore, translate_database_errors
 
 
 class SnapshotConfig(dg.Config):
@@ -80,13 +80,22 @@ def _upstream_data_versions(context: dg.AssetExecutionContext, asset: str, start
     if last < start:
         return {}
     keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, last))
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=keys), limit=10 * len(keys)
-    ).records
     latest: dict[str, dict] = {}
-    for record in records:  # newest first
-        event = record.asset_materialization
-        if event is None or event.partition in latest:
-            continue
-        latest[event.partition] = {"run_id": record.run_id, "data_version": event.tags.get("dagster/data_version")}
+    cursor = None
+    # Newest first, page by page until every day is found: a day re-run many times has many records.
+    while len(latest) < len(keys):
+        page = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=keys), limit=1000, cursor=cursor
+        )
+        for record in page.records:
+            event = record.asset_materialization
+            if event is None or event.partition in latest:
+                continue
+            latest[event.partition] = {
+                "run_id": record.run_id,
+                "data_version": event.tags.get("dagster/data_version"),
+            }
+        if not page.has_more:
+            break
+        cursor = page.cursor
     return {asset: dict(sorted(latest.items()))}

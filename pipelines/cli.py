@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     try:
         if args.command != "ui":
-            from pipelines.resources import bound_instance_retries
+            from assets.resources import bound_instance_retries
 
             bound_instance_retries()  # before the instance is created: its first connections are bounded too
         if args.command == "run":

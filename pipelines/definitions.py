@@ -9,8 +9,9 @@ import dagster as dg
 
 from assets.features import FEATURE_ASSETS
 from assets.raw import bars_1d, raw_events, raw_ohlcv
+from assets.resources import FeatureStore, market_data_from_env
 from assets.snapshots import feature_snapshots
-from pipelines.resources import FeatureStore, market_data_from_env
+from pipelines.environment import default_environment
 from pipelines.run_health import dead_runs
 from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor
 
@@ -50,6 +51,10 @@ def daily_features_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequ
 
 
 landing_files_sensor = build_landing_sensor(daily_features_job)
+
+# However the code location is loaded (make ui, dagster dev, a code server in a container), a variable
+# left unset takes its documented default; runs and sensors read the values through dg.EnvVar.
+default_environment()
 
 defs = dg.Definitions(
     assets=[*ALL_ASSETS, feature_snapshots],

@@ -15,8 +15,17 @@ DAGSTER_PG_ENV = "MARKETFS_DAGSTER_PG_URL"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def default_environment() -> None:
+    """The documented defaults of the variables the resources read through dg.EnvVar, where unset."""
+    from assets.resources import MARKET_DATA_ENV
+
+    for variable, default in MARKET_DATA_ENV.values():
+        os.environ.setdefault(variable, default)
+
+
 def prepare_environment() -> dict[str, str]:
     """Set (and return) the variables a Dagster process of this project needs; start the embedded server if used."""
+    default_environment()
     if os.environ.get(DSN_ENV):
         dsn = os.environ[DSN_ENV]
         instance_dsn = os.environ.get(DAGSTER_PG_ENV) or dsn

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.resources import MarketData
 from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
 from marketfs.sources.landing import BARS, EVENTS
 from marketfs.sources.landing_index import LandingIndex
-from pipelines.resources import MarketData
 
 # One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
 STATE_CHAIN_TAG = "marketfs/state_chain"

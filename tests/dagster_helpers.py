@@ -9,8 +9,8 @@ from pathlib import Path
 import dagster as dg
 import sqlalchemy as sa
 
+from assets.resources import FeatureStore, MarketData
 from pipelines.definitions import ALL_ASSETS
-from pipelines.resources import FeatureStore, MarketData
 
 # Raw assets and fs_v1's: what the gating, recompute and run-mode tests are about. fs_v2 has tests of its
 # own (tests/test_feature_sets.py); running it everywhere would only double the suite's time.

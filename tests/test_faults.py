@@ -102,7 +102,7 @@ def test_database_gone_fails_with_a_clear_message() -> None:
 def test_database_lost_mid_run_becomes_the_clear_retryable_failure() -> None:
     import psycopg
 
-    from pipelines.resources import FeatureStore, translate_database_errors
+    from assets.resources import FeatureStore, translate_database_errors
 
     @translate_database_errors
     def body(context=None, store=None):

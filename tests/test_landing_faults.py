@@ -219,8 +219,8 @@ def test_a_bad_line_fails_its_day_and_the_other_days_are_written(dsn: str, engin
 
 
 def test_the_sensor_takes_a_new_files_days_from_the_index(tmp_path: Path) -> None:
+    from assets.resources import MarketData
     from pipelines.definitions import defs, landing_files_sensor
-    from pipelines.resources import MarketData
     from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG
 
     land(tmp_path, JAN3)

@@ -15,9 +15,9 @@ import yaml
 from dagster_helpers import dagster_process_env
 from process_helpers import stop_process_group
 
+from assets.resources import MarketData
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from pipelines.definitions import ALL_ASSETS, daily_features_schedule, defs, landing_files_sensor
-from pipelines.resources import MarketData
 from pipelines.sensors import CHAIN_END_ASSET, RANGE_END_TAG, RANGE_START_TAG, STATE_CHAIN_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
