@@ -46,14 +46,20 @@ FLAG_MEANINGS: dict[QualityFlag, str] = {
 
 @dataclass(frozen=True)
 class FlagConfig:
-    low_event_count: int = 3
-    low_sentiment_confidence: float = 0.3
-    stale_after: dict[str, timedelta] | None = None
+    """The thresholds, as declared in ``marketfs/config/quality_flags.toml`` (the only place they are)."""
+
+    low_event_count: int
+    low_sentiment_confidence: float
+    stale_after: dict[str, timedelta]
 
     def stale_after_for(self, timeframe: str) -> timedelta:
-        from marketfs.features.timeframes import timeframe as timeframe_spec
-
-        return (self.stale_after or {}).get(timeframe) or timeframe_spec(timeframe).stale_after
+        try:
+            return self.stale_after[timeframe]
+        except KeyError:
+            raise ValueError(
+                f"no stale_after for timeframe {timeframe!r} in the quality flag configuration. "
+                f'Fix: add {timeframe} = "<duration>" under [stale_after] in {DEFAULT_CONFIG}'
+            ) from None
 
 
 def _duration(text: str) -> timedelta:
@@ -62,14 +68,18 @@ def _duration(text: str) -> timedelta:
 
 
 def load_flag_config(path: Path | None = None) -> FlagConfig:
-    """Thresholds from ``$MARKETFS_QUALITY_CONFIG`` or the packaged default; a bad file names the key."""
+    """The packaged thresholds, overridden key by key by ``path`` or ``$MARKETFS_QUALITY_CONFIG``; a bad
+    file names the key."""
     path = path or Path(os.environ.get("MARKETFS_QUALITY_CONFIG", DEFAULT_CONFIG))
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(DEFAULT_CONFIG.read_text())
+        if path != DEFAULT_CONFIG:
+            override = tomllib.loads(path.read_text())
+            data = {**data, **override, "stale_after": {**data["stale_after"], **override.get("stale_after", {})}}
         return FlagConfig(
-            low_event_count=int(data.get("low_event_count", 3)),
-            low_sentiment_confidence=float(data.get("low_sentiment_confidence", 0.3)),
-            stale_after={k: _duration(v) for k, v in data.get("stale_after", {}).items()},
+            low_event_count=int(data["low_event_count"]),
+            low_sentiment_confidence=float(data["low_sentiment_confidence"]),
+            stale_after={k: _duration(v) for k, v in data["stale_after"].items()},
         )
     except (OSError, tomllib.TOMLDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(

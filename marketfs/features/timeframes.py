@@ -22,9 +22,6 @@ class Timeframe:
     resample_on_read: bool
     # How many earlier daily partitions of bars a day's warm-up may reach back into (Dagster lineage).
     lookback_days: int
-    # An instrument without a bar at a grid time is flagged MISSING_OHLCV while its last bar is more
-    # recent than this (quality_flags.toml may override it per timeframe).
-    stale_after: timedelta
 
     @property
     def stamp_offset(self) -> timedelta:
@@ -50,9 +47,9 @@ TIMEFRAMES: dict[str, Timeframe] = {
         # Warm-up is read by bar count (compute.warmup_bars); lookback_days only need to cover it:
         # ~40 minute bars fit in the previous trading day (4 days span a long weekend), 40 five-minute
         # bars in two, 40 daily bars in 60 days.
-        Timeframe("1m", MINUTE, "ohlcv_1m", False, lookback_days=4, stale_after=timedelta(days=1)),
-        Timeframe("5m", 5 * MINUTE, "ohlcv_1m", True, lookback_days=4, stale_after=timedelta(days=1)),
-        Timeframe("1d", timedelta(days=1), "ohlcv_1d", False, lookback_days=60, stale_after=timedelta(days=7)),
+        Timeframe("1m", MINUTE, "ohlcv_1m", False, lookback_days=4),
+        Timeframe("5m", 5 * MINUTE, "ohlcv_1m", True, lookback_days=4),
+        Timeframe("1d", timedelta(days=1), "ohlcv_1d", False, lookback_days=60),
     )
 }
 
