@@ -193,6 +193,8 @@ class MarketData(dg.ConfigurableResource):
     # resource is declared (Dagster 1.13), which a Literal refuses; the value is checked where it is used.
     source: str = "synthetic"
     landing_dir: str = "landing"
+    # What a landed bar's ts means: "open" (09:30 holds 09:30-09:31, as most vendors stamp) or "close".
+    bar_stamp: str = "open"
     synthetic_instruments: int = 10
     synthetic_seed: int = 7
 
@@ -209,7 +211,7 @@ class MarketData(dg.ConfigurableResource):
         self._check()
         if self.source == "synthetic":
             return SyntheticBars(instruments=self._instruments(), seed=self.synthetic_seed)
-        return LandingFolderBars(Path(self.landing_dir) / "bars")
+        return LandingFolderBars(Path(self.landing_dir) / "bars", stamp=self.bar_stamp)
 
     def event_source(self) -> EventSource:
         self._check()
@@ -224,6 +226,7 @@ class MarketData(dg.ConfigurableResource):
 MARKET_DATA_ENV = {
     "source": ("MARKETFS_SOURCE", "synthetic"),
     "landing_dir": ("MARKETFS_LANDING_DIR", "landing"),
+    "bar_stamp": ("MARKETFS_BAR_STAMP", "open"),
     "synthetic_instruments": ("MARKETFS_SYNTHETIC_INSTRUMENTS", "10"),
 }
 
@@ -233,5 +236,6 @@ def market_data_from_env() -> MarketData:
     return MarketData(
         source=dg.EnvVar(MARKET_DATA_ENV["source"][0]),
         landing_dir=dg.EnvVar(MARKET_DATA_ENV["landing_dir"][0]),
+        bar_stamp=dg.EnvVar(MARKET_DATA_ENV["bar_stamp"][0]),
         synthetic_instruments=dg.EnvVar.int(MARKET_DATA_ENV["synthetic_instruments"][0]),
     )

@@ -34,7 +34,7 @@ def catalog_table(fs: FeatureSet, timeframe: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for f in fs.for_timeframe(timeframe):
-        lookback = f"{f.lookback} bars" if f.lookback else f"events in (ts - {f.p['window']}, ts]"
+        lookback = f"{f.lookback} bars" if f.lookback else f"events in [known_at - {f.p['window']}, known_at)"
         low, high, _ = f.gate_bounds(timeframe)
         lines.append(
             f"| `{f.name}` | {f.family}({_params(f.p)}) | {f.formula} | {lookback} | {_bounds(low, high)} | "
@@ -50,8 +50,11 @@ def render_catalog() -> str:
         "",
         "Generated from the declarations in `marketfs/feature_sets/` by `make docs`; do not edit.",
         "",
-        "Conventions: a vector at `ts` uses only bars with time <= ts and events published <= ts. "
-        "Minute bars are stamped as delivered; bars of longer timeframes are resampled from the valid minute "
+        "Conventions: **a bar is stamped at the open of its (last) minute, and a vector stamped `ts` became "
+        "known at `ts + 1 minute`** (`known_at`, the close of that minute): it uses only bars stamped <= ts "
+        "and events published before `known_at`, and a point-in-time join matches it from `known_at` on. "
+        "Minute bars are stamped at their open (landed files stamped at the close are shifted on read, "
+        "MARKETFS_BAR_STAMP=close); bars of longer timeframes are resampled from the valid minute "
         "bars of their interval and stamped with its last minute (5m: 09:34 for 09:30-09:34; 1d: 23:59 UTC). "
         "Lookback counts valid bars of history, this bar included (TA-Lib's lookback + 1); a feature is null, "
         "and the vector flagged INSUFFICIENT_OHLCV, until it is met. Each run reads warm-up bars per instrument "

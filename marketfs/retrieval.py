@@ -5,11 +5,13 @@
     frame = training_frame(entities, ["ret_1", "rsi_14"], tolerance=timedelta(minutes=5))
     row = latest(["SYN001"], ["ret_1", "rsi_14"])
 
-Semantics follow Feast's point-in-time join (``get_historical_features``): for each entity row
-(instrument_id, ts) the vector with the greatest vector.ts <= ts and ts - vector.ts <= tolerance
-(Feast's ``ttl``); rows without such a vector keep nulls; entity rows keep their order, and
-duplicates stay duplicates. The join runs inside PostgreSQL (entities are COPYed into a temporary
-table and each looks up one index entry), so memory grows with the result, not with the table.
+Semantics follow Feast's point-in-time join (``get_historical_features``), on the instant a vector
+became known: for each entity row (instrument_id, ts) the vector with the greatest known_at <= ts
+and ts - known_at <= tolerance (Feast's ``ttl``), where known_at = vector.ts + 1 minute, the close of
+the bar it is stamped with (``marketfs/features/timeframes.py``); rows without such a vector keep
+nulls; entity rows keep their order, and duplicates stay duplicates. The join runs inside
+PostgreSQL (entities are COPYed into a temporary table and each looks up one index entry), so
+memory grows with the result, not with the table.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, Literal
 
 import pandas as pd
@@ -108,26 +110,38 @@ def _version(feature_set: str | None, feature_set_version: str | None) -> str:
 def training_frame(
     entities: pl.DataFrame | pd.DataFrame,
     features: Sequence[str],
-    tolerance: timedelta,
+    tolerance: timedelta | None,
     snapshot: str | None = None,
     *,
     timeframe: str = "1m",
     feature_set: str | None = None,
     feature_set_version: str | None = None,
     include_feature_ts: bool = False,
+    include_flags: bool = False,
+    full_feature_names: bool = False,
     output: Output = "polars",
     dsn: str | None = None,
 ) -> pl.DataFrame | pd.DataFrame:
-    """Entity rows with, for each, the features of the latest vector at or before its ts (within ``tolerance``).
+    """Entity rows with, for each, the features of the newest vector already known at its ts.
 
-    With ``snapshot`` the vectors come from that frozen snapshot (its version and timeframe), else
-    from the live table of ``feature_set`` (a declared version, default fs_v1; ``feature_set_version``
-    is its older name). ``include_feature_ts`` adds the matched vector's ts as ``feature_ts``.
+    A vector stamped ``ts`` is known from ``ts + 1 minute`` on (its bar's close; see
+    ``marketfs/features/timeframes.py``), and matches an entity row at ``t`` when it became known at
+    or before ``t`` and at most ``tolerance`` before it (``None``: no bound).
+
+    ``features`` are names of ``timeframe``'s vectors, or ``"<timeframe>:<name>"`` (``"1d:rsi_14"``)
+    for another timeframe of the same feature set, joined by the same rules. With ``snapshot`` the
+    vectors come from that frozen snapshot (its version and timeframe), else from the live table of
+    ``feature_set`` (default fs_v1; ``feature_set_version`` is its older name).
+    ``include_feature_ts`` adds the matched vector's stamp and the instant it became known
+    (``feature_ts``, ``feature_known_at``), ``include_flags`` its ``quality_flags``; with several
+    timeframes these are suffixed ``_<timeframe>``. ``full_feature_names`` names every added column
+    ``<feature set>_<timeframe>__<name>`` (as Feast's ``full_feature_names``); without it, an added
+    column that an entity column or another request already has is refused.
     """
-    feature_set_version = _version(feature_set, feature_set_version)
-    if not isinstance(tolerance, timedelta):
-        raise RetrievalError(f"tolerance must be a timedelta, e.g. timedelta(minutes=5), not {tolerance!r}")
-    if tolerance < timedelta(0):
+    version = _version(feature_set, feature_set_version)
+    if tolerance is not None and not isinstance(tolerance, timedelta):
+        raise RetrievalError(f"tolerance must be a timedelta, e.g. timedelta(minutes=5), or None, not {tolerance!r}")
+    if tolerance is not None and tolerance < timedelta(0):
         raise RetrievalError(f"tolerance must be >= 0, not {tolerance}")
     if snapshot is not None:
         _text(snapshot, "snapshot")
@@ -141,41 +155,135 @@ def training_frame(
                 manifest = describe_snapshot(conn, snapshot)
             except SnapshotError as exc:
                 raise RetrievalError(str(exc)) from None
-            feature_set_version, timeframe = manifest["feature_set_version"], manifest["timeframe"]
-        names = _features(features, feature_set_version, timeframe)
+            version, timeframe = manifest["feature_set_version"], manifest["timeframe"]
+        groups = _requests(features, version, timeframe, snapshot is not None)
+        columns = _output_columns(frame, groups, version, include_feature_ts, include_flags, full_feature_names)
         conn.execute(
             sa.text("CREATE TEMP TABLE pit_entities (row_no bigint, instrument_id text, ts timestamptz) ON COMMIT DROP")
         )
+        # Sorted as the index is: each lookup then lands next to the previous one.
         keyed = frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row_no"), "instrument_id", "ts")
-        copy_frame_in(conn, "pit_entities", keyed)
+        copy_frame_in(conn, "pit_entities", keyed.sort("instrument_id", "ts"))
         conn.execute(sa.text("ANALYZE pit_entities"))
-        source, scope = (
-            (sql.Identifier("feature_snapshot_rows"), sql.SQL("v.snapshot_id = %(snapshot)s"))
-            if snapshot is not None
-            else (
-                sql.Identifier("feature_vectors"),
-                sql.SQL("v.feature_set_version = %(version)s AND v.timeframe = %(tf)s"),
+        result = frame.with_row_index("row_no").with_columns(pl.col("row_no").cast(pl.Int64))
+        for tf, names in groups.items():
+            matched = _point_in_time(conn, names, version, tf, tolerance, snapshot, include_flags)
+            added = matched.select("row_no", *[pl.col(k).alias(v) for k, v in columns[tf].items()])
+            result = result.join(added, on="row_no", how="left")
+    result = result.sort("row_no").drop("row_no")
+    return result.to_pandas() if output == "pandas" else result
+
+
+def _requests(features: Sequence[str], version: str, timeframe: str, snapshot: bool) -> dict[str, list[str]]:
+    """Requested names by timeframe (``"1d:rsi_14"`` names another timeframe), each checked."""
+    if isinstance(features, str):
+        features = [features]
+    wanted: dict[str, list[str]] = {}
+    for item in features:
+        text = _text(item, "feature name")
+        tf, _, name = text.rpartition(":") if ":" in text else (timeframe, "", text)
+        wanted.setdefault(tf, []).append(name)
+    if snapshot and set(wanted) != {timeframe}:
+        raise RetrievalError(f"a snapshot holds {timeframe} vectors only; ask for its features without a timeframe")
+    if not wanted:
+        raise RetrievalError("ask for at least one feature")
+    return {tf: _features(names, version, tf) for tf, names in wanted.items()}
+
+
+def _output_columns(
+    entities: pl.DataFrame,
+    groups: dict[str, list[str]],
+    version: str,
+    include_feature_ts: bool,
+    include_flags: bool,
+    full: bool,
+) -> dict[str, dict[str, str]]:
+    """Per timeframe: the joined frame's column -> the output column; collisions refused with the fix."""
+    several = len(groups) > 1
+    out: dict[str, dict[str, str]] = {}
+    seen: dict[str, str] = {c: "the entities" for c in entities.columns}
+    for tf, names in groups.items():
+        meta = (["feature_ts", "feature_known_at"] if include_feature_ts else []) + (
+            ["quality_flags"] if include_flags else []
+        )
+        mapping = {}
+        for name in [*names, *meta]:
+            suffixed = f"{name}_{tf}" if several and name in meta else name
+            target = f"{version}_{tf}__{name}" if full else suffixed
+            if target in seen:
+                raise RetrievalError(
+                    f"column {target!r} ({tf} {name}) is already in {seen[target]}; rename that column, or pass "
+                    f"full_feature_names=True to get {version}_{tf}__{name}"
+                )
+            seen[target] = f"the {tf} request"
+            mapping[name] = target
+        out[tf] = mapping
+    return out
+
+
+def _point_in_time(
+    conn: sa.Connection,
+    names: list[str],
+    version: str,
+    timeframe: str,
+    tolerance: timedelta | None,
+    snapshot: str | None,
+    include_flags: bool,
+) -> pl.DataFrame:
+    """For each entity row of ``pit_entities``: the newest vector known at its ts (row_no, stamp, values)."""
+    source, scope = (
+        (sql.Identifier("feature_snapshot_rows"), sql.SQL("v.snapshot_id = %(snapshot)s"))
+        if snapshot is not None
+        else (
+            sql.Identifier("feature_vectors"),
+            sql.SQL("v.feature_set_version = %(version)s AND v.timeframe = %(tf)s"),
+        )
+    )
+    # A vector stamped v.ts is known at v.ts + lag: known at or before e.ts, and within the tolerance.
+    window = sql.SQL("v.ts <= e.ts - %(lag)s")
+    if tolerance is not None:
+        window += sql.SQL(" AND v.ts >= e.ts - %(lag)s - %(tolerance)s")
+    flags = [sql.SQL("array_to_string(m.quality_flags, ',')")] if include_flags else []
+    query = sql.SQL(
+        "SELECT e.row_no, {feature_ts}, {cols} FROM pit_entities e LEFT JOIN LATERAL ("
+        "SELECT v.ts, v.quality_flags, {inner} FROM {source} v WHERE v.instrument_id = e.instrument_id AND {scope} "
+        "AND {window} ORDER BY v.ts DESC LIMIT 1) m ON true"
+    ).format(
+        feature_ts=sql.SQL(EPOCH_US).format(col=sql.Identifier("m", "ts")),
+        cols=sql.SQL(", ").join([*(sql.Identifier("m", n) for n in names), *flags]),
+        inner=sql.SQL(", ").join(sql.Identifier("v", n) for n in names),
+        source=source,
+        scope=scope,
+        window=window,
+    )
+    lag = _lag(timeframe)
+    params = {"snapshot": snapshot, "version": version, "tf": timeframe, "tolerance": tolerance, "lag": lag}
+    schema = {
+        "row_no": pl.Int64(),
+        "feature_ts": pl.Datetime("us", "UTC"),
+        **{n: pl.Float64() for n in names},
+        **({"quality_flags": pl.String()} if include_flags else {}),
+    }
+    matched = copy_query_out(conn, query, params, schema).with_columns(
+        (pl.col("feature_ts") + lag).alias("feature_known_at")
+    )
+    if include_flags:
+        flags_list = (
+            pl.when(pl.col("feature_ts").is_null())
+            .then(None)
+            .otherwise(
+                pl.col("quality_flags").fill_null("").str.split(",").list.eval(pl.element().filter(pl.element() != ""))
             )
         )
-        query = sql.SQL(
-            "SELECT e.row_no, {feature_ts}, {cols} FROM pit_entities e LEFT JOIN LATERAL ("
-            "SELECT v.ts, {inner} FROM {source} v WHERE v.instrument_id = e.instrument_id AND {scope} "
-            "AND v.ts <= e.ts AND v.ts >= e.ts - %(tolerance)s ORDER BY v.ts DESC LIMIT 1) m ON true"
-        ).format(
-            feature_ts=sql.SQL(EPOCH_US).format(col=sql.Identifier("m", "ts")),
-            cols=sql.SQL(", ").join(sql.Identifier("m", n) for n in names),
-            inner=sql.SQL(", ").join(sql.Identifier("v", n) for n in names),
-            source=source,
-            scope=scope,
-        )
-        params = {"snapshot": snapshot, "version": feature_set_version, "tf": timeframe, "tolerance": tolerance}
-        schema = {"row_no": pl.Int64(), "feature_ts": pl.Datetime("us", "UTC"), **{n: pl.Float64() for n in names}}
-        matched = copy_query_out(conn, query, params, schema)
-    result = frame.with_row_index("row_no").with_columns(pl.col("row_no").cast(pl.Int64))
-    result = result.join(matched, on="row_no", how="left").sort("row_no").drop("row_no")
-    if not include_feature_ts:
-        result = result.drop("feature_ts")
-    return result.to_pandas() if output == "pandas" else result
+        matched = matched.with_columns(flags_list.alias("quality_flags"))
+    return matched
+
+
+@cache
+def _lag(timeframe: str) -> timedelta:
+    from marketfs.features.compute import available_after
+
+    return available_after(timeframe)
 
 
 class OnlineReader:
@@ -226,8 +334,12 @@ class OnlineReader:
                 self._conn = None
                 rows = self._connection().execute(query, (list(instruments), feature_set_version, timeframe)).fetchall()
         columns = ["instrument_id", "ts", "quality_flags", *names]
+        lag = _lag(timeframe)
         if output == "records":
-            return [dict(zip(columns, row, strict=True)) for row in rows]
+            return [
+                {**dict(zip(columns, row, strict=True)), "known_at": None if row[1] is None else row[1] + lag}
+                for row in rows
+            ]
         frame = pl.DataFrame(
             rows,
             schema={
@@ -237,7 +349,7 @@ class OnlineReader:
                 **{n: pl.Float64 for n in names},
             },
             orient="row",
-        )
+        ).with_columns((pl.col("ts") + lag).alias("known_at"))
         return frame.to_pandas() if output == "pandas" else frame
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import dagster as dg
 
 from assets.resources import MarketData
 from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
-from marketfs.sources.landing import BARS, EVENTS
+from marketfs.sources.landing import BAR_STAMPS, BARS, EVENTS
 from marketfs.sources.landing_index import LandingIndex
 
 # One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
@@ -97,7 +97,7 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         days: set[str] = set()
         files: list[str] = []
         skipped: list[str] = []
-        for kind in (BARS, EVENTS):
+        for kind in (BAR_STAMPS.get(market_data.bar_stamp, BARS), EVENTS):
             folder = root / kind.name
             if not folder.is_dir():
                 continue

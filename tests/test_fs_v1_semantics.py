@@ -49,37 +49,42 @@ def vectors(bars: pl.DataFrame, timeframe: str = "1m", **kwargs) -> pl.DataFrame
     return compute_feature_vectors(bars, timeframe, **kwargs).vectors
 
 
-def test_future_bars_and_events_change_nothing_at_or_before_ts() -> None:
+def test_what_comes_after_a_vector_became_known_changes_nothing() -> None:
+    """Bars after the cutoff's, and events from the cutoff bar's close (cutoff + 1 minute) on."""
     bars = SyntheticBars(instruments=("A", "B")).bars(D1, D3)
     evts = SyntheticEvents(instruments=("A", "B")).events(D1, D3)
     cutoff = D2 + timedelta(hours=16)
     base = vectors(bars, events=evts).filter(pl.col("ts") <= cutoff)
 
     future_bar = bars.filter(pl.col("ts") > cutoff).with_columns(pl.col("close") * 50, pl.col("high") * 50)
-    future_event = events([("future", "A", cutoff + timedelta(microseconds=1), 1.0, 1.0)])
+    future_event = events([("future", "A", cutoff + timedelta(minutes=1), 1.0, 1.0)])
     planted = pl.concat([bars.filter(pl.col("ts") <= cutoff), future_bar])
     after = vectors(planted, events=pl.concat([evts, future_event])).filter(pl.col("ts") <= cutoff)
     assert after.equals(base)
 
 
-def test_event_window_is_the_hour_before_ts_right_closed() -> None:
+def test_event_window_is_the_hour_before_the_vector_became_known() -> None:
+    """The bar stamped t closes, and its vector becomes known, at t + 1 minute: events count in
+    [known - 1h, known), so one published during the bar counts and none published at its close."""
     bars = minute_bars("A", [100.0] * 3)
     t = T0 + timedelta(minutes=2)
+    known = t + timedelta(minutes=1)
     evts = events(
         [
-            ("out_early", "A", t - timedelta(hours=1), 1.0, 1.0),  # exactly t - 1h: excluded
+            ("out_early", "A", known - timedelta(hours=1, microseconds=1), 1.0, 1.0),
+            ("e0", "A", known - timedelta(hours=1), 0.3, 0.5),  # exactly known - 1h: included
             ("e1", "A", t - timedelta(minutes=59), 0.5, 0.8),
             ("e2", "A", t - timedelta(minutes=30), -0.2, 0.4),
-            ("e3", "A", t, 0.1, 0.2),  # exactly t: included
-            ("out_late", "A", t + timedelta(seconds=1), -1.0, 1.0),
+            ("e3", "A", t + timedelta(seconds=30), 0.1, 0.2),  # during the bar: known when it closes
+            ("out_late", "A", known, -1.0, 1.0),  # exactly at the close: the next bar's
             ("other", "B", t, 1.0, 1.0),  # another instrument
         ]
     )
     row = vectors(bars, events=evts).filter(pl.col("ts") == t).row(0, named=True)
-    s, c = [0.5, -0.2, 0.1], [0.8, 0.4, 0.2]
-    assert row["event_count_1h"] == 3
-    assert row["sentiment_mean_1h"] == pytest.approx(sum(s) / 3)
-    assert row["sentiment_conf_mean_1h"] == pytest.approx(sum(c) / 3)
+    s, c = [0.3, 0.5, -0.2, 0.1], [0.5, 0.8, 0.4, 0.2]
+    assert row["event_count_1h"] == 4
+    assert row["sentiment_mean_1h"] == pytest.approx(sum(s) / 4)
+    assert row["sentiment_conf_mean_1h"] == pytest.approx(sum(c) / 4)
     assert row["sentiment_weighted_1h"] == pytest.approx(sum(a * b for a, b in zip(s, c, strict=True)) / sum(c))
     assert row["sentiment_std_1h"] == pytest.approx(statistics.stdev(s))
     assert "NO_EVENTS" not in row["quality_flags"] and "LOW_EVENT_COUNT" not in row["quality_flags"]

@@ -40,6 +40,19 @@ def test_csv_and_parquet_load_in_utc(tmp_path: Path) -> None:
     assert out["volume"].dtype == pl.Float64
 
 
+def test_close_stamped_files_are_read_as_bars_stamped_at_their_open(tmp_path: Path) -> None:
+    """A vendor stamping 09:31 for the trades of 09:30-09:31: with stamp="close" the bar is 09:30, and one
+    stamped at midnight belongs to the day before."""
+    body = HEADER + "AAA,2024-01-02T14:31:00Z,10,11,9,10.5,100\nAAA,2024-01-03T00:00:00Z,10,11,9,10.5,100\n"
+    write(tmp_path / "close", "a.csv", body)
+    out = LandingFolderBars(tmp_path / "close", index_path=tmp_path / "close.json", stamp="close").bars(*DAY)
+    assert out["ts"].to_list() == [datetime(2024, 1, 2, 14, 30, tzinfo=UTC), datetime(2024, 1, 2, 23, 59, tzinfo=UTC)]
+    as_open = LandingFolderBars(tmp_path / "close", index_path=tmp_path / "open.json").bars(*DAY)
+    assert as_open["ts"].to_list() == [datetime(2024, 1, 2, 14, 31, tzinfo=UTC)]  # midnight: the next day's
+    with pytest.raises(SourceFileError, match="MARKETFS_BAR_STAMP"):
+        LandingFolderBars(tmp_path / "close", stamp="end").bars(*DAY)
+
+
 def test_missing_column_names_file_and_fix(tmp_path: Path) -> None:
     path = write(tmp_path, "bad.csv", "instrument_id,ts,open,high,low,close\nAAA,2024-01-02T14:30:00Z,1,1,1,1\n")
     with pytest.raises(SourceFileError) as err:

@@ -44,9 +44,12 @@ def stored(dsn: str, engine: sa.Engine) -> str:
     return dsn
 
 
-def entities(*rows: tuple[str, int | float]) -> pl.DataFrame:
+def entities(*rows: tuple[str, int | float], known: bool = True) -> pl.DataFrame:
+    """Entity rows at minute m of the vectors' grid; with ``known`` at the instant the vector stamped m
+    became known (its bar's close, one minute later), the natural time to ask for it."""
+    lag = timedelta(minutes=1) if known else timedelta(0)
     return pl.DataFrame(
-        {"instrument_id": [r[0] for r in rows], "ts": [T + timedelta(minutes=r[1]) for r in rows]},
+        {"instrument_id": [r[0] for r in rows], "ts": [T + timedelta(minutes=r[1]) + lag for r in rows]},
         schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
     )
 
@@ -70,6 +73,34 @@ def test_point_in_time_cases(stored: str) -> None:
     # The 1d vector at T+11 never leaks into 1m results, and the other way round.
     daily = training_frame(entities(("A", 12)), ["ret_1"], timedelta(hours=1), dsn=stored, timeframe="1d")
     assert daily["ret_1"].to_list() == [99.0]
+
+
+def test_a_vector_is_matched_from_its_bars_close_not_its_stamp(stored: str) -> None:
+    """The bar stamped T+5 holds T+5:00-T+5:59 and is known at T+6: at T+5:30 it is the future."""
+    e = entities(("A", 5.5), ("A", 6), known=False)
+    out = training_frame(e, ["ret_1"], timedelta(hours=1), dsn=stored, include_feature_ts=True)
+    assert out["ret_1"].to_list() == [1.0, 2.0]  # a join on the stamp would give 2.0 at T+5:30: a bar's look-ahead
+    assert out["feature_known_at"].to_list() == [T + timedelta(minutes=1), T + timedelta(minutes=6)]
+
+
+def test_unbounded_tolerance_flags_and_several_timeframes(stored: str) -> None:
+    e = entities(("A", 500), ("B", 8), ("C", 1))
+    assert training_frame(e, ["ret_1"], None, dsn=stored)["ret_1"].to_list() == [3.0, 7.0, None]
+    out = training_frame(e, ["rsi_14", "1d:ret_1"], None, dsn=stored, include_flags=True)
+    assert out.columns == ["instrument_id", "ts", "rsi_14", "quality_flags_1m", "ret_1", "quality_flags_1d"]
+    assert out["ret_1"].to_list() == [99.0, None, None] and out["rsi_14"].to_list() == [30.0, 70.0, None]
+    assert out["quality_flags_1m"].to_list() == [[], [], None]
+
+
+def test_a_name_taken_twice_is_refused_or_prefixed_on_request(stored: str) -> None:
+    labelled = entities(("A", 5)).with_columns(pl.lit(0.5).alias("ret_1"))
+    with pytest.raises(RetrievalError, match="'ret_1'.*already in the entities.*full_feature_names=True"):
+        training_frame(labelled, ["ret_1"], timedelta(minutes=5), dsn=stored)
+    with pytest.raises(RetrievalError, match="'ret_1' \\(1d ret_1\\) is already in the 1m request"):
+        training_frame(entities(("A", 5)), ["ret_1", "1d:ret_1"], None, dsn=stored)
+    out = training_frame(labelled, ["ret_1", "1d:ret_1"], None, dsn=stored, full_feature_names=True)
+    assert out.columns == ["instrument_id", "ts", "ret_1", "fs_v1_1m__ret_1", "fs_v1_1d__ret_1"]
+    assert out.row(0)[2:] == (0.5, 2.0, None)  # the label stays; the 1d vector is not known yet at T+6
 
 
 def test_future_vectors_never_match(stored: str) -> None:
@@ -144,6 +175,9 @@ def test_latest_returns_the_newest_vector_per_instrument(stored: str) -> None:
     assert out["ret_1"].to_list() == [7.0, 3.0, None]
     assert out["ts"][1] == T + timedelta(minutes=10)
     records = OnlineReader(stored).latest(["A"], ["ret_1"], output="records")
-    assert records == [{"instrument_id": "A", "ts": T + timedelta(minutes=10), "quality_flags": [], "ret_1": 3.0}]
+    ts = T + timedelta(minutes=10)
+    known = ts + timedelta(minutes=1)  # the close of the bar it is stamped with
+    assert records == [{"instrument_id": "A", "ts": ts, "quality_flags": [], "ret_1": 3.0, "known_at": known}]
+    assert out["known_at"][1] == known
     with pytest.raises(RetrievalError, match="unknown feature"):
         latest(["A"], ["bogus"], dsn=stored)

@@ -44,6 +44,11 @@ class FeatureComputation:
     state: pl.DataFrame  # state_schema rows: the state at each instrument's last valid bar of each UTC day
 
 
+def available_after(timeframe: str) -> timedelta:
+    """How long after its stamp a vector of ``timeframe`` became known (see ``timeframes.py``)."""
+    return timeframe_spec(timeframe).available_after
+
+
 def on_grid(timeframe: str) -> pl.Expr:
     spec = timeframe_spec(timeframe)
     return (pl.col("ts").dt.epoch("us") % spec.step_us) == spec.stamp_offset_us
@@ -174,8 +179,12 @@ def compute_feature_vectors(
 
     windows = feature_set.event_windows(timeframe)
     event_frame = events if events is not None else pl.DataFrame(schema=EVENT_SCHEMA)
-    for label in windows:
-        vectors = event_features(vectors, event_frame, parse_window(label), label)
+    if windows:
+        # Events count up to the instant the vector became known (its bar's close), not its stamp.
+        known = vectors.with_columns(pl.col("ts").alias("_stamp"), pl.col("ts") + available_after(timeframe))
+        for label in windows:
+            known = event_features(known, event_frame, parse_window(label), label)
+        vectors = known.with_columns(pl.col("_stamp").alias("ts")).drop("_stamp")
 
     vectors = vectors.with_columns(_flags(vectors, names, windows, timeframe, config).alias("quality_flags"))
     out = vectors.select(

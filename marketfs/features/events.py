@@ -1,4 +1,4 @@
-"""News-event features over the window (ts - W, ts] of each vector.
+"""News-event features over the window [t - W, t) before the instant t a vector became known.
 
 For each vector the events of its window are gathered explicitly and aggregated in a fixed order
 (instrument, published_at, event_id), so a value never depends on how many other events were
@@ -31,8 +31,10 @@ def event_feature_names(suffix: str) -> list[str]:
 def event_features(keys: pl.DataFrame, events: pl.DataFrame, window: timedelta, suffix: str) -> pl.DataFrame:
     """``keys`` (instrument_id, ts) with the five event statistics of each window appended.
 
-    Windows are (ts - window, ts]: an event published exactly at ts counts, one published
-    exactly ``window`` earlier does not. Events published after ts never count.
+    Here ``ts`` is the instant the vector became known (its bar's close, see ``timeframes.py``).
+    Windows are [ts - window, ts): an event published before that instant counts, one published
+    exactly at it does not (it belongs with the next bar, and with the next day's partition when
+    the bar is the day's last); one published exactly ``window`` earlier counts.
     """
     names = event_feature_names(suffix)
     ordered = events.sort("instrument_id", "published_at", "event_id").with_row_index("_e")
@@ -44,8 +46,8 @@ def event_features(keys: pl.DataFrame, events: pl.DataFrame, window: timedelta, 
         times = mine["published_at"].dt.epoch("us").to_numpy()
         ts = group["ts"].dt.epoch("us").to_numpy()
         first = mine["_e"][0] if mine.height else 0
-        hi = np.searchsorted(times, ts, side="right") + first
-        lo = np.searchsorted(times, ts - window_us, side="right") + first
+        hi = np.searchsorted(times, ts, side="left") + first
+        lo = np.searchsorted(times, ts - window_us, side="left") + first
         pieces.append(pl.DataFrame({"_k": group["_k"], "_lo": lo, "_hi": hi}))
     if not pieces:
         return keys.with_columns([pl.lit(None, pl.Float64).alias(n) for n in names])

@@ -57,7 +57,7 @@ _OUTPUT = {
 }
 
 _EVENT_FORMULAS = {
-    "event_count": "number of events with ts - W < published_at <= ts",
+    "event_count": "number of events with known_at - W <= published_at < known_at (known_at: the bar's close)",
     "sentiment_mean": "mean sentiment of those events",
     "sentiment_conf_mean": "mean confidence of those events",
     "sentiment_weighted": "sum(sentiment * confidence) / sum(confidence)",

@@ -1,8 +1,11 @@
 """The bar timeframes feature sets can be computed at: their grid, where a bar is stamped, where bars come from.
 
-A bar of a resampled timeframe holds the valid minute bars of its interval and is stamped with the
-last minute of it (09:30-09:34 -> 09:34, a UTC day -> 23:59), so a vector at ts uses only minute
-bars stamped <= ts, as the minute vectors do.
+The convention, once: **a bar is stamped at the open of its (last) minute, and a vector stamped ts
+became known at ts + 1 minute, when that minute closed.** A minute bar 09:30 holds the trades of
+09:30:00-09:30:59.999 and is known at 09:31. A bar of a resampled timeframe holds the valid minute
+bars of its interval and is stamped with its last minute (09:30-09:34 -> 09:34, a UTC day -> 23:59),
+so it too is known one minute after its stamp (09:35, 00:00). Events count up to that instant, and
+a point-in-time join matches a vector only from that instant on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ class Timeframe:
     def stamp_offset(self) -> timedelta:
         """Where in its interval a bar is stamped: the interval's start for minute bars, its last minute otherwise."""
         return timedelta(0) if self.step == MINUTE else self.step - MINUTE
+
+    @property
+    def available_after(self) -> timedelta:
+        """How long after its stamp a bar, and a vector computed from it, is known: its last minute's close."""
+        return MINUTE
 
     @property
     def step_us(self) -> int:

@@ -20,7 +20,7 @@ without is taken as UTC.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,6 +34,10 @@ from marketfs.sources.landing_index import LandingIndex, landing_files
 BAR_SUFFIXES = (".csv", ".parquet")
 EVENT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 BARS = LandingKind("bars", BAR_SCHEMA, "ts", BAR_SUFFIXES, conflict_key=("instrument_id", "ts"))
+# Minute bars stamped at their close by the vendor (09:31 for the trades of 09:30-09:31): read one
+# minute earlier, as bars stamped at their open, which is what the rest of the project assumes.
+BARS_CLOSE_STAMPED = replace(BARS, ts_shift=-timedelta(minutes=1))
+BAR_STAMPS = {"open": BARS, "close": BARS_CLOSE_STAMPED}
 EVENTS = LandingKind("events", EVENT_SCHEMA, "published_at", EVENT_SUFFIXES)
 
 __all__ = [
@@ -96,10 +100,18 @@ def _first_error(delivery: Delivery) -> pl.DataFrame:
 class LandingFolderBars:
     root: Path
     index_path: Path | None = None  # default: under $MARKETFS_HOME/landing_index
+    stamp: str = "open"  # what the files' ts means: the minute's open (default) or its close
 
     def delivery(self, start: datetime, end: datetime) -> Delivery:
         """Bars in ``[start, end)`` sorted by (instrument_id, ts), with each bad day's error."""
-        return deliver(self.root, BARS, start, end, self.index_path)
+        if self.stamp not in BAR_STAMPS:
+            raise SourceFileError(
+                self.root,
+                f"bar stamp {self.stamp!r} is neither 'open' nor 'close'",
+                "set MARKETFS_BAR_STAMP to open (a bar stamped 09:30 holds 09:30-09:31, the default) or close "
+                "(the vendor stamps it 09:31)",
+            )
+        return deliver(self.root, BAR_STAMPS[self.stamp], start, end, self.index_path)
 
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
         """Bars in ``[start, end)`` sorted by (instrument_id, ts), or the first bad day's ``SourceFileError``."""

@@ -18,6 +18,7 @@ that day, since the file itself does not say which one is true.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
@@ -41,6 +42,9 @@ class LandingKind:
     ts_column: str
     suffixes: tuple[str, ...]
     conflict_key: tuple[str, ...] = ()
+    # Added to every parsed timestamp: a source that stamps bars at their close is shifted to the
+    # project's convention (stamped at the open) before anything else, days included, reads them.
+    ts_shift: timedelta = timedelta(0)
 
 
 @dataclass
@@ -77,7 +81,7 @@ def scan_landing_file(path: Path, kind: LandingKind) -> FileScan:
     # CSV lines count the header as line 1; other formats report 1-based rows.
     line_offset = 2 if path.suffix.lower() == ".csv" else 1
     raw = raw.select([c for c in schema if c in raw.columns]).with_row_index(_LINE, offset=line_offset)
-    ts = _parse_ts(raw[ts_column])
+    ts = _parse_ts(raw[ts_column]) + kind.ts_shift
     raw = raw.with_columns(ts.dt.strftime("%Y-%m-%d").alias(_DAY))
     days = sorted(d for d in raw[_DAY].unique().to_list() if d is not None)
     bad_ts = raw.filter(ts.is_null())

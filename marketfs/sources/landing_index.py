@@ -39,10 +39,20 @@ def landing_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
+def _shift_tag(kind: LandingKind) -> str:
+    # Days of close-stamped files differ at midnight: their index must not be shared with open-stamped reads.
+    seconds = int(kind.ts_shift.total_seconds())
+    return f"-shift{seconds}s" if seconds else ""
+
+
 def default_index_path(root: Path, kind: LandingKind) -> Path:
     """``$MARKETFS_HOME/landing_index/<kind>-<hash of the folder's absolute path>.json``."""
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return Path(os.environ.get("MARKETFS_HOME", ".marketfs")) / "landing_index" / f"{kind.name}-{digest}.json"
+    return (
+        Path(os.environ.get("MARKETFS_HOME", ".marketfs"))
+        / "landing_index"
+        / f"{kind.name}{_shift_tag(kind)}-{digest}.json"
+    )
 
 
 @dataclass
