@@ -2,6 +2,9 @@
 
     python benchmarks/retrieval.py [--vectors 1000000] [--entities 100000] [--calls 2000]
 
+Vectors are written 30 s after they became known (ingestion lag), and 5% of them are restated 10
+minutes later (the old version in feature_vectors_history): what ``as_of`` reads through.
+
 Baselines in the same run: the typical point-in-time join (read the vectors of the entities'
 instruments and range into pandas, then ``pandas.merge_asof``), and a latest() done the typical
 way (a new connection and an unprepared query per request). Each measurement runs in a fresh
@@ -54,10 +57,28 @@ def load_vectors(dsn: str, n: int) -> tuple[datetime, datetime]:
             .select(list(schema))
             .cast(schema)
         )
+    vectors = pl.concat(frames).with_columns(
+        (pl.col("ts") + timedelta(minutes=1, seconds=30)).alias("written_at")  # known at ts + 1m, written 30 s later
+    )
     with engine_for(dsn).begin() as conn:
-        copy_frame_in(conn, "feature_vectors", pl.concat(frames))
+        copy_frame_in(conn, "feature_vectors", vectors)
+        restate(conn, FEATURES)
         conn.exec_driver_sql("ANALYZE feature_vectors")
+        conn.exec_driver_sql("ANALYZE feature_vectors_history")
     return START, START + timedelta(minutes=per_instrument)
+
+
+def restate(conn, features: list[str]) -> None:
+    """5% of the vectors corrected 10 minutes after they were written: the old version goes to history."""
+    cols = ", ".join(["instrument_id", "timeframe", "ts", "feature_set_version", "quality_flags", *features])
+    chosen = "mod(abs(hashtext(instrument_id || ts::text)), 20) = 0"
+    conn.exec_driver_sql(
+        f"INSERT INTO feature_vectors_history ({cols}, written_at, superseded_at) "
+        f"SELECT {cols}, written_at, written_at + interval '10 minutes' FROM feature_vectors WHERE {chosen}"
+    )
+    conn.exec_driver_sql(
+        f"UPDATE feature_vectors SET ret_1 = ret_1 + 1, written_at = written_at + interval '10 minutes' WHERE {chosen}"
+    )
 
 
 def entities(n: int, start: datetime, end: datetime) -> pl.DataFrame:
@@ -78,14 +99,15 @@ FEATURES = ["ret_1", "ret_5", "vol_20", "rsi_14", "macd", "bb_pct_b", "sentiment
 def child(mode: str, dsn: str, n_entities: int, start: str, end: str, calls: int) -> dict:
     """One measurement, in its own process."""
     s, e = datetime.fromisoformat(start), datetime.fromisoformat(end)
-    if mode in ("training_frame", "baseline_merge_asof"):
+    if mode in ("training_frame", "baseline_merge_asof", "training_frame_as_of_entity"):
         ents = entities(n_entities, s, e)
         base = peak_rss_mb()
         t0 = time.perf_counter()
-        if mode == "training_frame":
+        if mode.startswith("training_frame"):
             from marketfs.retrieval import training_frame
 
-            out = training_frame(ents, FEATURES, timedelta(minutes=5), dsn=dsn)
+            as_of = "entity" if mode == "training_frame_as_of_entity" else None
+            out = training_frame(ents, FEATURES, timedelta(minutes=5), dsn=dsn, as_of=as_of)
             matched = out["ret_1"].is_not_null().sum()
         else:
             import pandas as pd
@@ -104,10 +126,12 @@ def child(mode: str, dsn: str, n_entities: int, start: str, end: str, calls: int
                     params={"i": ents["instrument_id"].unique().to_list(), "e": e},
                 )
             left = ents.to_pandas().reset_index().sort_values("ts")
+            table["known_at"] = table["ts"] + pd.Timedelta(minutes=1)  # the same rule: matched once known
             out = pd.merge_asof(
                 left,
-                table.sort_values("ts"),
-                on="ts",
+                table.drop(columns="ts").sort_values("known_at"),
+                left_on="ts",
+                right_on="known_at",
                 by="instrument_id",
                 tolerance=pd.Timedelta(minutes=5),
                 direction="backward",
@@ -123,14 +147,15 @@ def child(mode: str, dsn: str, n_entities: int, start: str, end: str, calls: int
             "rss_before_mb": base,
         }
     latencies = []
-    if mode == "latest":
+    if mode in ("latest", "latest_records"):
         from marketfs.retrieval import OnlineReader
 
+        output = "records" if mode == "latest_records" else "polars"
         reader = OnlineReader(dsn)
-        reader.latest(["SYN007"], FEATURES)  # connect and prepare
+        reader.latest(["SYN007"], FEATURES, output=output)  # connect and prepare
         for i in range(calls):
             t0 = time.perf_counter()
-            reader.latest([f"SYN{i % INSTRUMENTS:03d}"], FEATURES)
+            reader.latest([f"SYN{i % INSTRUMENTS:03d}"], FEATURES, output=output)
             latencies.append(time.perf_counter() - t0)
     else:
         import psycopg
@@ -165,8 +190,16 @@ def main() -> int:
         start, end = load_vectors(dsn, args.vectors)
         load_s = time.perf_counter() - t0
         results = []
-        for mode in ("training_frame", "baseline_merge_asof", "latest", "baseline_latest_new_connection"):
-            calls = args.calls if mode == "latest" else max(args.calls // 10, 100)
+        modes = (
+            "training_frame",
+            "baseline_merge_asof",
+            "training_frame_as_of_entity",
+            "latest",
+            "latest_records",
+            "baseline_latest_new_connection",
+        )
+        for mode in modes:
+            calls = args.calls if mode.startswith("latest") else max(args.calls // 10, 100)
             out = subprocess.run(
                 [
                     sys.executable,
@@ -191,14 +224,14 @@ def main() -> int:
     )
     print("| measurement | time | rows/s | peak RSS |")
     print("|---|---|---|---|")
-    for r in results[:2]:
+    for r in results[:3]:
         print(
             f"| {r['mode']} | {r['seconds']:.2f} s | {r['rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} MB "
             f"(matched {r['matched']:,}) |"
         )
     print("| measurement | p50 | p95 | p99 |")
     print("|---|---|---|---|")
-    for r in results[2:]:
+    for r in results[3:]:
         print(
             f"| {r['mode']} ({r['calls']} calls, 1 instrument) | {r['p50_ms']:.3f} ms | {r['p95_ms']:.3f} ms | "
             f"{r['p99_ms']:.3f} ms |"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any, Literal
 
@@ -119,6 +119,7 @@ def training_frame(
     include_feature_ts: bool = False,
     include_flags: bool = False,
     full_feature_names: bool = False,
+    as_of: datetime | Literal["entity"] | None = None,
     output: Output = "polars",
     dsn: str | None = None,
 ) -> pl.DataFrame | pd.DataFrame:
@@ -137,6 +138,11 @@ def training_frame(
     timeframes these are suffixed ``_<timeframe>``. ``full_feature_names`` names every added column
     ``<feature set>_<timeframe>__<name>`` (as Feast's ``full_feature_names``); without it, an added
     column that an entity column or another request already has is refused.
+
+    ``as_of`` reads the vectors as they were served at an instant: each row gets the newest vector
+    that was point-in-time valid for it *and* already written, and not yet replaced, at ``as_of`` (a
+    timezone-aware datetime, or ``"entity"`` for each row's own ts: what a live model would have
+    seen). Replaced versions come from ``feature_vectors_history``. Without it, the current values.
     """
     version = _version(feature_set, feature_set_version)
     if tolerance is not None and not isinstance(tolerance, timedelta):
@@ -145,6 +151,7 @@ def training_frame(
         raise RetrievalError(f"tolerance must be >= 0, not {tolerance}")
     if snapshot is not None:
         _text(snapshot, "snapshot")
+    _check_as_of(as_of, snapshot)
     frame = _entities(entities)
     engine = engine_for(dsn or resolve_dsn())
     with engine.begin() as conn:
@@ -167,11 +174,25 @@ def training_frame(
         conn.execute(sa.text("ANALYZE pit_entities"))
         result = frame.with_row_index("row_no").with_columns(pl.col("row_no").cast(pl.Int64))
         for tf, names in groups.items():
-            matched = _point_in_time(conn, names, version, tf, tolerance, snapshot, include_flags)
+            matched = _point_in_time(conn, names, version, tf, tolerance, snapshot, include_flags, as_of)
             added = matched.select("row_no", *[pl.col(k).alias(v) for k, v in columns[tf].items()])
             result = result.join(added, on="row_no", how="left")
     result = result.sort("row_no").drop("row_no")
     return result.to_pandas() if output == "pandas" else result
+
+
+def _check_as_of(as_of: object, snapshot: str | None) -> None:
+    if as_of is None:
+        return
+    if snapshot is not None:
+        raise RetrievalError("as_of reads the live table's history; a snapshot is already frozen: give one of them")
+    if as_of == "entity":
+        return
+    if not isinstance(as_of, datetime) or as_of.tzinfo is None:
+        raise RetrievalError(
+            f"as_of must be a timezone-aware datetime (e.g. datetime(2024, 1, 5, tzinfo=UTC)) or 'entity', "
+            f"not {as_of!r}"
+        )
 
 
 def _requests(features: Sequence[str], version: str, timeframe: str, snapshot: bool) -> dict[str, list[str]]:
@@ -229,16 +250,31 @@ def _point_in_time(
     tolerance: timedelta | None,
     snapshot: str | None,
     include_flags: bool,
+    as_of: datetime | str | None = None,
 ) -> pl.DataFrame:
     """For each entity row of ``pit_entities``: the newest vector known at its ts (row_no, stamp, values)."""
-    source, scope = (
-        (sql.Identifier("feature_snapshot_rows"), sql.SQL("v.snapshot_id = %(snapshot)s"))
-        if snapshot is not None
-        else (
-            sql.Identifier("feature_vectors"),
-            sql.SQL("v.feature_set_version = %(version)s AND v.timeframe = %(tf)s"),
+    scope = sql.SQL("v.feature_set_version = %(version)s AND v.timeframe = %(tf)s")
+    if snapshot is not None:
+        source, scope = sql.Identifier("feature_snapshot_rows"), sql.SQL("v.snapshot_id = %(snapshot)s")
+    elif as_of is None:
+        source = sql.Identifier("feature_vectors")
+    else:
+        # Every version, served or superseded, with the interval it was served; the lookup keeps those
+        # served at the instant asked for (PostgreSQL pushes the filters into both branches' indexes).
+        needed = sql.SQL(", ").join(
+            map(
+                sql.Identifier,
+                ["instrument_id", "timeframe", "ts", "feature_set_version", "quality_flags", "written_at", *names],
+            )
         )
-    )
+        source = sql.SQL(
+            "(SELECT {needed}, NULL::timestamptz AS superseded_at FROM feature_vectors "
+            "UNION ALL SELECT {needed}, superseded_at FROM feature_vectors_history)"
+        ).format(needed=needed)
+        instant = sql.SQL("e.ts") if as_of == "entity" else sql.SQL("%(as_of)s")
+        scope += sql.SQL(" AND v.written_at <= {i} AND (v.superseded_at IS NULL OR v.superseded_at > {i})").format(
+            i=instant
+        )
     # A vector stamped v.ts is known at v.ts + lag: known at or before e.ts, and within the tolerance.
     window = sql.SQL("v.ts <= e.ts - %(lag)s")
     if tolerance is not None:
@@ -257,7 +293,14 @@ def _point_in_time(
         window=window,
     )
     lag = _lag(timeframe)
-    params = {"snapshot": snapshot, "version": version, "tf": timeframe, "tolerance": tolerance, "lag": lag}
+    params = {
+        "snapshot": snapshot,
+        "version": version,
+        "tf": timeframe,
+        "tolerance": tolerance,
+        "lag": lag,
+        "as_of": None if as_of in (None, "entity") else as_of,
+    }
     schema = {
         "row_no": pl.Int64(),
         "feature_ts": pl.Datetime("us", "UTC"),

@@ -181,3 +181,65 @@ def test_latest_returns_the_newest_vector_per_instrument(stored: str) -> None:
     assert out["known_at"][1] == known
     with pytest.raises(RetrievalError, match="unknown feature"):
         latest(["A"], ["bogus"], dsn=stored)
+
+
+def _at(engine: sa.Engine, table: str, column: str, minutes: int) -> None:
+    """Move every row's ``column`` of ``table`` to T + minutes: a timeline the test controls."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {table} SET {column} = :t"), {"t": T + timedelta(minutes=minutes)})
+
+
+def test_as_of_reads_the_values_served_at_an_instant(dsn: str, engine: sa.Engine) -> None:
+    window = {"feature_set": FS_V1, "timeframe": "1m", "start": DAY, "end": DAY + timedelta(days=1)}
+    with engine.begin() as conn:
+        upsert_window(conn, vectors("A", [0, 5, 10], [1.0, 2.0, 3.0]), **window)
+    _at(engine, "feature_vectors", "written_at", 20)  # first written at T+20
+    with engine.begin() as conn:  # an identical re-run is the same version: no history, same written_at
+        assert upsert_window(conn, vectors("A", [0, 5, 10], [1.0, 2.0, 3.0]), **window)["superseded"] == 0
+    with engine.begin() as conn:  # a correction of minute 5, and minute 10 no longer computed
+        stats = upsert_window(conn, vectors("A", [0, 5], [1.0, 20.0]), **window)
+    assert (stats["superseded"], stats["deleted_stale"]) == (1, 1)
+    _at(engine, "feature_vectors_history", "superseded_at", 40)  # replaced at T+40
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE feature_vectors SET written_at = :t WHERE ts = :five"),
+            {"t": T + timedelta(minutes=40), "five": T + timedelta(minutes=5)},
+        )
+
+    e = entities(("A", 5), ("A", 10), known=True)  # at T+6 and T+11
+    now = training_frame(e, ["ret_1"], None, dsn=dsn)
+    assert now["ret_1"].to_list() == [20.0, 20.0]
+    then = training_frame(e, ["ret_1"], None, dsn=dsn, as_of=T + timedelta(minutes=30))
+    assert then["ret_1"].to_list() == [2.0, 3.0]
+    assert training_frame(e, ["ret_1"], None, dsn=dsn, as_of=T + timedelta(minutes=10))["ret_1"].to_list() == [
+        None,
+        None,
+    ]
+
+    # As a live model saw it: at each row's own ts, only what had been written by then.
+    live = entities(("A", 5), ("A", 29), ("A", 49), known=True)  # T+6, T+30, T+50
+    assert training_frame(live, ["ret_1"], None, dsn=dsn, as_of="entity")["ret_1"].to_list() == [None, 3.0, 20.0]
+    with pytest.raises(RetrievalError, match="timezone-aware datetime"):
+        training_frame(e, ["ret_1"], None, dsn=dsn, as_of="yesterday")
+
+
+def test_history_retention_drops_versions_replaced_before_the_horizon(
+    dsn: str, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from marketfs.store.migrations import migrate
+
+    window = {"feature_set": FS_V1, "timeframe": "1m", "start": DAY, "end": DAY + timedelta(days=1)}
+    for value in (1.0, 2.0, 3.0):
+        with engine.begin() as conn:
+            upsert_window(conn, vectors("A", [0], [value]), **window)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE feature_vectors_history SET superseded_at = now() - interval '100 days' WHERE ret_1 = 1.0")
+        )
+    monkeypatch.setenv("MARKETFS_HISTORY_RETENTION", "90 days")
+    migrate(dsn)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT ret_1 FROM feature_vectors_history")).scalars().all() == [2.0]
+    monkeypatch.setenv("MARKETFS_HISTORY_RETENTION", "ninety days")
+    with pytest.raises(ValueError, match="MARKETFS_HISTORY_RETENTION='ninety days' is not an interval"):
+        migrate(dsn)

@@ -116,22 +116,49 @@ def upsert_window(
 
     ident = sql.Identifier
     all_cols = [*columns, "run_id"]
-    updates = [c for c in all_cols if c not in KEY_COLUMNS]
+    values = [c for c in columns if c not in KEY_COLUMNS]
+    kept = sql.SQL(", ").join(map(ident, [*all_cols, "written_at"]))
+    changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
+        sql.SQL(", ").join(sql.Identifier("f", c) for c in values),
+        sql.SQL(", ").join(sql.Identifier("s", c) for c in values),
+    )
+    key_match = sql.SQL(" AND ").join(sql.SQL("s.{0} = f.{0}").format(ident(c)) for c in KEY_COLUMNS)
+    # The versions a re-run replaces with other values keep their place in the history; a vector
+    # recomputed to the same values is the same version, with the time and run that first wrote it.
+    supersede = sql.SQL(
+        "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {f_kept}, now() "
+        "FROM feature_vectors f JOIN {staging} s ON {key_match} WHERE {changed}"
+    ).format(
+        kept=kept,
+        f_kept=sql.SQL(", ").join(sql.Identifier("f", c) for c in [*all_cols, "written_at"]),
+        staging=ident(STAGING),
+        key_match=key_match,
+        changed=changed,
+    )
     upsert = sql.SQL(
-        "INSERT INTO feature_vectors ({cols}, written_at) SELECT {cols}, now() FROM {staging} "
-        "ON CONFLICT ({key}) DO UPDATE SET {sets}, written_at = now()"
+        "INSERT INTO feature_vectors AS f ({cols}, written_at) SELECT {cols}, now() FROM {staging} "
+        "ON CONFLICT ({key}) DO UPDATE SET {sets}, written_at = now() WHERE {changed_excluded}"
     ).format(
         cols=sql.SQL(", ").join(map(ident, all_cols)),
         staging=ident(STAGING),
         key=sql.SQL(", ").join(map(ident, KEY_COLUMNS)),
-        sets=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in updates),
+        sets=sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in all_cols if c not in KEY_COLUMNS
+        ),
+        changed_excluded=sql.SQL("({}) IS DISTINCT FROM ({})").format(
+            sql.SQL(", ").join(sql.Identifier("f", c) for c in values),
+            sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(ident(c)) for c in values),
+        ),
     )
     delete_stale = sql.SQL(
-        "DELETE FROM feature_vectors f WHERE f.feature_set_version = %(version)s AND f.timeframe = %(timeframe)s "
-        "AND f.ts >= %(start)s AND f.ts < %(end)s AND NOT EXISTS ("
-        "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts)"
-    ).format(staging=ident(STAGING))
+        "WITH gone AS (DELETE FROM feature_vectors f WHERE f.feature_set_version = %(version)s "
+        "AND f.timeframe = %(timeframe)s AND f.ts >= %(start)s AND f.ts < %(end)s AND NOT EXISTS ("
+        "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts) RETURNING {kept}) "
+        "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {kept}, now() FROM gone"
+    ).format(staging=ident(STAGING), kept=kept)
     with conn.connection.driver_connection.cursor() as cur:
+        cur.execute(supersede)
+        superseded = cur.rowcount
         cur.execute(upsert)
         upserted = cur.rowcount
         # Right after a bulk load the table's statistics are stale, and the planner may take the window
@@ -141,7 +168,7 @@ def upsert_window(
         cur.execute(delete_stale, {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end})
         deleted = cur.rowcount
         cur.execute("SET LOCAL enable_nestloop = on")
-    return {"upserted": upserted, "deleted_stale": deleted}
+    return {"upserted": upserted, "deleted_stale": deleted, "superseded": superseded}
 
 
 def read_vectors(
@@ -210,3 +237,28 @@ def read_recent_partitions(
     return read_vectors(
         conn, feature_set=feature_set, timeframe=timeframe, start=first_day, end=before, columns=columns
     )
+
+
+HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"
+
+
+def prune_history(conn: sa.Connection) -> int:
+    """Drop superseded versions replaced longer ago than ``$MARKETFS_HISTORY_RETENTION`` (e.g. ``90 days``);
+    unset keeps them all. Reads ``as_of`` an instant before the horizon then see the values served next."""
+    import os
+
+    retention = os.environ.get(HISTORY_RETENTION_ENV, "").strip()
+    if not retention:
+        return 0
+    with conn.begin_nested() as savepoint:
+        try:
+            return conn.execute(
+                sa.text("DELETE FROM feature_vectors_history WHERE superseded_at < now() - CAST(:r AS interval)"),
+                {"r": retention},
+            ).rowcount
+        except sa.exc.DataError as exc:
+            savepoint.rollback()
+            raise ValueError(
+                f"{HISTORY_RETENTION_ENV}={retention!r} is not an interval. Fix: a PostgreSQL interval such as "
+                "'90 days' or '1 year', or unset it to keep every superseded version"
+            ) from exc

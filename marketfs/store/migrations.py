@@ -386,6 +386,26 @@ def _m008_state_columns_by_recursion(conn: sa.Connection, timescale: bool) -> No
                 conn.execute(sa.text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
 
 
+@migration(9, "feature_vectors_history: superseded versions of vectors, for reads as of a past instant")
+def _m009_vector_history(conn: sa.Connection, timescale: bool) -> None:
+    # The served table stays the hot path with one version per key; a version replaced by a re-run or
+    # a correction, or deleted, moves here with the instant it stopped being served. A version was
+    # served during [written_at, superseded_at).
+    conn.execute(
+        sa.text(
+            "CREATE TABLE feature_vectors_history (LIKE feature_vectors INCLUDING DEFAULTS, "
+            "superseded_at timestamptz NOT NULL)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "CREATE INDEX feature_vectors_history_key ON feature_vectors_history "
+            "(feature_set_version, timeframe, instrument_id, ts DESC)"
+        )
+    )
+    conn.execute(sa.text("CREATE INDEX feature_vectors_history_superseded ON feature_vectors_history (superseded_at)"))
+
+
 # The served tables' time columns: the ones window reads, replaces and retention filter on.
 TIME_COLUMNS = {
     "ohlcv_1m": "ts",
@@ -440,7 +460,9 @@ def _ensure_timescaledb(conn: sa.Connection) -> bool:
 def _ensure_columns(conn: sa.Connection) -> None:
     """Columns derived from the feature set declarations: a feature's value, a recursion's state."""
     derived = {
-        ("feature_vectors", "quarantine_feature_vectors", "feature_snapshot_rows"): all_feature_columns(),
+        ("feature_vectors", "quarantine_feature_vectors", "feature_snapshot_rows", "feature_vectors_history"): (
+            all_feature_columns()
+        ),
         ("feature_state", "quarantine_feature_state"): all_state_columns(),
     }
     for tables, names in derived.items():
@@ -607,7 +629,12 @@ def migrate(dsn: str) -> list[str]:
                     )
                 applied_now.append(step.name)
             with conn.begin():
+                from marketfs.store.feature_vectors import prune_history
+
                 _ensure_columns(conn)
+                pruned = prune_history(conn)
+                if pruned:
+                    logger.info("dropped %d superseded vector version(s) past MARKETFS_HISTORY_RETENTION", pruned)
                 _ensure_finite_checks(conn)
                 if timescale:
                     from marketfs.store.timescale import apply_policies
