@@ -16,8 +16,10 @@ memory grows with the result, not with the table.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any, Literal
@@ -154,31 +156,63 @@ def training_frame(
     _check_as_of(as_of, snapshot)
     frame = _entities(entities)
     engine = engine_for(dsn or resolve_dsn())
-    with engine.begin() as conn:
-        if snapshot is not None:
-            from marketfs.snapshots import SnapshotError, describe_snapshot
+    if snapshot is not None:
+        from marketfs.snapshots import SnapshotError, describe_snapshot
 
+        with engine.connect() as conn:
             try:
                 manifest = describe_snapshot(conn, snapshot)
             except SnapshotError as exc:
                 raise RetrievalError(str(exc)) from None
-            version, timeframe = manifest["feature_set_version"], manifest["timeframe"]
-        groups = _requests(features, version, timeframe, snapshot is not None)
-        columns = _output_columns(frame, groups, version, include_feature_ts, include_flags, full_feature_names)
-        conn.execute(
-            sa.text("CREATE TEMP TABLE pit_entities (row_no bigint, instrument_id text, ts timestamptz) ON COMMIT DROP")
+        version, timeframe = manifest["feature_set_version"], manifest["timeframe"]
+    groups = _requests(features, version, timeframe, snapshot is not None)
+    columns = _output_columns(frame, groups, version, include_feature_ts, include_flags, full_feature_names)
+    keyed = frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row_no"), "instrument_id", "ts")
+
+    def match(part: pl.DataFrame) -> dict[str, pl.DataFrame]:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "CREATE TEMP TABLE pit_entities (row_no bigint, instrument_id text, ts timestamptz) ON COMMIT DROP"
+                )
+            )
+            # Sorted as the index is: each lookup then lands next to the previous one.
+            copy_frame_in(conn, "pit_entities", part.sort("instrument_id", "ts"))
+            conn.execute(sa.text("ANALYZE pit_entities"))
+            return {
+                tf: _point_in_time(conn, names, version, tf, tolerance, snapshot, include_flags, as_of)
+                for tf, names in groups.items()
+            }
+
+    parts = _parts(keyed)
+    if len(parts) == 1:
+        matches = [match(parts[0])]
+    else:
+        # Each lookup is an index probe on one core of the server: instruments split over a few
+        # connections use a few cores (2 here: 0.80 s -> 0.45 s for 100,000 rows).
+        with ThreadPoolExecutor(len(parts)) as pool:
+            matches = list(pool.map(match, parts))
+    result = frame.with_row_index("row_no").with_columns(pl.col("row_no").cast(pl.Int64))
+    for tf in groups:
+        matched = pl.concat([m[tf] for m in matches])
+        result = result.join(
+            matched.select("row_no", *[pl.col(k).alias(v) for k, v in columns[tf].items()]), on="row_no", how="left"
         )
-        # Sorted as the index is: each lookup then lands next to the previous one.
-        keyed = frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row_no"), "instrument_id", "ts")
-        copy_frame_in(conn, "pit_entities", keyed.sort("instrument_id", "ts"))
-        conn.execute(sa.text("ANALYZE pit_entities"))
-        result = frame.with_row_index("row_no").with_columns(pl.col("row_no").cast(pl.Int64))
-        for tf, names in groups.items():
-            matched = _point_in_time(conn, names, version, tf, tolerance, snapshot, include_flags, as_of)
-            added = matched.select("row_no", *[pl.col(k).alias(v) for k, v in columns[tf].items()])
-            result = result.join(added, on="row_no", how="left")
     result = result.sort("row_no").drop("row_no")
     return result.to_pandas() if output == "pandas" else result
+
+
+# Entity rows below which one connection does it all (a connection and a temp table cost ~5 ms).
+PARALLEL_FROM_ROWS = 20_000
+
+
+def _parts(keyed: pl.DataFrame) -> list[pl.DataFrame]:
+    """Entity rows split by instrument over ``$MARKETFS_RETRIEVAL_CONNECTIONS`` (default: the CPUs here, at most 4)."""
+    workers = int(os.environ.get("MARKETFS_RETRIEVAL_CONNECTIONS", "0")) or min(os.cpu_count() or 1, 4)
+    if workers <= 1 or keyed.height < PARALLEL_FROM_ROWS:
+        return [keyed]
+    bucket = pl.col("instrument_id").hash(seed=0) % workers
+    return [p for p in keyed.with_columns(bucket.alias("_part")).partition_by("_part", include_key=False) if p.height]
 
 
 def _check_as_of(as_of: object, snapshot: str | None) -> None:

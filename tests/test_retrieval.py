@@ -243,3 +243,15 @@ def test_history_retention_drops_versions_replaced_before_the_horizon(
     monkeypatch.setenv("MARKETFS_HISTORY_RETENTION", "ninety days")
     with pytest.raises(ValueError, match="MARKETFS_HISTORY_RETENTION='ninety days' is not an interval"):
         migrate(dsn)
+
+
+def test_split_over_connections_gives_the_same_frame(stored: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import marketfs.retrieval as retrieval
+
+    e = entities(("A", 5), ("B", 8), ("A", 6), ("C", 1), ("A", 12), ("B", 7), ("A", 500))
+    monkeypatch.setenv("MARKETFS_RETRIEVAL_CONNECTIONS", "1")
+    one = training_frame(e, ["ret_1", "1d:rsi_14"], None, dsn=stored, include_flags=True)
+    monkeypatch.setenv("MARKETFS_RETRIEVAL_CONNECTIONS", "3")
+    monkeypatch.setattr(retrieval, "PARALLEL_FROM_ROWS", 1)
+    assert len(retrieval._parts(e.with_row_index("row_no"))) > 1
+    assert training_frame(e, ["ret_1", "1d:rsi_14"], None, dsn=stored, include_flags=True).equals(one)
