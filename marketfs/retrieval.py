@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import cache, lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 import polars as pl
 import psycopg
 import sqlalchemy as sa
@@ -33,6 +32,9 @@ from psycopg import sql
 from marketfs.db import engine_for, resolve_dsn
 from marketfs.features.registry import DEFAULT_FEATURE_SET, feature_set
 from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
+
+if TYPE_CHECKING:  # pandas is imported only by callers who use it: an inference server need not load it
+    import pandas as pd
 
 Output = Literal["polars", "pandas"]
 
@@ -71,7 +73,12 @@ def _features(names: Sequence[str], version: str, timeframe: str) -> list[str]:
 
 
 def _entities(entities: pl.DataFrame | pd.DataFrame) -> pl.DataFrame:
-    frame = pl.from_pandas(entities) if isinstance(entities, pd.DataFrame) else entities
+    if isinstance(entities, pl.DataFrame):
+        frame = entities
+    elif type(entities).__module__.partition(".")[0] == "pandas":
+        frame = pl.from_pandas(entities)
+    else:
+        raise RetrievalError(f"entities must be a polars or pandas DataFrame, not {type(entities).__name__}")
     missing = {"instrument_id", "ts"} - set(frame.columns)
     if missing:
         raise RetrievalError(f"entities need columns instrument_id and ts; missing {', '.join(sorted(missing))}")
@@ -213,6 +220,12 @@ def _parts(keyed: pl.DataFrame) -> list[pl.DataFrame]:
         return [keyed]
     bucket = pl.col("instrument_id").hash(seed=0) % workers
     return [p for p in keyed.with_columns(bucket.alias("_part")).partition_by("_part", include_key=False) if p.height]
+
+
+@lru_cache(maxsize=256)
+def _known_features(features: tuple[str, ...], version: str, timeframe: str) -> tuple[str, ...]:
+    """``_features`` for the online path, remembered: the declarations do not change under a running process."""
+    return tuple(_features(list(features), version, timeframe))
 
 
 def _check_as_of(as_of: object, snapshot: str | None) -> None:
@@ -370,6 +383,35 @@ class OnlineReader:
         self._dsn = dsn or resolve_dsn()
         self._conn: psycopg.Connection | None = None
         self._lock = threading.Lock()
+        self._queries: dict[tuple[bool, tuple[str, ...]], bytes] = {}
+
+    def _query(self, single: bool, names: tuple[str, ...]) -> bytes:
+        """The statement for these features, composed once: a request then costs one prepared execution."""
+        key = (single, names)
+        if key not in self._queries:
+            cols = sql.SQL(", ").join(sql.Identifier("v", n) for n in names)
+            if single:  # one instrument, the common inference call: one index probe, nothing around it
+                query = sql.SQL(
+                    "SELECT v.ts, v.quality_flags, {cols} FROM feature_vectors v WHERE v.instrument_id = %s "
+                    "AND v.feature_set_version = %s AND v.timeframe = %s ORDER BY v.ts DESC LIMIT 1"
+                ).format(cols=cols)
+            else:
+                query = sql.SQL(
+                    "SELECT i.instrument_id, m.ts, m.quality_flags, {mcols} FROM unnest(%s::text[]) "
+                    "WITH ORDINALITY i(instrument_id, n) LEFT JOIN LATERAL (SELECT v.ts, v.quality_flags, {cols} "
+                    "FROM feature_vectors v WHERE v.instrument_id = i.instrument_id "
+                    "AND v.feature_set_version = %s AND v.timeframe = %s ORDER BY v.ts DESC LIMIT 1) m ON true "
+                    "ORDER BY i.n"
+                ).format(cols=cols, mcols=sql.SQL(", ").join(sql.Identifier("m", n) for n in names))
+            self._queries[key] = query.as_bytes(self._connection())
+        return self._queries[key]
+
+    def _fetch(self, instruments: list[str], names: tuple[str, ...], version: str, timeframe: str) -> list[tuple]:
+        conn = self._connection()
+        if len(instruments) == 1:
+            row = conn.execute(self._query(True, names), (instruments[0], version, timeframe)).fetchone()
+            return [(instruments[0], *(row or (None,) * (len(names) + 2)))]
+        return conn.execute(self._query(False, names), (list(instruments), version, timeframe)).fetchall()
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -393,23 +435,17 @@ class OnlineReader:
         if not instruments:
             raise RetrievalError("ask for at least one instrument")
         instruments = [_text(i, "instrument") for i in instruments]
-        names = _features(features, feature_set_version, timeframe)
-        query = sql.SQL(
-            "SELECT i.instrument_id, m.ts, m.quality_flags, {cols} FROM unnest(%s::text[]) WITH ORDINALITY "
-            "i(instrument_id, n) LEFT JOIN LATERAL (SELECT v.ts, v.quality_flags, {inner} FROM feature_vectors v "
-            "WHERE v.instrument_id = i.instrument_id AND v.feature_set_version = %s AND v.timeframe = %s "
-            "ORDER BY v.ts DESC LIMIT 1) m ON true ORDER BY i.n"
-        ).format(
-            cols=sql.SQL(", ").join(sql.Identifier("m", n) for n in names),
-            inner=sql.SQL(", ").join(sql.Identifier("v", n) for n in names),
+        names = _known_features(
+            tuple(features) if not isinstance(features, str) else (features,), feature_set_version, timeframe
         )
         with self._lock:
             try:
-                rows = self._connection().execute(query, (list(instruments), feature_set_version, timeframe)).fetchall()
+                rows = self._fetch(instruments, names, feature_set_version, timeframe)
             except psycopg.OperationalError:
                 # A dropped connection (server restart, idle timeout): reconnect once, then give up loudly.
                 self._conn = None
-                rows = self._connection().execute(query, (list(instruments), feature_set_version, timeframe)).fetchall()
+                self._queries.clear()
+                rows = self._fetch(instruments, names, feature_set_version, timeframe)
         columns = ["instrument_id", "ts", "quality_flags", *names]
         lag = _lag(timeframe)
         if output == "records":

@@ -174,6 +174,7 @@ def test_latest_returns_the_newest_vector_per_instrument(stored: str) -> None:
     assert out["instrument_id"].to_list() == ["B", "A", "C"]
     assert out["ret_1"].to_list() == [7.0, 3.0, None]
     assert out["ts"][1] == T + timedelta(minutes=10)
+    assert latest(["C"], ["ret_1"], dsn=stored).row(0)[:3] == ("C", None, None)  # one instrument, no vector
     records = OnlineReader(stored).latest(["A"], ["ret_1"], output="records")
     ts = T + timedelta(minutes=10)
     known = ts + timedelta(minutes=1)  # the close of the bar it is stamped with
