@@ -8,7 +8,7 @@ marketfs quarantine show BATCH       a batch, why it was held, and its failed ex
 marketfs quarantine release BATCH --by NAME --note WHY   runs `python -m pipelines quarantine release ...`
 marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows, logged
 marketfs latest INSTRUMENT... --features F,G [--timeframe 1m]          the newest vector per instrument
-marketfs frame ENTITIES --features F,G --tolerance 5m [--snapshot ID] [--out FILE]
+marketfs frame ENTITIES --features F,1d:G --tolerance 5m|none [--as-of T|entity] [--flags] [--snapshot ID] [--out FILE]
                                      point-in-time join of a CSV or Parquet of (instrument_id, ts) rows
 
 Exit codes: 2 a usage error or a request that cannot be served (the message says why), 3 the database
@@ -21,7 +21,7 @@ import argparse
 import os
 import re
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 import sqlalchemy as sa
@@ -135,12 +135,30 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", None: "seconds"}
 
 
-def _tolerance(text: str) -> timedelta:
-    """An argparse type: a duration such as 90s, 5m, 1h, 2d (a bare number is seconds), never negative."""
+def _tolerance(text: str) -> timedelta | None:
+    """An argparse type: a duration such as 90s, 5m, 1h, 2d (a bare number is seconds), never negative;
+    ``none`` for no bound."""
+    if text.strip().lower() == "none":
+        return None
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration >= 0; write e.g. 90s, 5m, 1h or 2d")
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+def _as_of(text: str) -> datetime | str:
+    """An argparse type: ``entity``, or an ISO 8601 instant with its offset."""
+    if text.strip() == "entity":
+        return "entity"
+    try:
+        instant = datetime.fromisoformat(text.strip())
+    except ValueError:
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write an instant with its offset, e.g. 2024-03-01T00:00Z, or entity"
+        )
+    return instant
 
 
 def _names(text: str) -> list[str]:
@@ -159,7 +177,9 @@ def _retrieve(args: argparse.Namespace) -> int:
     dsn = resolve_dsn()
     try:
         if args.command == "latest":
-            frame = retrieval.latest(args.instruments, args.features, args.timeframe, dsn=dsn)
+            frame = retrieval.latest(
+                args.instruments, args.features, args.timeframe, feature_set=args.feature_set, dsn=dsn
+            )
         else:
             path = args.entities
             try:
@@ -170,7 +190,15 @@ def _retrieve(args: argparse.Namespace) -> int:
                 print(f"error: cannot read entities file {path}: {str(exc).splitlines()[0]}", file=sys.stderr)
                 return 2
             frame = retrieval.training_frame(
-                entities, args.features, args.tolerance, args.snapshot, timeframe=args.timeframe, dsn=dsn
+                entities,
+                args.features,
+                args.tolerance,
+                args.snapshot,
+                timeframe=args.timeframe,
+                feature_set=args.feature_set,
+                as_of=args.as_of,
+                include_flags=args.flags,
+                dsn=dsn,
             )
     except (retrieval.RetrievalError, SnapshotError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -212,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     latest.add_argument("instruments", nargs="+")
     frame = sub.add_parser("frame", help="point-in-time join of entity rows (instrument_id, ts)")
     frame.add_argument("entities", help="a CSV or Parquet file with columns instrument_id and ts (with offset)")
-    frame.add_argument("--tolerance", required=True, type=_tolerance, help="e.g. 5m: how old a vector may be")
+    frame.add_argument(
+        "--tolerance", required=True, type=_tolerance, help="e.g. 5m: how old a vector may be; none: no bound"
+    )
+    frame.add_argument("--as-of", type=_as_of, help="read values as served then: an ISO instant with offset, or entity")
+    frame.add_argument("--flags", action="store_true", help="add the matched vectors' quality_flags")
     frame.add_argument("--snapshot", help="read a frozen snapshot instead of the live table")
     frame.add_argument("--out", help="write the frame to this .parquet or .csv file instead of printing it")
     for p in (latest, frame):
-        p.add_argument("--features", required=True, type=_names, help="comma-separated, e.g. ret_1,rsi_14")
-        p.add_argument("--timeframe", default="1m", help="1m or 1d")
+        p.add_argument("--features", required=True, type=_names, help="comma-separated, e.g. ret_1,rsi_14 or 1d:rsi_14")
+        p.add_argument("--timeframe", default="1m", help="the timeframe of unprefixed features: 1m, 5m or 1d")
+        p.add_argument("--feature-set", default=None, help="a declared feature set version (default fs_v1)")
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
         values = value if isinstance(value, list) else [value]

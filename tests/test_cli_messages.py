@@ -129,6 +129,7 @@ def test_arguments_that_cannot_be_right_are_usage_errors(
     [
         (["frame", "e.csv", "--features", "ret_1", "--tolerance=-5m"], "'-5m' is not a duration >= 0"),
         (["frame", "e.csv", "--features", "ret_1", "--tolerance", "five minutes"], "'five minutes' is not a duration"),
+        (["frame", "e.csv", "--features", "ret_1", "--tolerance", "none", "--as-of", "2024-03-01"], "with its offset"),
         (["latest", "AAA", "--features", " , "], "name at least one feature"),
         (["latest", "AA\x00A", "--features", "ret_1"], "contains a NUL byte"),
         (["quarantine", "show", "x7"], "invalid int value: 'x7'"),
