@@ -90,7 +90,9 @@ def render_catalog() -> str:
         "## Deliberate differences from TA-Lib",
         "",
         "- `volume_z_20` and `vol_20` are not TA-Lib functions; both use the sample standard deviation (ddof=1).",
-        "- `bb_pct_b` (%b) is not a TA-Lib output; it is null (COMPUTATION_ERROR) when the bands have zero width.",
+        "- `bb_pct_b` (%b) is not a TA-Lib output; it is null (COMPUTATION_ERROR) when the bands have zero width. "
+        "A window whose values are all equal has a standard deviation of exactly 0, as in TA-Lib and pandas, so "
+        "flat prices give bands of zero width and flat volume a null `volume_z_20` (COMPUTATION_ERROR).",
         "- TA-Lib computes RSI, MACD and ATR over the array it is given; here that array is the instrument's whole "
         "history, from its first valid bar (bars with non-finite or non-positive prices are skipped and flagged "
         "MISSING_OHLCV), continued day by day from stored state.",

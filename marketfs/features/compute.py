@@ -55,8 +55,19 @@ def on_grid(timeframe: str) -> pl.Expr:
 
 
 def valid_bar() -> pl.Expr:
+    """A bar the features are computed from; the others are skipped (and their vectors flagged MISSING_OHLCV).
+
+    ``VALID_BAR_SQL`` is the same rule for a database read; a test holds them to each other.
+    """
     prices_ok = pl.all_horizontal([pl.col(c).is_finite() & (pl.col(c) > 0) for c in PRICE_COLUMNS])
     return prices_ok & pl.col("volume").is_finite() & (pl.col("volume") >= 0) & (pl.col("high") >= pl.col("low"))
+
+
+# PostgreSQL sorts NaN above every number and 'Infinity' compares as a number, so finiteness is spelt out.
+VALID_BAR_SQL = " AND ".join(
+    [f"{c} > 0 AND {c} < 'Infinity'::float8" for c in PRICE_COLUMNS]
+    + ["volume >= 0 AND volume < 'Infinity'::float8", "high >= low"]
+)
 
 
 def _positions(

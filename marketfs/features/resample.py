@@ -43,12 +43,12 @@ def daily_bars(minute_bars: pl.DataFrame) -> pl.DataFrame:
 
 
 def resampled_with_warmup(minute_bars: pl.DataFrame, timeframe: str, start, read_limit: int) -> pl.DataFrame:
-    """``resample`` of a window's minute bars read with up to ``read_limit`` warm-up minute bars each.
+    """``resample`` of a window's minute bars read with up to ``read_limit`` valid warm-up minute bars each.
 
     Where an instrument's warm-up read was cut at ``read_limit`` its first interval may be partial,
     so that bar is dropped: the warm-up then holds only whole intervals, as a stored bar table would.
     """
-    warm = minute_bars.filter(pl.col("ts") < start).group_by("instrument_id").len()
+    warm = minute_bars.filter((pl.col("ts") < start) & valid_bar()).group_by("instrument_id").len()
     truncated = warm.filter(pl.col("len") >= read_limit).select("instrument_id")
     bars = resample(minute_bars, timeframe)
     first = (

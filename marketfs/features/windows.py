@@ -28,10 +28,18 @@ def window_mean(x: pl.Expr, n: int) -> pl.Expr:
 
 
 def window_std(x: pl.Expr, n: int, ddof: int) -> pl.Expr:
-    """Standard deviation of the last ``n`` values (two-pass: mean first, then squared deviations)."""
+    """Standard deviation of the last ``n`` values (two-pass: mean first, then squared deviations).
+
+    Exactly 0 when the window's values are all equal, as TA-Lib and pandas give: their mean computed
+    as sum / n need not be exactly the repeated value (20 x 99.55 -> a width of 1e-13), and a z-score
+    or %b over such a window must come out undefined (and flagged), not 0.75.
+    """
+    terms = _terms(x, n)
     mean = window_mean(x, n)
-    squares = [(term - mean) ** 2 for term in _terms(x, n)]
+    squares = [(term - mean) ** 2 for term in terms]
     total = squares[0]
     for term in squares[1:]:
         total = total + term
-    return (total / (n - ddof)).sqrt()
+    std = (total / (n - ddof)).sqrt()
+    flat = pl.max_horizontal(terms) == pl.min_horizontal(terms)
+    return pl.when(std.is_not_null() & flat).then(0.0).otherwise(std)

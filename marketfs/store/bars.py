@@ -26,22 +26,45 @@ def replace_bars(conn: sa.Connection, bars: pl.DataFrame, start: datetime, end: 
 def read_bars(
     conn: sa.Connection, start: datetime, end: datetime, warmup_bars: int = 0, timeframe: str = "1m"
 ) -> pl.DataFrame:
-    """Bars in ``[start, end)`` plus, per instrument present there, up to ``warmup_bars`` bars before ``start``.
+    """Bars in ``[start, end)`` plus, per instrument present there, its bars before ``start`` from the
+    ``warmup_bars``-th last *valid* one on (or all of them when it has fewer).
 
-    Warm-up is counted in bars, not days, so weekends, holidays and halts never shorten it.
+    Warm-up is counted in valid bars, as the computation counts them (``valid_bar``): invalid bars
+    before a day (close 0 released from quarantine) must not shorten its history, or the day's rolling
+    features would differ from a run over the whole history. It is counted in bars, not days, so
+    weekends, holidays and halts never shorten it either. The invalid bars in between come along:
+    they still say the instrument traded (stale_after).
     """
+    from marketfs.features.compute import VALID_BAR_SQL
+
     table = sql.Identifier(BAR_TABLES[timeframe])
+    if warmup_bars <= 0:
+        window = sql.SQL("SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s").format(
+            cols=select_list(STORED_BAR_SCHEMA, "b"), table=table
+        )
+        frame = copy_query_out(conn, window, {"start": start, "end": end}, STORED_BAR_SCHEMA)
+        return frame.sort("instrument_id", "ts")
     query = sql.SQL(
         """
         SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s
         UNION ALL
         SELECT {warm_cols} FROM (SELECT DISTINCT instrument_id FROM {table} WHERE ts >= %(start)s AND ts < %(end)s) i
         CROSS JOIN LATERAL (
-            SELECT * FROM {table} b WHERE b.instrument_id = i.instrument_id AND b.ts < %(start)s
-            ORDER BY b.ts DESC LIMIT %(warmup)s
+            SELECT coalesce((
+                SELECT v.ts FROM {table} v WHERE v.instrument_id = i.instrument_id AND v.ts < %(start)s AND {valid}
+                ORDER BY v.ts DESC OFFSET %(warmup)s - 1 LIMIT 1
+            ), '-infinity') AS since
+        ) f
+        CROSS JOIN LATERAL (
+            SELECT * FROM {table} b WHERE b.instrument_id = i.instrument_id AND b.ts < %(start)s AND b.ts >= f.since
         ) w
         """
-    ).format(cols=select_list(STORED_BAR_SCHEMA, "b"), warm_cols=select_list(STORED_BAR_SCHEMA, "w"), table=table)
+    ).format(
+        cols=select_list(STORED_BAR_SCHEMA, "b"),
+        warm_cols=select_list(STORED_BAR_SCHEMA, "w"),
+        table=table,
+        valid=sql.SQL(VALID_BAR_SQL),
+    )
     frame = copy_query_out(conn, query, {"start": start, "end": end, "warmup": warmup_bars}, STORED_BAR_SCHEMA)
     return frame.sort("instrument_id", "ts")
 
