@@ -384,6 +384,7 @@ class OnlineReader:
         self._conn: psycopg.Connection | None = None
         self._lock = threading.Lock()
         self._queries: dict[tuple[bool, tuple[str, ...]], bytes] = {}
+        self._cursor: psycopg.Cursor | None = None
 
     def _query(self, single: bool, names: tuple[str, ...]) -> bytes:
         """The statement for these features, composed once: a request then costs one prepared execution."""
@@ -407,11 +408,18 @@ class OnlineReader:
         return self._queries[key]
 
     def _fetch(self, instruments: list[str], names: tuple[str, ...], version: str, timeframe: str) -> list[tuple]:
-        conn = self._connection()
+        query = self._query(len(instruments) == 1, names)
+        cursor = self._cursor_of()
         if len(instruments) == 1:
-            row = conn.execute(self._query(True, names), (instruments[0], version, timeframe)).fetchone()
+            row = cursor.execute(query, (instruments[0], version, timeframe)).fetchone()
             return [(instruments[0], *(row or (None,) * (len(names) + 2)))]
-        return conn.execute(self._query(False, names), (list(instruments), version, timeframe)).fetchall()
+        return cursor.execute(query, (list(instruments), version, timeframe)).fetchall()
+
+    def _cursor_of(self) -> psycopg.Cursor:
+        # One cursor kept with the connection: a request then allocates nothing on the client side.
+        if self._cursor is None or self._cursor.closed or self._cursor.connection is not self._connection():
+            self._cursor = self._connection().cursor()
+        return self._cursor
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
