@@ -22,6 +22,7 @@ from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from assets.resources import FeatureStore, translate_database_errors
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
+from marketfs.db import retry_on_conflict
 from marketfs.features.code_version import code_version
 from marketfs.features.compute import FeatureComputation, HistoryError, compute_feature_vectors
 from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
@@ -35,6 +36,7 @@ from marketfs.store.feature_vectors import (
     vector_schema,
     write_features,
 )
+from marketfs.store.timescale import settle_write
 
 if TYPE_CHECKING:
     from expectations.drift import DriftProfile
@@ -223,8 +225,17 @@ def _write_accepted(
     accepted = FeatureComputation(
         vectors=_in_window(computation.vectors, start, end), state=_in_window(computation.state, start, end)
     )
-    with store.engine().begin() as conn:
-        write_features(conn, accepted, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=context.run_id)
+
+    def write() -> None:
+        with store.engine().begin() as conn:
+            write_features(
+                conn, accepted, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=context.run_id
+            )
+
+    retry_on_conflict(write, f"writing {dataset_name(fs, timeframe)} {days[0]}..{days[-1]}")
+    # After the commit: what the write moved out of the columnstore goes back, and the rollup follows.
+    for done in settle_write(store.engine(), "feature_vectors", start, end):
+        context.log.debug(done)
     return accepted
 
 

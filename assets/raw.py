@@ -15,12 +15,14 @@ from assets.gates import GATE_CHECK, DayCheck, Judgement, breach_failure, judge_
 from assets.metadata import frame_summary
 from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
 from assets.resources import FeatureStore, MarketData, translate_database_errors
+from marketfs.db import retry_on_conflict
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
+from marketfs.store.timescale import settle_write
 
 
 def _gate_checks(asset: str) -> dict[str, str]:
@@ -149,11 +151,21 @@ def _ingest(
                 publish=publish,
             )
             judged.extend(judgement)
-            with store.engine().begin() as conn:
-                for day in judgement.accepted:
-                    rows = by_day.get(day, empty)
-                    stored = write(conn, rows, *day_window(day))
-                    materializations.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
+
+            def write_days(judgement: Judgement = judgement, by_day: dict = by_day, empty=empty) -> list[tuple]:
+                written = []
+                with store.engine().begin() as conn:
+                    for day in judgement.accepted:
+                        rows = by_day.get(day, empty)
+                        stored = write(conn, rows, *day_window(day))
+                        written.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
+                return written
+
+            materializations += retry_on_conflict(write_days, f"writing {asset} {days[0]}..{days[-1]}")
+            if judgement.accepted:
+                first, last = day_window(judgement.accepted[0])[0], day_window(judgement.accepted[-1])[1]
+                for done in settle_write(store.engine(), table, first, last):
+                    context.log.debug(done)
     except dg.Failure as exc:  # a folder that cannot be read in a later chunk: the days already written are recorded
         failure = exc
     if failure is None and bad_days:

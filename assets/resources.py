@@ -11,7 +11,7 @@ import psycopg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
 
-from marketfs.db import engine_for, resolve_dsn, unreachable_message
+from marketfs.db import engine_for, resolve_dsn, unreachable_message, write_conflict
 from marketfs.sources import (
     BarSource,
     EventSource,
@@ -153,6 +153,14 @@ def translate_database_errors(fn):
     """
 
     def failure(kwargs: dict, exc: Exception) -> dg.Failure:
+        lost = write_conflict(exc)
+        if lost is not None:
+            # Not "cannot reach the database": the server is there, the transaction lost and was rolled back.
+            return dg.Failure(
+                description=f"a write lost {lost} after retries; nothing of it was written. The step is retried; "
+                "if it keeps failing, see the server log for the other transaction",
+                allow_retries=True,
+            )
         store = kwargs.get("store")
         dsn = (store._dsn or store.dsn) if isinstance(store, FeatureStore) else resolve_dsn()
         return database_unreachable(dsn, exc)

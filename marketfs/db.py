@@ -68,3 +68,38 @@ def unreachable_message(
 def timescaledb_installed(conn: sa.Connection) -> bool:
     """True when the TimescaleDB extension is installed in the connected database."""
     return bool(conn.execute(sa.text("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")).scalar())
+
+
+def write_conflict(exc: BaseException) -> str | None:
+    """What a write lost to, when it lost a deadlock or a serialization conflict (SQLSTATE 40xxx), else None.
+
+    On TimescaleDB the other party is often the columnstore policy converting the chunk being written.
+    """
+    import psycopg
+
+    orig = getattr(exc, "orig", exc)
+    if isinstance(orig, psycopg.errors.DeadlockDetected):
+        return "a deadlock with another transaction (on TimescaleDB often the columnstore job converting that chunk)"
+    if isinstance(orig, psycopg.errors.TransactionRollback):
+        return f"a conflict with a concurrent transaction ({type(orig).__name__})"
+    return None
+
+
+def retry_on_conflict(write, what: str, attempts: int = 3):  # noqa: ANN001, ANN201 - any callable, its result
+    """``write()``, run again (a new transaction each time) when it loses a deadlock or serialization
+    conflict, at most ``attempts`` times; other errors, and the last conflict, propagate."""
+    import logging
+    import time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except sa.exc.DBAPIError as exc:
+            lost = write_conflict(exc)
+            if lost is None or attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning(
+                "%s lost %s and wrote nothing; retrying (%d of %d)", what, lost, attempt, attempts - 1
+            )
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")

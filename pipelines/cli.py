@@ -277,6 +277,14 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
         return 2
     asset = dg.AssetKey(batch["asset"])
     print(f"batch {batch_id} released by {actor}: {batch['rows_written']} rows written to {batch['asset']}")
+    from marketfs.features.registry import datasets
+    from marketfs.store.timescale import settle_write
+
+    served = {"raw_ohlcv": "ohlcv_1m", "raw_events": "news_events"}.get(batch["asset"])
+    if served is None and batch["asset"] in datasets():
+        served = "feature_vectors"
+    if served is not None:
+        settle_write(engine_for(env["MARKETFS_DSN"]), served, batch["window_start"], batch["window_end"])
 
     instance = dg.DagsterInstance.get()
     graph = defs.resolve_asset_graph()

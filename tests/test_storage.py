@@ -64,7 +64,9 @@ def test_failed_write_leaves_the_table_as_it_was(engine: sa.Engine) -> None:
     assert read(engine).equals(full)
 
 
-def test_feature_vectors_is_a_7_day_hypertable_with_timescaledb(engine: sa.Engine) -> None:
+def test_feature_vectors_is_a_hypertable_of_the_configured_chunk_interval(engine: sa.Engine) -> None:
+    from marketfs.store.timescale import chunk_interval
+
     with engine.connect() as conn:
         if not timescaledb_installed(conn):
             pytest.skip("the test server has no TimescaleDB extension (set MARKETFS_TEST_DSN to a TimescaleDB server)")
@@ -74,7 +76,7 @@ def test_feature_vectors_is_a_7_day_hypertable_with_timescaledb(engine: sa.Engin
                 "WHERE hypertable_name = 'feature_vectors' AND column_name = 'ts'"
             )
         ).scalar()
-    assert interval == timedelta(days=7)
+    assert interval == timedelta(days=int(chunk_interval("feature_vectors").split()[0]))  # 8 days at 50 instruments
     write(engine, vectors())
     assert read(engine).height == vectors().height
 

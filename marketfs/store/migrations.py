@@ -332,7 +332,8 @@ def _m006_timescale_compression_and_rollup(conn: sa.Connection, timescale: bool)
         return
     from marketfs.store import timescale as ts
 
-    ts.enable_compression(conn)
+    # A fresh database gets today's settings and rollup here; migration 10 brings older ones to them.
+    ts.enable_columnstore(conn)
     ts.create_daily_quality_rollup(conn)
 
 
@@ -404,6 +405,18 @@ def _m009_vector_history(conn: sa.Connection, timescale: bool) -> None:
         )
     )
     conn.execute(sa.text("CREATE INDEX feature_vectors_history_superseded ON feature_vectors_history (superseded_at)"))
+
+
+@migration(10, "TimescaleDB: columnstore settings for the queries that run, a real-time rollup of every flag")
+def _m010_columnstore_settings_and_rollup(conn: sa.Connection, timescale: bool) -> None:
+    if not timescale:
+        return
+    from marketfs.store import timescale as ts
+
+    # Chunks converted with the old settings keep them until they are recompressed.
+    ts.enable_columnstore(conn)
+    conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))  # drops its refresh job too
+    ts.create_daily_quality_rollup(conn)
 
 
 # The served tables' time columns: the ones window reads, replaces and retention filter on.
@@ -637,9 +650,10 @@ def migrate(dsn: str) -> list[str]:
                     logger.info("dropped %d superseded vector version(s) past MARKETFS_HISTORY_RETENTION", pruned)
                 _ensure_finite_checks(conn)
                 if timescale:
-                    from marketfs.store.timescale import apply_policies
+                    from marketfs.store.timescale import prune_feature_state, reconcile_policies
 
-                    apply_policies(conn)
+                    reconcile_policies(conn)
+                    prune_feature_state(conn)
         finally:
             # A session lock outlives a transaction and would travel with the pooled connection.
             if not conn.invalidated:
