@@ -1,7 +1,7 @@
 """TimescaleDB soak: re-runs of old ranges already in the columnstore, then sizes, chunks and jobs;
 and the point-in-time join on columnstore chunks against the same chunks in the rowstore.
 
-    MARKETFS_DSN=postgresql://...timescaledb-server.../postgres python benchmarks/timescale_soak.py [--days 14] [--reruns 3]
+    MARKETFS_DSN=<a TimescaleDB server>/postgres python benchmarks/timescale_soak.py [--days 14] [--reruns 3]
 
 Needs a server with the extension (a fresh database is made on it and dropped after). The pipeline
 runs in-process, as ``make run`` does: raw bars and events, daily bars, every feature set.
