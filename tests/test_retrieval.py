@@ -256,3 +256,19 @@ def test_split_over_connections_gives_the_same_frame(stored: str, monkeypatch: p
     monkeypatch.setattr(retrieval, "PARALLEL_FROM_ROWS", 1)
     assert len(retrieval._parts(e.with_row_index("row_no"))) > 1
     assert training_frame(e, ["ret_1", "1d:rsi_14"], None, dsn=stored, include_flags=True).equals(one)
+
+
+@pytest.mark.parametrize("tolerance", [timedelta(minutes=2), None])
+def test_the_merge_gives_what_the_lookups_give(
+    stored: str, monkeypatch: pytest.MonkeyPatch, tolerance: timedelta | None
+) -> None:
+    """The join used where the range reaches columnstore chunks, forced here on plain tables."""
+    e = entities(("A", 5), ("A", 5.5), ("A", 12), ("A", 12.5), ("A", -60), ("B", 8), ("C", 1), ("A", 6), ("A", 500))
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "lookup")
+    looked_up = training_frame(
+        e, ["ret_1", "rsi_14"], tolerance, dsn=stored, include_feature_ts=True, include_flags=True
+    )
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "merge")
+    merged = training_frame(e, ["ret_1", "rsi_14"], tolerance, dsn=stored, include_feature_ts=True, include_flags=True)
+    assert merged.equals(looked_up)
+    assert looked_up["ret_1"].null_count() >= 2  # the cases without a match are in there

@@ -210,3 +210,28 @@ def test_retention_policy_only_when_configured(
     from marketfs.db import engine_for
 
     assert retention_jobs(engine_for(empty_dsn)) == 1
+
+
+def test_the_join_over_columnstore_chunks_matches_the_rowstore_one(dsn: str, ts_engine: sa.Engine) -> None:
+    """Item 8: where the entities' range reaches converted chunks the join reads them once (a merge);
+    the values are those of the lookups over the same chunks in the rowstore."""
+    from datetime import UTC, datetime, timedelta
+
+    import polars as pl
+
+    from marketfs.retrieval import training_frame
+
+    assert materialize_range(dsn, "2024-01-02", "2024-01-03").success
+    start = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+    entities = pl.DataFrame(
+        {
+            "instrument_id": [f"SYN00{i % 3}" for i in range(300)],
+            "ts": [start + timedelta(minutes=7 * i, seconds=13) for i in range(300)],
+        },
+        schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+    features = ["ret_1", "rsi_14", "sentiment_mean_1h"]
+    rowstore = training_frame(entities, features, timedelta(minutes=5), dsn=dsn, include_feature_ts=True)
+    _convert_all(ts_engine, "feature_vectors")
+    columnstore = training_frame(entities, features, timedelta(minutes=5), dsn=dsn, include_feature_ts=True)
+    assert columnstore.equals(rowstore) and rowstore["ret_1"].null_count() < rowstore.height
