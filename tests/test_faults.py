@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 from dagster_helpers import PIPELINE, materialize_range, resources
 
@@ -119,3 +120,62 @@ def test_database_lost_mid_run_becomes_the_clear_retryable_failure() -> None:
         assert failure.allow_retries
     else:
         raise AssertionError("no failure")
+
+
+def test_a_write_that_loses_a_deadlock_is_retried_and_named(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As when the TimescaleDB columnstore job locks a chunk a writer holds and wants the writer's next one."""
+    from marketfs.db import retry_on_conflict, write_conflict
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE locks (id int PRIMARY KEY, v int NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO locks VALUES (1, 0), (2, 0)"))
+    holds_two, attempts, errors = threading.Event(), [], []
+
+    def other() -> None:  # holds row 2, then wants row 1; waits 10 s before it would check for a deadlock
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL deadlock_timeout = '10s'"))
+            conn.execute(sa.text("UPDATE locks SET v = v + 10 WHERE id = 2"))
+            holds_two.set()
+            conn.execute(sa.text("UPDATE locks SET v = v + 10 WHERE id = 1"))
+
+    def write() -> None:
+        attempts.append(1)
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL deadlock_timeout = '50ms'"))  # this side detects it, and loses
+            conn.execute(sa.text("UPDATE locks SET v = v + 1 WHERE id = 1"))
+            if len(attempts) == 1:
+                thread = threading.Thread(target=other)
+                thread.start()
+                holds_two.wait(10)
+                try:
+                    conn.execute(sa.text("UPDATE locks SET v = v + 1 WHERE id = 2"))
+                except sa.exc.DBAPIError as exc:
+                    errors.append(write_conflict(exc))
+                    raise
+                finally:
+                    threading.Thread(target=thread.join).start()
+            else:
+                conn.execute(sa.text("UPDATE locks SET v = v + 1 WHERE id = 2"))
+
+    with caplog.at_level("WARNING", logger="marketfs.db"):
+        retry_on_conflict(write, "writing locks")
+    assert len(attempts) == 2 and errors and "deadlock" in errors[0]
+    assert "writing locks lost a deadlock" in caplog.text and "retrying (1 of 2)" in caplog.text
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT array_agg(v ORDER BY id) FROM locks")).scalar() == [11, 11]
+
+
+def test_a_lost_deadlock_is_not_called_an_unreachable_database() -> None:
+    import psycopg
+
+    from assets.resources import translate_database_errors
+
+    @translate_database_errors
+    def asset_body(store=None) -> None:  # noqa: ANN001 - as Dagster passes it
+        raise sa.exc.OperationalError("UPDATE ...", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    with pytest.raises(dg.Failure) as failure:
+        asset_body(store=None)
+    assert "lost a deadlock" in failure.value.description and "cannot reach" not in failure.value.description

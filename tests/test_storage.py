@@ -117,3 +117,36 @@ def test_embedded_server_restarts_on_loopback_and_keeps_its_data() -> None:
     finally:
         server.destroy()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_redelivered_event_is_kept_once_where_it_first_landed(engine: sa.Engine) -> None:
+    from marketfs.features.events import EVENT_SCHEMA
+    from marketfs.store.events import replace_events
+
+    def events(*rows: tuple[str, datetime]) -> pl.DataFrame:
+        return pl.DataFrame([(e, "A", t, 0.1, 0.5, "x") for e, t in rows], schema=EVENT_SCHEMA, orient="row")
+
+    def stored() -> list[tuple]:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text(
+                    "SELECT n.event_id, n.published_at = i.published_at FROM news_events n "
+                    "JOIN news_event_ids i USING (event_id) ORDER BY 1"
+                )
+            ).all()
+
+    day2 = DAY + timedelta(days=1)
+    with engine.begin() as conn:
+        replace_events(conn, events(("e1", DAY + timedelta(hours=1)), ("e2", DAY + timedelta(hours=2))), DAY, NEXT)
+    with engine.begin() as conn:  # e1 again, a day later: kept where it is
+        replace_events(conn, events(("e1", day2 + timedelta(hours=1)), ("e3", day2)), day2, day2 + timedelta(days=1))
+    assert stored() == [("e1", True), ("e2", True), ("e3", True)]
+    with engine.begin() as conn:  # the first day re-delivered without e1: it is gone from there ...
+        replace_events(conn, events(("e2", DAY + timedelta(hours=2))), DAY, NEXT)
+    with engine.begin() as conn:  # ... and the second day's copy is now the one kept
+        replace_events(conn, events(("e1", day2 + timedelta(hours=1)), ("e3", day2)), day2, day2 + timedelta(days=1))
+    assert stored() == [("e1", True), ("e2", True), ("e3", True)]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT published_at FROM news_events WHERE event_id = 'e1'")).scalar() == (
+            day2 + timedelta(hours=1)
+        )

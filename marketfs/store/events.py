@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.store import tables
+from marketfs.store.copy import copy_frame_in
 
 
 def replace_events(conn: sa.Connection, events: pl.DataFrame, start: datetime, end: datetime) -> int:
@@ -17,15 +18,22 @@ def replace_events(conn: sa.Connection, events: pl.DataFrame, start: datetime, e
     An event_id already stored under another window is kept there, once: a re-delivered event
     does not appear twice.
     """
+    # news_event_ids says where each stored event_id is (one index probe each, whatever the history).
     existing = conn.execute(
         sa.text(
-            "SELECT event_id FROM news_events WHERE event_id = ANY(:ids) "
+            "SELECT event_id FROM news_event_ids WHERE event_id = ANY(:ids) "
             "AND NOT (published_at >= :s AND published_at < :e)"
         ),
         {"ids": events["event_id"].to_list(), "s": start, "e": end},
     ).scalars()
     fresh = events.filter(~pl.col("event_id").is_in(list(existing)))
-    return tables.replace_window(conn, "news_events", fresh.select(list(EVENT_SCHEMA)), "published_at", start, end)
+    written = tables.replace_window(conn, "news_events", fresh.select(list(EVENT_SCHEMA)), "published_at", start, end)
+    conn.execute(
+        sa.text("DELETE FROM news_event_ids WHERE published_at >= :s AND published_at < :e"), {"s": start, "e": end}
+    )
+    ids = fresh.group_by("event_id").agg(pl.col("published_at").min()).select("event_id", "published_at")
+    copy_frame_in(conn, "news_event_ids", ids)
+    return written
 
 
 def read_events(conn: sa.Connection, start: datetime, end: datetime) -> pl.DataFrame:

@@ -241,13 +241,19 @@ def _reconcile_chunk_intervals(conn: sa.Connection) -> list[str]:
 
 
 def prune_feature_state(conn: sa.Connection) -> int:
-    """The recursion state of vectors that retention dropped: it would otherwise outlive them."""
-    retention = _setting("MARKETFS_RETENTION_FEATURE_VECTORS")
-    if retention is None:
-        return 0
-    return conn.execute(
-        sa.text("DELETE FROM feature_state WHERE ts < now() - CAST(:r AS interval)"), {"r": retention}
-    ).rowcount
+    """What retention left behind: the recursion state of dropped vectors (it would otherwise outlive
+    them) and the event_ids of dropped events (a re-delivery of one would be refused as stored)."""
+    pruned = 0
+    for variable, table, column in (
+        ("MARKETFS_RETENTION_FEATURE_VECTORS", "feature_state", "ts"),
+        ("MARKETFS_RETENTION_NEWS_EVENTS", "news_event_ids", "published_at"),
+    ):
+        retention = _setting(variable)
+        if retention is not None:
+            pruned += conn.execute(
+                sa.text(f"DELETE FROM {table} WHERE {column} < now() - CAST(:r AS interval)"), {"r": retention}
+            ).rowcount
+    return pruned
 
 
 def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) -> list[str]:
