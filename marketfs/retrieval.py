@@ -218,7 +218,15 @@ def _parts(keyed: pl.DataFrame) -> list[pl.DataFrame]:
     workers = int(os.environ.get("MARKETFS_RETRIEVAL_CONNECTIONS", "0")) or min(os.cpu_count() or 1, 4)
     if workers <= 1 or keyed.height < PARALLEL_FROM_ROWS:
         return [keyed]
-    bucket = pl.col("instrument_id").hash(seed=0) % workers
+    # Instruments to connections by rows, largest first onto the lightest: the parts finish together.
+    loads = [0] * workers
+    part_of: dict[str, int] = {}
+    counts = keyed.group_by("instrument_id").len().sort(["len", "instrument_id"], descending=[True, False])
+    for instrument, rows in counts.iter_rows():
+        lightest = loads.index(min(loads))
+        part_of[instrument] = lightest
+        loads[lightest] += rows
+    bucket = pl.col("instrument_id").replace_strict(part_of, return_dtype=pl.Int64)
     return [p for p in keyed.with_columns(bucket.alias("_part")).partition_by("_part", include_key=False) if p.height]
 
 
