@@ -18,7 +18,7 @@ import polars as pl
 from assets.data_versions import InputProvenance, content_version
 from assets.gates import DRIFT_CHECK, GATE_CHECK, Judgement, judge_days, report_run
 from assets.metadata import flag_counts, frame_summary, vector_preview
-from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
+from assets.partitions import DAY, DayChunks, daily_asset, day_window, with_day
 from assets.resources import FeatureStore, translate_database_errors
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
@@ -150,7 +150,7 @@ def _materialise(
         for days in plan:
             start, end = day_window(days[0])[0], day_window(days[-1])[1]
             computation = _compute(store, fs, timeframe, start, end)
-            vectors = computation.vectors.with_columns(day_of())
+            vectors = with_day(computation.vectors)
             by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
             plan.saw(vectors.height, len(by_day))
             if drift_template is not None and history is None:

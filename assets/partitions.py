@@ -1,24 +1,52 @@
-"""The partitioning every asset shares: one UTC day per partition, run in bounded batches.
+"""The partitioning every asset shares: one trading day (session) per partition, run in bounded batches.
 
 A day is the unit of truth: every verdict, quarantine batch, quality-log row, check result and
 materialisation belongs to one daily partition, whatever range a run covers. A run walks its
 range in chunks of days so that its memory depends on the universe, not on the range's length.
+
+The partitions are the sessions of the universe's calendar (``marketfs/config/universes.toml``):
+weekends and holidays are no partitions, so the UI never invites anyone to materialise them. A
+partition's key is its session's date; what it holds is its trading day, ``[previous session's
+close, its close)`` (``marketfs/calendars.py``), not Dagster's time window of the key, which only
+orders the keys.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import dagster as dg
 import polars as pl
 
 from assets.resources import DATABASE_RETRY
+from marketfs.universe import active_sessions
 
-START_DATE = os.environ.get("MARKETFS_START_DATE", "2024-01-01")
+START_DATE = os.environ.get("MARKETFS_START_DATE", "2023-01-01")
 
-DAILY = dg.DailyPartitionsDefinition(start_date=START_DATE, timezone="UTC")
+SESSIONS = active_sessions()
+
+
+def session_partitions(start: str = START_DATE) -> dg.TimeWindowPartitionsDefinition:
+    """One partition per session of the calendar from ``start``: its weekdays, less its holidays.
+
+    ``end_offset=1`` makes today's session a partition from 00:00 UTC, so that it can be run as soon
+    as it closes (Dagster's window of a Friday key ends on Monday); runs of a session that has not
+    closed yet hold its bars so far.
+    """
+    holidays = [datetime.combine(d, datetime.min.time(), UTC) for d in SESSIONS.excluded_weekdays()]
+    return dg.TimeWindowPartitionsDefinition(
+        start=start,
+        fmt="%Y-%m-%d",
+        cron_schedule=f"0 0 * * {SESSIONS.cron_weekdays()}",
+        timezone="UTC",
+        exclusions=[h for h in holidays if h.date().isoformat() >= start] or None,
+        end_offset=1,
+    )
+
+
+DAILY = session_partitions()
 
 # A backfill of a year runs as ~12 runs of 31 days, not 365 runs that each pay Dagster's start-up.
 BATCHED_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=31)
@@ -32,14 +60,13 @@ DAY = "day"
 
 
 def day_window(day: str) -> tuple[datetime, datetime]:
-    """``[start, end)`` of a daily partition key, UTC."""
-    window = DAILY.time_window_for_partition_key(day)
-    return window.start, window.end
+    """``[start, end)`` of a partition key: its trading day, from the previous session's close to its close."""
+    return SESSIONS.trading_day_window(day)
 
 
-def day_of(column: str = "ts") -> pl.Expr:
-    """The daily partition key (YYYY-MM-DD, UTC) of a timestamp column, as column ``day``."""
-    return pl.col(column).dt.strftime("%Y-%m-%d").alias(DAY)
+def with_day(frame: pl.DataFrame, column: str = "ts") -> pl.DataFrame:
+    """``frame`` with column ``day``: the partition key (YYYY-MM-DD) of the trading day ``column`` falls in."""
+    return frame.with_columns(SESSIONS.trading_day(frame[column]).dt.strftime("%Y-%m-%d").alias(DAY))
 
 
 class DayChunks:

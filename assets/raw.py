@@ -11,11 +11,13 @@ import dagster as dg
 import polars as pl
 
 from assets.data_versions import InputProvenance, content_version
+from assets.expected_data import EXPECTED_CHECK, expected_instruments, session_verdicts
 from assets.gates import GATE_CHECK, DayCheck, Judgement, breach_failure, judge_days, report_run
 from assets.metadata import frame_summary
-from assets.partitions import DAY, DayChunks, daily_asset, day_of, day_window
+from assets.partitions import DAY, DayChunks, daily_asset, day_window, with_day
 from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.db import retry_on_conflict
+from marketfs.features.flags import QualityFlag
 from marketfs.features.resample import daily_bars
 from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
@@ -23,6 +25,7 @@ from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
 from marketfs.store.timescale import settle_write
+from marketfs.universe import active_universe
 
 
 def _gate_checks(asset: str) -> dict[str, str]:
@@ -131,7 +134,7 @@ def _ingest(
             if not sound:
                 continue
             # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
-            delivered = delivery.rows.with_columns(day_of(ts_column).fill_null(sound[0]))
+            delivered = with_day(delivery.rows, ts_column).with_columns(pl.col(DAY).fill_null(sound[0]))
             by_day = {key: rows.drop(DAY) for (key,), rows in delivered.partition_by(DAY, as_dict=True).items()}
             plan.saw(delivered.height, len(by_day))
             empty = delivered.clear().drop(DAY)
@@ -237,24 +240,115 @@ def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_da
     )
 
 
+def _daily_checks() -> dict[str, str]:
+    return {
+        GATE_CHECK: "Great Expectations suite expectations/suites/raw_ohlcv.json (the raw gate) on each session's "
+        "daily bars, delivered or built from minute bars; a breaching session is quarantined and not written.",
+        EXPECTED_CHECK: "Each session of the universe's calendar holds daily bars of at least min_instrument_share of "
+        "the expected instruments (marketfs/config/universes.toml); an empty session fails.",
+    }
+
+
+def _combined_daily(built: pl.DataFrame, delivered: pl.DataFrame) -> pl.DataFrame:
+    """Delivered daily bars prevail over bars built from minutes of the same (instrument, session): a vendor's
+    daily bar carries the official auction prices, which a minute feed may not."""
+    if delivered.is_empty():
+        return built
+    delivered = delivered.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
+    kept = built.join(delivered.select("instrument_id", "ts"), on=["instrument_id", "ts"], how="anti")
+    return pl.concat([kept, delivered.select(built.columns)]).sort("instrument_id", "ts")
+
+
 @daily_asset(
     "bars_1d",
     group_name="raw",
-    code_version="2",
+    code_version="3",
     deps=["raw_ohlcv"],
-    description="Daily bars resampled from ohlcv_1m (open first, high max, low min, close last, volume sum), "
-    "stamped 23:59 UTC, in table ohlcv_1d.",
+    description="Daily bars, one per instrument and session of the universe's calendar, in table ohlcv_1d: "
+    "delivered in bars_1d/ files, or built from the session's minute bars (open first, high max, low min, close "
+    "last, volume sum; prints outside the session excluded), stamped at the session's last minute (known at its "
+    "close); PARTIAL_SESSION where the minutes cover too little of the session.",
+    checks=_daily_checks(),
 )
 @translate_database_errors
-def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore) -> Iterator:
+def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData) -> Iterator:
+    from expectations.docs import DataDocs
+    from expectations.gate import load_suite_json, publish_day, suite_path, validate_days
+
+    universe = active_universe()
     provenance = InputProvenance.capture(context)
+    suite = load_suite_json(suite_path("raw_ohlcv"))
+    docs = DataDocs.default()
+    deliver = _delivery_of(market_data.daily_bar_source(), "daily")
     materializations = []
-    with store.engine().begin() as conn:
-        for day in context.partition_keys:
-            start, end = day_window(day)
-            daily = daily_bars(read_bars(conn, start, end))
-            replace_bars(conn, daily, start, end, timeframe="1d")
-            summary = frame_summary(daily.drop("source_flags"))
-            materializations.append((context.asset_key, day, summary, content_version(daily)))
-    days = Judgement(accepted=list(context.partition_keys))
-    yield from report_run(context, provenance, materializations, days, chained=False)
+    judged = Judgement()
+    bad_days: dict[str, SourceFileError] = {}
+    failure = None
+    plan = DayChunks(context.partition_keys)
+    try:
+        for days in plan:
+            start, end = day_window(days[0])[0], day_window(days[-1])[1]
+            delivery = _delivered(deliver, start, end)
+            spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
+            bad_days.update(spoiled)
+            judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
+            sound = [day for day in days if day not in spoiled]
+            with store.engine().connect() as conn:
+                built = daily_bars(read_bars(conn, start, end))
+                expected, source = expected_instruments(conn, universe, market_data.declared_instruments(), start)
+            daily = with_day(_combined_daily(built, delivery.rows))
+            by_day = {key: rows.drop(DAY) for (key,), rows in daily.partition_by(DAY, as_dict=True).items()}
+            plan.saw(daily.height, len(by_day))
+            empty = daily.clear().drop(DAY)
+
+            def publish(check: str, day: str, gate, by_day: dict = by_day) -> str | None:
+                if check != GATE_CHECK:
+                    return None
+                return publish_day(by_day[day], "raw_ohlcv", suite, docs=docs, label=f"bars_1d-{day}",
+                                   run_name=context.run_id)
+
+            judgement = judge_days(
+                context,
+                store,
+                days=sound,
+                checks={
+                    GATE_CHECK: validate_days(daily.drop("source_flags"), "raw_ohlcv", suite=suite),
+                    EXPECTED_CHECK: session_verdicts(by_day, sound, universe, expected, source),
+                },
+                rows_of_day=lambda day, by_day=by_day, empty=empty: {"ohlcv_1d": by_day.get(day, empty)},
+                chained=False,
+                publish=publish,
+            )
+            judged.extend(judgement)
+
+            def write_days(judgement: Judgement = judgement, by_day: dict = by_day, empty=empty) -> list[tuple]:
+                written = []
+                with store.engine().begin() as conn:
+                    for day in judgement.accepted:
+                        rows = by_day.get(day, empty)
+                        replace_bars(conn, rows, *day_window(day), timeframe="1d")
+                        written.append((context.asset_key, day, _daily_summary(day, rows), content_version(rows)))
+                return written
+
+            materializations += retry_on_conflict(write_days, f"writing bars_1d {days[0]}..{days[-1]}")
+            if judgement.accepted:
+                first, last = day_window(judgement.accepted[0])[0], day_window(judgement.accepted[-1])[1]
+                for done in settle_write(store.engine(), "ohlcv_1d", first, last):
+                    context.log.debug(done)
+    except dg.Failure as exc:
+        failure = exc
+    if failure is None and bad_days:
+        failure = _file_failure(context, bad_days, judged)
+    yield from report_run(context, provenance, materializations, judged, chained=False, failure=failure)
+
+
+def _daily_summary(day: str, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+    sessions = active_universe().sessions
+    session_open, session_close = sessions.bounds(day)
+    metadata = frame_summary(bars.drop("source_flags"))
+    metadata["session"] = dg.MetadataValue.text(
+        f"{sessions.name} {day}: open {session_open:%Y-%m-%d %H:%M}, close {session_close:%Y-%m-%d %H:%M} UTC"
+    )
+    partial = int(bars["source_flags"].list.contains(QualityFlag.PARTIAL_SESSION.value).sum()) if bars.height else 0
+    metadata["flag_PARTIAL_SESSION"] = dg.MetadataValue.int(partial)
+    return metadata

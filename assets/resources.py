@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from datetime import date
 from pathlib import Path
 
 import dagster as dg
@@ -16,6 +17,7 @@ from marketfs.sources import (
     BarSource,
     EventSource,
     LandingFolderBars,
+    LandingFolderDailyBars,
     LandingFolderEvents,
     SyntheticBars,
     SyntheticEvents,
@@ -205,6 +207,8 @@ class MarketData(dg.ConfigurableResource):
     bar_stamp: str = "open"
     synthetic_instruments: int = 10
     synthetic_seed: int = 7
+    # The synthetic source delivers daily bars only before this session, minute bars from it on.
+    synthetic_minutes_from: str = "2024-01-02"
 
     def _instruments(self) -> tuple[str, ...]:
         return tuple(f"SYN{i:03d}" for i in range(self.synthetic_instruments))
@@ -215,11 +219,29 @@ class MarketData(dg.ConfigurableResource):
                 f"unknown market data source {self.source!r}; set MARKETFS_SOURCE to one of {', '.join(SOURCES)}"
             )
 
+    def _synthetic_bars(self) -> SyntheticBars:
+        return SyntheticBars(
+            instruments=self._instruments(),
+            seed=self.synthetic_seed,
+            minutes_from=date.fromisoformat(self.synthetic_minutes_from),
+        )
+
     def bar_source(self) -> BarSource:
         self._check()
         if self.source == "synthetic":
-            return SyntheticBars(instruments=self._instruments(), seed=self.synthetic_seed)
+            return self._synthetic_bars()
         return LandingFolderBars(Path(self.landing_dir) / "bars", stamp=self.bar_stamp)
+
+    def daily_bar_source(self) -> SyntheticBars | LandingFolderDailyBars:
+        """Daily deliveries: ``<landing_dir>/bars_1d`` (absent: none), or the synthetic history."""
+        self._check()
+        if self.source == "synthetic":
+            return self._synthetic_bars()
+        return LandingFolderDailyBars(Path(self.landing_dir) / "bars_1d")
+
+    def declared_instruments(self) -> tuple[str, ...]:
+        """The instruments the source itself declares (synthetic); a landing folder declares none."""
+        return self._instruments() if self.source == "synthetic" else ()
 
     def event_source(self) -> EventSource:
         self._check()
@@ -236,6 +258,7 @@ MARKET_DATA_ENV = {
     "landing_dir": ("MARKETFS_LANDING_DIR", "landing"),
     "bar_stamp": ("MARKETFS_BAR_STAMP", "open"),
     "synthetic_instruments": ("MARKETFS_SYNTHETIC_INSTRUMENTS", "10"),
+    "synthetic_minutes_from": ("MARKETFS_SYNTHETIC_MINUTES_FROM", "2024-01-02"),
 }
 
 
@@ -246,4 +269,5 @@ def market_data_from_env() -> MarketData:
         landing_dir=dg.EnvVar(MARKET_DATA_ENV["landing_dir"][0]),
         bar_stamp=dg.EnvVar(MARKET_DATA_ENV["bar_stamp"][0]),
         synthetic_instruments=dg.EnvVar.int(MARKET_DATA_ENV["synthetic_instruments"][0]),
+        synthetic_minutes_from=dg.EnvVar(MARKET_DATA_ENV["synthetic_minutes_from"][0]),
     )

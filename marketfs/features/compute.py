@@ -50,7 +50,12 @@ def available_after(timeframe: str) -> timedelta:
 
 
 def on_grid(timeframe: str) -> pl.Expr:
+    """Whether a bar's ts is where the timeframe stamps its bars: a grid time, or a session's last minute."""
     spec = timeframe_spec(timeframe)
+    if spec.per_session:
+        from marketfs.universe import active_sessions
+
+        return (pl.col("ts") + timedelta(minutes=1)).is_in(active_sessions().closes.implode())
     return (pl.col("ts").dt.epoch("us") % spec.step_us) == spec.stamp_offset_us
 
 

@@ -21,6 +21,7 @@ class QualityFlag(StrEnum):
     LOW_EVENT_COUNT = "LOW_EVENT_COUNT"
     LOW_SENTIMENT_CONFIDENCE = "LOW_SENTIMENT_CONFIDENCE"
     TIMESTAMP_MISMATCH = "TIMESTAMP_MISMATCH"
+    PARTIAL_SESSION = "PARTIAL_SESSION"
     COMPUTATION_ERROR = "COMPUTATION_ERROR"
 
 
@@ -39,6 +40,11 @@ FLAG_MEANINGS: dict[QualityFlag, str] = {
     QualityFlag.TIMESTAMP_MISMATCH: (
         "The bar's ts is off the timeframe's grid, or the source delivered it more than once with other "
         "values (the last delivery is kept)."
+    ),
+    QualityFlag.PARTIAL_SESSION: (
+        "Daily bars: the session's minute bars span less than `partial_session_coverage` of the session "
+        "(marketfs/config/universes.toml), e.g. a feed that stopped early or a single print; its volume and "
+        "range understate the day."
     ),
     QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN); it is stored as null.",
 }

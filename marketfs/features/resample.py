@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import polars as pl
 
+from marketfs.calendars import Sessions
 from marketfs.features.compute import valid_bar
+from marketfs.features.flags import QualityFlag
 from marketfs.features.timeframes import timeframe as timeframe_spec
 from marketfs.sources.base import BAR_SCHEMA
+
+MINUTE = timedelta(minutes=1)
 
 
 def resample(minute_bars: pl.DataFrame, timeframe: str) -> pl.DataFrame:
@@ -37,9 +43,63 @@ def resample(minute_bars: pl.DataFrame, timeframe: str) -> pl.DataFrame:
     )
 
 
-def daily_bars(minute_bars: pl.DataFrame) -> pl.DataFrame:
-    """One bar per instrument and UTC day, stamped 23:59 UTC."""
-    return resample(minute_bars, "1d")
+def session_bars(minute_bars: pl.DataFrame, calendar: Sessions, partial_coverage: float = 0.9) -> pl.DataFrame:
+    """One bar per instrument and session, from the valid minute bars inside the session ``[open, close)``.
+
+    Open is the first minute's open after the session's open, close the last minute's close before its
+    close: prints outside the session (pre-market, after-hours) are in no daily bar. Stamped at the
+    session's last minute (close - 1 minute), so it is known at the close. A bar whose minutes span
+    less than ``partial_coverage`` of the session (first minute's open to last minute's close) carries
+    the source flag PARTIAL_SESSION: a feed that stopped at noon, or a single print.
+    """
+    if "source_flags" not in minute_bars.columns:
+        minute_bars = minute_bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
+    valid = minute_bars.filter(valid_bar())
+    if valid.is_empty():
+        return pl.DataFrame(schema={**BAR_SCHEMA, "source_flags": pl.List(pl.String)})
+    sessions = pl.DataFrame({"session": calendar.days, "_open": calendar.opens, "_close": calendar.closes})
+    inside = (
+        valid.with_columns(calendar.trading_day(valid["ts"]).alias("session"))
+        .join(sessions, on="session", how="inner")
+        .filter((pl.col("ts") >= pl.col("_open")) & (pl.col("ts") < pl.col("_close")))
+        .sort("instrument_id", "ts")
+    )
+    length = (pl.col("_close") - pl.col("_open")).dt.total_microseconds()
+    span = (pl.col("_last") + MINUTE - pl.col("_first")).dt.total_microseconds()
+    partial = pl.when(span < length * partial_coverage).then(pl.lit([QualityFlag.PARTIAL_SESSION.value]))
+    return (
+        inside.group_by("instrument_id", "session", maintain_order=True)
+        .agg(
+            pl.col("open").first(),
+            pl.col("high").max(),
+            pl.col("low").min(),
+            pl.col("close").last(),
+            pl.col("volume").sum(),
+            pl.col("source_flags").list.explode(keep_nulls=False, empty_as_null=False).unique().sort(),
+            pl.col("ts").min().alias("_first"),
+            pl.col("ts").max().alias("_last"),
+            pl.col("_open").first(),
+            pl.col("_close").first(),
+        )
+        .with_columns(
+            (pl.col("_close") - MINUTE).alias("ts"),
+            pl.concat_list(pl.col("source_flags"), partial.otherwise(pl.lit([], pl.List(pl.String))))
+            .list.unique()
+            .list.sort()
+            .alias("source_flags"),
+        )
+        .select(*BAR_SCHEMA, "source_flags")
+        .sort("instrument_id", "ts")
+    )
+
+
+def daily_bars(minute_bars: pl.DataFrame, calendar: Sessions | None = None, partial_coverage: float | None = None):
+    """One bar per instrument and session of the active universe's calendar (see ``session_bars``)."""
+    from marketfs.universe import active_universe
+
+    universe = active_universe()
+    coverage = universe.partial_session_coverage if partial_coverage is None else partial_coverage
+    return session_bars(minute_bars, calendar or universe.sessions, coverage)
 
 
 def resampled_with_warmup(minute_bars: pl.DataFrame, timeframe: str, start, read_limit: int) -> pl.DataFrame:

@@ -1,8 +1,9 @@
 """Bars and events from a landing folder of files, read as a set of facts and validated at the edge.
 
-``<landing>/bars`` holds CSV or Parquet files of bars, ``<landing>/events`` CSV, Parquet or JSON
-lines files of events. Timestamps are ISO 8601; one with an offset is converted to UTC, one
-without is taken as UTC.
+``<landing>/bars`` holds CSV or Parquet files of one-minute bars, ``<landing>/bars_1d`` files of
+daily bars (same columns; ``ts`` a session date such as ``1999-01-04``, meaning that session's
+close), ``<landing>/events`` CSV, Parquet or JSON lines files of events. Timestamps are ISO 8601;
+one with an offset is converted to UTC, one without is taken as UTC.
 
 - **Order**: neither the order of files nor the order of rows in a file means anything; bars are
   returned sorted by (instrument_id, ts).
@@ -12,7 +13,7 @@ without is taken as UTC.
   it sorts later, corrects an earlier one); both are returned, that one last, so that ingestion
   keeps it, flags the bar TIMESTAMP_MISMATCH and the raw suite's uniqueness warning records the
   conflict. Within one file such rows are the file's error for that day (see ``landing_file``).
-- **A bad file spoils only its own days**: a landing index (``landing_index``) knows which UTC days
+- **A bad file spoils only its own days**: a landing index (``landing_index``) knows which trading days
   each file holds; a read of a range opens only the files holding its days, a bad row fails the
   day it falls on, and a file that cannot say which days it holds blocks none and is reported.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -30,6 +31,7 @@ from marketfs.features.events import EVENT_SCHEMA
 from marketfs.sources.base import BAR_SCHEMA, Delivery, SourceFileError
 from marketfs.sources.landing_file import LandingKind, read_landing_file
 from marketfs.sources.landing_index import LandingIndex, landing_files
+from marketfs.universe import active_sessions
 
 BAR_SUFFIXES = (".csv", ".parquet")
 EVENT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
@@ -39,30 +41,35 @@ BARS = LandingKind("bars", BAR_SCHEMA, "ts", BAR_SUFFIXES, conflict_key=("instru
 BARS_CLOSE_STAMPED = replace(BARS, ts_shift=-timedelta(minutes=1))
 BAR_STAMPS = {"open": BARS, "close": BARS_CLOSE_STAMPED}
 EVENTS = LandingKind("events", EVENT_SCHEMA, "published_at", EVENT_SUFFIXES)
+# Daily deliveries: one bar per instrument and session, for users who have no minute bars.
+BARS_1D = LandingKind(
+    "bars_1d", BAR_SCHEMA, "ts", BAR_SUFFIXES, conflict_key=("instrument_id", "ts"), session_bars=True
+)
 
 __all__ = [
     "BARS",
+    "BARS_1D",
     "BAR_SUFFIXES",
     "EVENTS",
     "EVENT_SUFFIXES",
     "LandingFolderBars",
+    "LandingFolderDailyBars",
     "LandingFolderEvents",
     "deliver",
     "landing_files",
     "read_landing_file",
-    "utc_days",
+    "trading_days",
 ]
 
 
-def utc_days(start: datetime, end: datetime) -> set[str]:
-    """The UTC days (partition keys, YYYY-MM-DD) that ``[start, end)`` overlaps."""
-    first, last = start.astimezone(UTC).date(), (end.astimezone(UTC) - timedelta(microseconds=1)).date()
-    return {(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)}
+def trading_days(start: datetime, end: datetime) -> set[str]:
+    """The trading days (partition keys, YYYY-MM-DD) that ``[start, end)`` overlaps."""
+    return {d.isoformat() for d in active_sessions().trading_days_overlapping(start, end)}
 
 
 def deliver(root: Path, kind: LandingKind, start: datetime, end: datetime, index_path: Path | None = None) -> Delivery:
     """Rows of ``[start, end)`` from the files of ``root`` holding those days, with each bad day's error."""
-    wanted = utc_days(start, end)
+    wanted = trading_days(start, end)
     index = LandingIndex(root, kind, index_path)
     scans = index.refresh(keep_days=wanted)
     for path in index.files_holding(wanted):
@@ -79,7 +86,10 @@ def deliver(root: Path, kind: LandingKind, start: datetime, end: datetime, index
     if not frames:
         return Delivery(pl.DataFrame(schema=kind.schema), day_errors, index.unplaced())
     ts = pl.col(kind.ts_column)
-    rows = pl.concat(frames).filter((ts >= start) & (ts < end) & ~ts.dt.strftime("%Y-%m-%d").is_in(list(day_errors)))
+    rows = pl.concat(frames).filter((ts >= start) & (ts < end))
+    if day_errors:
+        day = active_sessions().trading_day(rows[kind.ts_column]).dt.strftime("%Y-%m-%d")
+        rows = rows.filter(~day.is_in(list(day_errors)))
     if kind.conflict_key:
         rows = rows.unique(subset=list(kind.schema), keep="first", maintain_order=True).sort(
             [*kind.conflict_key, "_file"], maintain_order=True
@@ -115,6 +125,22 @@ class LandingFolderBars:
 
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
         """Bars in ``[start, end)`` sorted by (instrument_id, ts), or the first bad day's ``SourceFileError``."""
+        return _first_error(self.delivery(start, end))
+
+
+@dataclass(frozen=True)
+class LandingFolderDailyBars:
+    """``<landing>/bars_1d``: daily bars, stamped at their session's last minute. A missing folder delivers none."""
+
+    root: Path
+    index_path: Path | None = None
+
+    def delivery(self, start: datetime, end: datetime) -> Delivery:
+        if not self.root.is_dir():
+            return Delivery(pl.DataFrame(schema=BAR_SCHEMA))
+        return deliver(self.root, BARS_1D, start, end, self.index_path)
+
+    def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
         return _first_error(self.delivery(start, end))
 
 

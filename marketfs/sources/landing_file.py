@@ -1,9 +1,10 @@
-"""One landing file read as facts: its valid rows, the UTC days it holds, and what is wrong with it, per day.
+"""One landing file read as facts: its valid rows, the trading days it holds, what is wrong with it, per day.
 
 A bad row spoils the day it falls on, not the whole folder: a row whose value cannot be read is
-the error of the UTC day of its ``ts`` (every day of the file when its ``ts`` itself cannot be
-read). A file that cannot say which days it holds at all (unreadable, no timestamp column, no
-readable timestamp) carries one error of its own.
+the error of the trading day of its ``ts`` (``marketfs/calendars.py``: the session that closes
+next; every day of the file when its ``ts`` itself cannot be read). A file that cannot say which
+days it holds at all (unreadable, no timestamp column, no readable timestamp) carries one error of
+its own.
 
 Instrument ids are trimmed of surrounding whitespace and must then match ``INSTRUMENT_ID``: 1 to
 64 characters, none of them whitespace, control (NUL included) or invisible format characters.
@@ -23,12 +24,15 @@ from pathlib import Path
 
 import polars as pl
 
+from marketfs.calendars import Sessions
 from marketfs.sources.base import SourceFileError
+from marketfs.universe import active_sessions
 
 INSTRUMENT_ID = r"^[^\s\p{C}]{1,64}$"
 INSTRUMENT_ID_RULE = "1 to 64 characters, no whitespace, control or invisible characters"
 ROW_FIX = "correct or remove that row and drop the file again"
 ID_FIX = "write the id as 1 to 64 visible characters, no inner spaces, and drop the file again"
+MINUTE = timedelta(minutes=1)
 _LINE = "_line"
 _DAY = "_day"
 
@@ -45,6 +49,9 @@ class LandingKind:
     # Added to every parsed timestamp: a source that stamps bars at their close is shifted to the
     # project's convention (stamped at the open) before anything else, days included, reads them.
     ts_shift: timedelta = timedelta(0)
+    # Daily bars: each row is one session's bar, its ts (a date, or an instant of the session's trading
+    # day) restamped to the session's last minute, so that it is known at the session's close.
+    session_bars: bool = False
 
 
 @dataclass
@@ -81,11 +88,18 @@ def scan_landing_file(path: Path, kind: LandingKind) -> FileScan:
     # CSV lines count the header as line 1; other formats report 1-based rows.
     line_offset = 2 if path.suffix.lower() == ".csv" else 1
     raw = raw.select([c for c in schema if c in raw.columns]).with_row_index(_LINE, offset=line_offset)
-    ts = _parse_ts(raw[ts_column]) + kind.ts_shift
-    raw = raw.with_columns(ts.dt.strftime("%Y-%m-%d").alias(_DAY))
+    sessions = active_sessions()
+    if kind.session_bars:
+        ts, day = _session_stamp(raw[ts_column], sessions)
+        expected_ts = f"a {sessions.name} session date such as 2024-01-02 (or an instant of its trading day)"
+    else:
+        ts = _parse_ts(raw[ts_column]) + kind.ts_shift
+        day = sessions.trading_day(ts)
+        expected_ts = "an ISO 8601 timestamp such as 2024-01-02T14:30:00Z"
+    raw = raw.with_columns(day.dt.strftime("%Y-%m-%d").alias(_DAY))
     days = sorted(d for d in raw[_DAY].unique().to_list() if d is not None)
     bad_ts = raw.filter(ts.is_null())
-    ts_problem = _problem(bad_ts, ts_column, "an ISO 8601 timestamp such as 2024-01-02T14:30:00Z")
+    ts_problem = _problem(bad_ts, ts_column, expected_ts)
     if not days:
         error = ts_problem(path) if bad_ts.height else None
         return FileScan(path, empty, error=error)
@@ -188,6 +202,22 @@ def _read_raw(path: Path) -> pl.DataFrame:
         problem = f"cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
         raise SourceFileError(path, problem, f"deliver a valid {suffix.lstrip('.')} file") from exc
     raise SourceFileError(path, f"unsupported file type {suffix!r}", "deliver .csv, .parquet or .jsonl files")
+
+
+def _session_stamp(values: pl.Series, sessions: Sessions) -> tuple[pl.Series, pl.Series]:
+    """(ts, session) of daily bars: a date-only value names its session (null when it is none, e.g. a
+    holiday), an instant the session of its trading day; ts is that session's last minute."""
+    text = values.cast(pl.String).str.strip_chars()
+    dated = text.str.to_date("%Y-%m-%d", strict=False)
+    date_only = dated.is_not_null() & (text.str.len_chars() == 10)
+    session = pl.select(
+        pl.when(date_only)
+        .then(pl.when(dated.is_in(sessions.days.implode())).then(dated))
+        .otherwise(sessions.trading_day(_parse_ts(values)))
+    ).to_series()
+    closes = pl.DataFrame({"session": sessions.days, "_close": sessions.closes})
+    stamped = pl.DataFrame({"session": session}).join(closes, on="session", how="left", maintain_order="left")
+    return (stamped["_close"] - MINUTE).alias("ts"), session
 
 
 def _parse_ts(values: pl.Series) -> pl.Series:

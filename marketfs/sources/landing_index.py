@@ -46,8 +46,15 @@ def _shift_tag(kind: LandingKind) -> str:
 
 
 def default_index_path(root: Path, kind: LandingKind) -> Path:
-    """``$MARKETFS_HOME/landing_index/<kind>-<hash of the folder's absolute path>.json``."""
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    """``$MARKETFS_HOME/landing_index/<kind>-<hash of the folder's absolute path and calendar>.json``.
+
+    The calendar is in the hash because it decides the trading day of every row: an index written
+    under another universe's calendar would name the wrong days.
+    """
+    from marketfs.universe import active_sessions
+
+    key = f"{root.resolve()}|{active_sessions().name}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return (
         Path(os.environ.get("MARKETFS_HOME", ".marketfs"))
         / "landing_index"

@@ -1,7 +1,10 @@
 """Deterministic synthetic one-minute bars, for the demo, tests and benchmarks.
 
 Each (instrument, day) is generated from its own seed, so any partition comes out the same
-whether it is generated alone or inside a range, and in any order.
+whether it is generated alone or inside a range, and in any order. Bars follow the sessions of the
+universe's calendar (``marketfs/calendars.py``): none on holidays, fewer on early closes, the open
+moving with daylight saving time. Before ``minutes_from`` the source delivers daily bars only (made
+from the same minutes), as a vendor's history does: the sample's 1d features get their warm-up.
 """
 
 from __future__ import annotations
@@ -13,19 +16,27 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import polars as pl
 
+from marketfs.calendars import Sessions
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.sources.base import BAR_SCHEMA
+from marketfs.universe import active_sessions
 
-SESSION_OPEN_UTC = timedelta(hours=14, minutes=30)  # 09:30 New York in winter
-BARS_PER_DAY = 390
+SESSION_OPEN_UTC = timedelta(hours=14, minutes=30)  # where events cluster: 09:30 New York in winter
+BARS_PER_DAY = 390  # a regular NYSE session; generated always, cut to the session's length
+MINUTES_FROM = date(2024, 1, 2)
 
 
 def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+def sessions_overlapping(start: datetime, end: datetime, calendar: Sessions | None = None) -> list[date]:
+    """Sessions of the calendar (default: the active universe's) whose trading day overlaps ``[start, end)``."""
+    return (calendar or active_sessions()).trading_days_overlapping(start, end)
+
+
 def trading_days(start: datetime, end: datetime) -> list[date]:
-    """Weekdays whose session falls in ``[start, end)``."""
+    """Weekdays whose session falls in ``[start, end)`` (the events' days: news does not stop on holidays)."""
     day = start.date()
     days = []
     while datetime.combine(day, datetime.min.time(), UTC) < end:
@@ -41,13 +52,29 @@ class SyntheticBars:
     seed: int = 7
     drop_rate: float = 0.005  # share of bars missing, as in real feeds
     minute_vol: float = 0.0008
+    minutes_from: date = date.min  # sessions before it deliver daily bars only (see `daily`)
+    calendar: Sessions | None = None  # default: the active universe's
 
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
-        frames = [self._day(instrument, day) for day in trading_days(start, end) for instrument in self.instruments]
+        days = [d for d in sessions_overlapping(start, end, self.calendar) if d >= self.minutes_from]
+        frames = [self._day(instrument, day) for day in days for instrument in self.instruments]
         if not frames:
             return pl.DataFrame(schema=BAR_SCHEMA)
         out = pl.concat(frames)
         return out.filter((pl.col("ts") >= start) & (pl.col("ts") < end)).sort("instrument_id", "ts")
+
+    def daily(self, start: datetime, end: datetime) -> pl.DataFrame:
+        """Daily bars of the sessions before ``minutes_from`` in ``[start, end)``, stamped at each session's last
+        minute: the minutes of the day as ``bars`` would make them, aggregated over the session."""
+        from marketfs.features.resample import session_bars
+
+        calendar = self.calendar or active_sessions()
+        days = [d for d in sessions_overlapping(start, end, calendar) if d < self.minutes_from]
+        if not days:
+            return pl.DataFrame(schema=BAR_SCHEMA)
+        minutes = pl.concat([self._day(i, d) for d in days for i in self.instruments])
+        daily = session_bars(minutes, calendar).select(list(BAR_SCHEMA))
+        return daily.filter((pl.col("ts") >= start) & (pl.col("ts") < end)).sort("instrument_id", "ts")
 
     def _day(self, instrument: str, day: date) -> pl.DataFrame:
         rng = np.random.default_rng(_seed(self.seed, instrument, day.isoformat()))
@@ -62,7 +89,7 @@ class SyntheticBars:
         high = np.maximum(open_, close) * (1 + wick[0])
         low = np.minimum(open_, close) * (1 - wick[1])
         volume = np.round(rng.lognormal(mean=7.0, sigma=0.6, size=BARS_PER_DAY))
-        session_start = datetime.combine(day, datetime.min.time(), UTC) + SESSION_OPEN_UTC
+        session_start, session_close = (self.calendar or active_sessions()).bounds(day)
         keep = rng.random(BARS_PER_DAY) >= self.drop_rate
         ts = pl.datetime_range(
             session_start, session_start + timedelta(minutes=BARS_PER_DAY - 1), "1m", eager=True, time_zone="UTC"
@@ -79,7 +106,7 @@ class SyntheticBars:
             },
             schema=BAR_SCHEMA,
         )
-        return frame.filter(pl.Series(keep))
+        return frame.filter(pl.Series(keep) & (pl.col("ts") < session_close))
 
 
 @dataclass(frozen=True)

@@ -444,6 +444,17 @@ TIME_COLUMNS = {
 }
 
 
+@migration(12, "TimescaleDB: the flag rollup gains PARTIAL_SESSION (daily bars of partly covered sessions)")
+def _m012_rollup_partial_session(conn: sa.Connection, timescale: bool) -> None:
+    if not timescale:
+        return
+    from marketfs.store import timescale as ts
+
+    # A continuous aggregate's columns cannot be altered: recreate it with one count per QualityFlag.
+    conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))
+    ts.create_daily_quality_rollup(conn)
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

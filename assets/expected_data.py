@@ -1,0 +1,74 @@
+"""Which sessions should have data, and whether they do: the bars_1d gate's completeness check.
+
+A session of the universe's calendar is expected to hold a daily bar (delivered, or built from its
+minute bars) for at least ``min_instrument_share`` of the universe's instruments. The instruments
+expected are, in this order: the universe's declared members, the synthetic source's, or those with
+a daily bar in the last ``learn_sessions`` sessions before the run. An empty delivery on a session
+day therefore fails here, with what was expected, instead of giving a green run of nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import sqlalchemy as sa
+
+from expectations.gate import ExpectationOutcome, GateResult
+from marketfs.universe import Universe
+
+EXPECTED_CHECK = "expected_data"
+EXPECTATION = "expect_session_to_hold_the_universe"
+UNIVERSES_FILE = Path("marketfs/config/universes.toml")
+
+
+def expected_instruments(
+    conn: sa.Connection, universe: Universe, declared: tuple[str, ...], before: datetime
+) -> tuple[set[str], str]:
+    """The instruments a session is expected to hold, and where that list comes from."""
+    if universe.instruments:
+        return set(universe.instruments), f"universe {universe.name}'s declared instruments"
+    if declared:
+        return set(declared), "the synthetic source's instruments"
+    sessions = universe.sessions
+    # The last `learn_sessions` sessions that closed at or before `before` (a trading day's start).
+    last = sessions.closes.search_sorted(before, side="right") - 1
+    start = sessions.trading_day_window(sessions.days[max(0, last - universe.learn_sessions + 1)])[0]
+    rows = conn.execute(
+        sa.text("SELECT DISTINCT instrument_id FROM ohlcv_1d WHERE ts >= :s AND ts < :e"), {"s": start, "e": before}
+    )
+    return {r[0] for r in rows}, f"instruments with a daily bar in the {universe.learn_sessions} sessions before"
+
+
+def session_verdicts(
+    bars_by_day: dict[str, pl.DataFrame], days: list[str], universe: Universe, expected: set[str], source: str
+) -> dict[str, GateResult]:
+    """One verdict per session: did its daily bars cover enough of the expected instruments?"""
+    verdicts = {}
+    for day in days:
+        bars = bars_by_day.get(day)
+        present = set(bars["instrument_id"].unique().to_list()) if bars is not None and bars.height else set()
+        minimum = universe.min_instruments(len(expected)) if expected else 1
+        missing = sorted(expected - present)
+        outcome = ExpectationOutcome(
+            expectation=EXPECTATION,
+            column="instrument_id",
+            severity="critical",
+            success=len(present) >= minimum,
+            observed_value=len(present),
+            unexpected_count=len(missing) if expected else None,
+            element_count=len(expected) if expected else None,
+            partial_unexpected=missing[:10],
+            bounds=(
+                f"bars of at least {minimum} of the {len(expected)} expected instruments ({source}; "
+                f"min_instrument_share {universe.min_instrument_share} of universe {universe.name}, "
+                f"{universe.calendar} session {day})"
+                if expected
+                else f"bars of at least 1 instrument ({universe.calendar} session {day}; nothing learnt yet)"
+            ),
+        )
+        verdicts[day] = GateResult(
+            suite=EXPECTED_CHECK, suite_file=UNIVERSES_FILE, suite_version="1", outcomes=[outcome], label=day
+        )
+    return verdicts
