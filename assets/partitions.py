@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
@@ -56,12 +56,29 @@ BATCHED_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=31)
 # a fixed cost per validation of ~0.5 s that per-day chunks would multiply).
 ROWS_PER_CHUNK = int(os.environ.get("MARKETFS_CHUNK_ROWS", "1000000"))
 
+# The longest chunk of days taken before any day has shown rows (see DayChunks).
+BLIND_CHUNK_DAYS = 8
+
 DAY = "day"
 
 
 def day_window(day: str) -> tuple[datetime, datetime]:
     """``[start, end)`` of a partition key: its trading day, from the previous session's close to its close."""
     return SESSIONS.trading_day_window(day)
+
+
+def session_keys(start: str, end: str) -> list[str]:
+    """The partition keys (sessions) from ``start`` through ``end``, either of which may be a non-session day."""
+    last = DAILY.get_last_partition_key()
+    keys = [d.isoformat() for d in SESSIONS.between(max(start, START_DATE), end)]
+    return [k for k in keys if last is None or k <= last]
+
+
+def previous_key(day: str) -> str | None:
+    """The session before ``day`` (a partition key), or None before the first partition."""
+    i = SESSIONS.days.search_sorted(date.fromisoformat(day), side="left") - 1
+    previous = SESSIONS.days[i].isoformat() if i >= 0 else None
+    return previous if previous is not None and previous >= START_DATE else None
 
 
 def with_day(frame: pl.DataFrame, column: str = "ts") -> pl.DataFrame:
@@ -74,22 +91,28 @@ class DayChunks:
 
     The first chunk is one day; later chunks are sized from the most rows a day has had so far
     (``saw``), so a run's memory follows its universe, not its range, without counting rows first.
+    While the chunks hold no rows at all (sessions of a daily-only history, for the minute assets),
+    each next chunk is twice as long, up to ``BLIND_CHUNK_DAYS``: an empty day costs a computation's
+    fixed cost and no memory, and the cap bounds the chunk in which rows appear again.
     """
 
     def __init__(self, days: Sequence[str], rows_per_chunk: int | None = None) -> None:
         self.days = list(days)
         self.rows_per_chunk = max(ROWS_PER_CHUNK if rows_per_chunk is None else rows_per_chunk, 1)
         self._rows_per_day = 0
+        self._blind_size = 1  # the chunk length while no day has had rows
 
     def saw(self, rows: int, days: int) -> None:
         """Report a chunk's rows and how many of its days had any."""
         if days:
             self._rows_per_day = max(self._rows_per_day, -(-rows // days))
+        elif not self._rows_per_day:
+            self._blind_size = min(2 * self._blind_size, BLIND_CHUNK_DAYS)
 
     def __iter__(self) -> Iterator[list[str]]:
         i = 0
         while i < len(self.days):
-            size = 1 if not self._rows_per_day else max(1, self.rows_per_chunk // self._rows_per_day)
+            size = self._blind_size if not self._rows_per_day else max(1, self.rows_per_chunk // self._rows_per_day)
             yield self.days[i : i + size]
             i += size
 

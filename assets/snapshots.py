@@ -74,12 +74,14 @@ def feature_snapshots(
 
 def _upstream_data_versions(context: dg.AssetExecutionContext, asset: str, start: str, end: str) -> dict:
     """The latest materialisation of each upstream partition in the window: run id and data version."""
-    from assets.partitions import DAILY
+    from assets.partitions import session_keys
 
     last = (datetime.fromisoformat(end) - timedelta(days=1)).date().isoformat()
     if last < start:
         return {}
-    keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, last))
+    # The sessions of the UTC date range: their trading days hold the window's vectors (after-hours ones
+    # of the range's last evening belong to the next session, outside it).
+    keys = session_keys(start, last)
     latest: dict[str, dict] = {}
     cursor = None
     # Newest first, page by page until every day is found: a day re-run many times has many records.

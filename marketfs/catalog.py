@@ -55,7 +55,7 @@ def render_catalog() -> str:
         "and events published before `known_at`, and a point-in-time join matches it from `known_at` on. "
         "Minute bars are stamped at their open (landed files stamped at the close are shifted on read, "
         "MARKETFS_BAR_STAMP=close); bars of longer timeframes are resampled from the valid minute "
-        "bars of their interval and stamped with its last minute (5m: 09:34 for 09:30-09:34; 1d: 23:59 UTC). "
+        "bars of their interval and stamped with its last minute (5m: 09:34 for 09:30-09:34; 1d: the session's last minute, 20:59 UTC for a 21:00 NYSE close). "
         "Lookback counts valid bars of history, this bar included (TA-Lib's lookback + 1); a feature is null, "
         "and the vector flagged INSUFFICIENT_OHLCV, until it is met. Each run reads warm-up bars per instrument "
         "(the longest lookback, plus slack) and continues the recursions (RSI, MACD, ATR, EMA) from the state "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import date
+from datetime import date, timedelta
 
 from pipelines.environment import PROJECT_ROOT, prepare_environment
 from pipelines.run_report import (
@@ -28,7 +28,9 @@ from pipelines.run_report import (
     quiet_storage_errors,
 )
 
-DEFAULT_START = "2024-01-02"
+# The sample starts with six months of daily-only history (the synthetic source delivers daily bars
+# before 2024-01-02), so that its 1d features are warmed up by the minute range.
+DEFAULT_START = "2023-07-03"
 DEFAULT_END = "2024-01-12"
 # Exit codes: 1 a run failed (a gate, a file), 2 a usage error, 3 the database cannot be reached.
 USAGE = 2
@@ -130,12 +132,18 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
     import dagster as dg
     import sqlalchemy as sa
 
-    from assets.partitions import BATCHED_BACKFILL, DAILY
+    from assets.partitions import BATCHED_BACKFILL, SESSIONS, day_window, session_keys
     from marketfs.db import engine_for
     from pipelines.definitions import defs
     from pipelines.run_health import process_tags
 
-    keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, end))
+    keys = session_keys(start, end)
+    for given in (start, end):
+        if not SESSIONS.is_session(given):
+            print(f"note: {SESSIONS.not_a_session(given)}; no partition to run for it")
+    if not keys:
+        print(f"no {SESSIONS.name} session from {start} through {end}: nothing to run")
+        return 0
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
     instance = dg.DagsterInstance.get()
     failed_runs, tally = _execute_in_order(keys, verbose=verbose)
@@ -144,7 +152,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
 
     snapshot_id = None
     if snapshot and not failed_runs:
-        end_day = DAILY.time_window_for_partition_key(keys[-1]).end.date().isoformat()
+        end_day = (date.fromisoformat(keys[-1]) + timedelta(days=1)).isoformat()
         snapshot_result = defs.resolve_job_def("snapshot").execute_in_process(
             instance=instance,
             run_config={
@@ -168,8 +176,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
         docs_index = DataDocs.default().build_index()
     except Exception as exc:  # a report, not data: the run's outcome stands whatever happens to the index
         docs_index = f"not rebuilt ({exc.__class__.__name__}: {exc}); the runs and their verdicts are unaffected"
-    window_start = DAILY.time_window_for_partition_key(keys[0]).start
-    window_end = DAILY.time_window_for_partition_key(keys[-1]).end
+    window_start, window_end = day_window(keys[0])[0], day_window(keys[-1])[1]
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:
         window = {"s": window_start, "e": window_end}
         bars, events = conn.execute(
@@ -213,7 +220,7 @@ def _recompute(
     prepare_environment()
     import dagster as dg
 
-    from assets.partitions import DAILY
+    from assets.partitions import DAILY, session_keys
     from pipelines.sensors import newest_materialized_day
 
     if end is None:
@@ -226,7 +233,10 @@ def _recompute(
     if end < start:
         print(f"nothing to recompute: {start} is after the newest materialised day {end}")
         return 0
-    keys = DAILY.get_partition_keys_in_range(dg.PartitionKeyRange(start, end))
+    keys = session_keys(start, end)
+    if not keys:
+        print(f"nothing to recompute: no session from {start} through {end}")
+        return 0
     names = ", ".join(k.to_user_string() for k in asset_selection) if asset_selection else "the daily_features job"
     print(f"recomputing {names} for {keys[0]} .. {keys[-1]} ({len(keys)} days, in order)")
     failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose)
@@ -249,12 +259,11 @@ def _say_failed_runs(failed_runs: list[str], tally: Tally) -> None:
 def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int:
     """Release a quarantine batch, tell Dagster, and recompute what was computed without it."""
     env = prepare_environment()
-    from datetime import timedelta
 
     import dagster as dg
 
     from assets.data_versions import InputProvenance, stored_content_version
-    from assets.partitions import DAILY
+    from assets.partitions import DAILY, SESSIONS, day_window, previous_key
     from marketfs.db import engine_for
     from marketfs.store import quality
     from marketfs.store.migrations import migrate
@@ -266,12 +275,11 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
             batch = quality.release(conn, batch_id, actor=actor, note=note)
-            first = batch["window_start"]
-            while first < batch["window_end"]:
-                day_end = min(first + timedelta(days=1), batch["window_end"])
+            for session in SESSIONS.trading_days_overlapping(batch["window_start"], batch["window_end"]):
+                day = session.isoformat()
+                first, day_end = day_window(day)
                 # Read back in the release's transaction: the version of what it wrote.
-                days.append((first.date().isoformat(), stored_content_version(conn, batch["asset"], first, day_end)))
-                first = day_end
+                days.append((day, stored_content_version(conn, batch["asset"], first, day_end)))
     except quality.QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -323,9 +331,9 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     # A breach stops its whole step: days before the released one may have raw data but no features yet.
     raw_days = instance.get_materialized_partitions(dg.AssetKey("raw_ohlcv"))
     feature_days = instance.get_materialized_partitions(CHAIN_END_ASSET)
-    previous = (date.fromisoformat(first_day) - timedelta(days=1)).isoformat()
-    while previous in raw_days and previous not in feature_days:
-        first_day, previous = previous, (date.fromisoformat(previous) - timedelta(days=1)).isoformat()
+    previous = previous_key(first_day)
+    while previous is not None and previous in raw_days and previous not in feature_days:
+        first_day, previous = previous, previous_key(previous)
     # ... and days after it that were held back behind the breach: through the newest day with raw data.
     through = max([days[-1][0], *raw_days])
     return _recompute(first_day, None, asset_selection=sorted(descendants), at_least=through, verbose=verbose)

@@ -8,12 +8,16 @@ from datetime import timedelta
 import dagster as dg
 
 from assets.features import FEATURE_ASSETS
+from assets.partitions import SESSIONS, START_DATE
 from assets.raw import bars_1d, raw_events, raw_ohlcv
 from assets.resources import FeatureStore, market_data_from_env
 from assets.snapshots import feature_snapshots
 from pipelines.environment import default_environment
 from pipelines.run_health import dead_runs
 from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor
+
+# Late prints and the vendor's end-of-session files arrive minutes after the close.
+CLOSE_SETTLE = timedelta(minutes=15)
 
 ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, *FEATURE_ASSETS]
 
@@ -39,14 +43,21 @@ snapshot_job = dg.define_asset_job(
 
 @dg.schedule(
     job=daily_features_job,
-    cron_schedule=os.environ.get("MARKETFS_DAILY_CRON", "30 0 * * *"),
+    cron_schedule=os.environ.get("MARKETFS_DAILY_CRON", "15 * * * *"),
     execution_timezone="UTC",
-    description="The day that just ended (UTC), at 00:30; MARKETFS_DAILY_CRON changes when it ticks.",
+    description="Every hour at :15 (MARKETFS_DAILY_CRON), the newest session of the universe's calendar that "
+    "closed at least 15 minutes before the tick, once: a session runs within about an hour of its close.",
 )
-def daily_features_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    # As build_schedule_from_partitioned_job does: the last complete partition before the tick. Written
-    # out so the cron can be set from the environment; the run key makes each day launch once.
-    day = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
+def daily_features_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    # Sessions close at different UTC times (early closes, DST, another exchange), so no cron fits every
+    # close: the calendar says which session closed last, and the run key launches each one once.
+    tick = context.scheduled_execution_time
+    closed = SESSIONS.closes.search_sorted(tick - CLOSE_SETTLE, side="right") - 1
+    if closed < 0:
+        return dg.SkipReason("no session of the calendar has closed yet")
+    day = SESSIONS.days[closed].isoformat()
+    if day < START_DATE:
+        return dg.SkipReason(f"the last closed session {day} is before MARKETFS_START_DATE {START_DATE}")
     return dg.RunRequest(run_key=day, partition_key=day)
 
 

@@ -34,6 +34,18 @@ def state_schema(feature_set: FeatureSet, timeframe: str) -> dict[str, pl.DataTy
     }
 
 
+def vector_schema(feature_set: FeatureSet, timeframe: str) -> dict[str, pl.DataType]:
+    """The feature vectors of a feature set's timeframe, as computed and as stored."""
+    return {
+        "instrument_id": pl.String(),
+        "timeframe": pl.String(),
+        "ts": pl.Datetime("us", "UTC"),
+        "feature_set_version": pl.String(),
+        **{name: pl.Float64() for name in feature_set.names(timeframe)},
+        "quality_flags": pl.List(pl.String()),
+    }
+
+
 class HistoryError(ValueError):
     """The history handed in cannot give exact values (missing or mismatched recursion state)."""
 
@@ -176,6 +188,12 @@ def compute_feature_vectors(
         in_window = in_window & (pl.col("ts") >= start)
     if end is not None:
         in_window = in_window & (pl.col("ts") < end)
+    if bars.filter(in_window).is_empty():
+        # No bar in the window, no vector (vectors are keyed on its bars and their grid times) and no
+        # state to carry. Planning the feature expressions costs ~0.5 s whatever the rows: a daily-only
+        # history would pay it for every empty minute chunk.
+        empty_state = pl.DataFrame(schema=state_schema(feature_set, timeframe))
+        return FeatureComputation(vectors=pl.DataFrame(schema=vector_schema(feature_set, timeframe)), state=empty_state)
 
     schema = state_schema(feature_set, timeframe)
     recursions = feature_set.recursions(timeframe)

@@ -15,24 +15,13 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
-from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, state_schema
+from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, state_schema, vector_schema
 from marketfs.features.registry import FeatureSet
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
 from marketfs.store.timescale import lift_decompression_limit
 
 STAGING = "feature_vectors_staging"
-
-
-def vector_schema(feature_set: FeatureSet, timeframe: str) -> dict[str, pl.DataType]:
-    return {
-        "instrument_id": pl.String(),
-        "timeframe": pl.String(),
-        "ts": pl.Datetime("us", "UTC"),
-        "feature_set_version": pl.String(),
-        **{name: pl.Float64() for name in feature_set.names(timeframe)},
-        "quality_flags": pl.List(pl.String()),
-    }
 
 
 def write_features(
