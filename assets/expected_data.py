@@ -56,14 +56,14 @@ def session_verdicts(
             column="instrument_id",
             severity="critical",
             success=len(present) >= minimum,
-            observed_value=len(present),
-            unexpected_count=len(missing) if expected else None,
+            observed_value=f"bars of {len(present)} instrument(s)",
+            unexpected_count=None,
             element_count=len(expected) if expected else None,
-            partial_unexpected=missing[:10],
             bounds=(
                 f"bars of at least {minimum} of the {len(expected)} expected instruments ({source}; "
                 f"min_instrument_share {universe.min_instrument_share} of universe {universe.name}, "
-                f"{universe.calendar} session {day})"
+                f"{universe.calendar} session {day}); missing: {', '.join(missing[:10])}"
+                + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
                 if expected
                 else f"bars of at least 1 instrument ({universe.calendar} session {day}; nothing learnt yet)"
             ),

@@ -272,6 +272,11 @@ def _flags(vectors: pl.DataFrame, names: list[str], windows: list[str], timefram
             | pl.col("source_flags").fill_null([]).list.contains(QualityFlag.TIMESTAMP_MISMATCH.value),
             QualityFlag.TIMESTAMP_MISMATCH,
         ),
+        # A daily bar of a partly covered session (resample.session_bars): its vector says so too.
+        flag_if(
+            pl.col("source_flags").fill_null([]).list.contains(QualityFlag.PARTIAL_SESSION.value),
+            QualityFlag.PARTIAL_SESSION,
+        ),
         flag_if(non_finite.fill_null(False), QualityFlag.COMPUTATION_ERROR),
     ]
     return pl.concat_list(flags)
