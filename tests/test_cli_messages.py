@@ -70,7 +70,8 @@ def test_a_bad_bar_is_said_once_with_day_instrument_and_ts_and_counted_apart_fro
     assert "Traceback" not in output and "Stack Trace" not in output, output
     assert output.count("breached its gate") == 1, output
     assert "raw_ohlcv 2024-04-03 breached its gate" in output
-    assert "AAA 2024-04-03 17:52:00+00:00 close=-5.0" in output  # the instrument and ts of the bad bar
+    # The instrument and ts of the bad bar: the 201st minute of a session opening at 13:30 UTC (EDT).
+    assert "AAA 2024-04-03 16:52:00+00:00 close=-5.0" in output
     assert "make recompute FROM=2024-04-03" in output  # and the fix
     # Day 02's off-grid bar is a warning of raw_ohlcv; day 03 is the one blocking failure.
     assert "gate checks    2 passed, 1 blocking failure, 1 warning" in result.stdout, result.stdout

@@ -149,13 +149,14 @@ def test_missing_day_is_flagged_in_daily_vectors() -> None:
     assert "MISSING_OHLCV" not in day3["quality_flags"] and day3["ret_1"] is not None
 
 
-def test_daily_bar_is_the_days_minute_bars_resampled_and_stamped_2359() -> None:
+def test_daily_bar_is_the_sessions_minute_bars_resampled_and_stamped_at_its_last_minute() -> None:
     minute = minute_bars("A", [10.0, 12.0, 9.0, 11.0])
     [bar] = daily_bars(minute).iter_rows(named=True)
-    assert bar["ts"] == D1 + timedelta(hours=23, minutes=59)
+    assert bar["ts"] == D1 + timedelta(hours=20, minutes=59)  # the NYSE closes at 21:00 UTC in winter
     assert (bar["open"], bar["close"]) == (10.0, 11.0)
     assert bar["high"] == pytest.approx(12.0 * 1.001) and bar["low"] == pytest.approx(9.0 * 0.999)
     assert bar["volume"] == 100 + 101 + 102 + 103
+    assert bar["source_flags"] == ["PARTIAL_SESSION"]  # four minutes of a 390-minute session
 
 
 def test_off_grid_and_duplicate_bars_are_flagged_timestamp_mismatch_and_row_order_is_not() -> None:

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
 
+from assets.partitions import day_window
 from marketfs.sources import LandingFolderBars, LandingFolderEvents, SourceFileError, SyntheticBars, SyntheticEvents
 from marketfs.sources.landing import BARS
 from marketfs.sources.landing_index import LandingIndex
@@ -100,9 +101,9 @@ def test_a_conflict_inside_one_file_fails_that_day_naming_the_lines(tmp_path: Pa
     body = HEADER + "AAA,2024-01-03T14:30:00Z,1,1,1,1,5\nAAA,2024-01-04T14:30:00Z,1,1,1,1,5\n"
     path = write(tmp_path / "a.csv", body + "AAA,2024-01-04T14:30:00Z,1,1,1,1,9\n")
     source = LandingFolderBars(tmp_path)
-    assert source.bars(JAN3, JAN3 + DAY).height == 1
+    assert source.bars(*day_window("2024-01-03")).height == 1
     with pytest.raises(SourceFileError) as err:
-        source.bars(JAN3 + DAY, JAN3 + 2 * DAY)
+        source.bars(*day_window("2024-01-04"))
     assert err.value.path == path and err.value.line == 3
     assert "lines 3, 4 with different values" in str(err.value)
 
@@ -133,16 +134,17 @@ def test_an_instrument_id_that_cannot_be_valid_names_file_line_value_and_fix(tmp
 
 def test_a_range_read_opens_only_the_files_holding_its_days(tmp_path: Path) -> None:
     land(tmp_path, JAN3)
-    write(tmp_path / "bars" / "2030.csv", HEADER + "AAA,2030-01-02T14:30:00Z,1,one,1,1,5\n")
+    # A session far ahead (the calendar knows the sessions of about a year from today).
+    write(tmp_path / "bars" / "2030.csv", HEADER + "AAA,2027-01-04T14:30:00Z,1,one,1,1,5\n")
     write(tmp_path / "bars" / "garbage.parquet", "not a parquet file")
     index_path = tmp_path / "index.json"
     source = LandingFolderBars(tmp_path / "bars", index_path=index_path)
     with pytest.warns(UserWarning, match="garbage.parquet"):  # reported, blocks nothing
         assert source.bars(JAN3, JAN3 + DAY).height == JAN3_BARS
     index = LandingIndex(tmp_path / "bars", BARS, index_path)
-    assert index.days_of(tmp_path / "bars" / "2030.csv") == ["2030-01-02"]
+    assert index.days_of(tmp_path / "bars" / "2030.csv") == ["2027-01-04"]
     with pytest.raises(SourceFileError, match=r"2030.csv, line 2: column 'high' has 'one'"):
-        source.bars(datetime(2030, 1, 2, tzinfo=UTC), datetime(2030, 1, 3, tzinfo=UTC))
+        source.bars(*day_window("2027-01-04"))
     # Indexed once: a read of 2024-01-03 now opens 2024-01-03.csv alone.
     index.refresh(keep_days={"2024-01-03"})
     assert index.reads == []
@@ -151,12 +153,12 @@ def test_a_range_read_opens_only_the_files_holding_its_days(tmp_path: Path) -> N
 
 def test_events_are_on_the_same_footing(tmp_path: Path) -> None:
     land(tmp_path, JAN3)
-    good = '{"event_id": "e1", "instrument_id": "AAA", "published_at": "2030-01-02T10:00:00Z", '
+    good = '{"event_id": "e1", "instrument_id": "AAA", "published_at": "2027-01-04T10:00:00Z", '
     write(tmp_path / "events" / "2030.jsonl", good + '"sentiment": "bad", "confidence": 0.5, "source": "x"}\n')
     source = LandingFolderEvents(tmp_path / "events", index_path=tmp_path / "events-index.json")
     assert source.events(JAN3, JAN3 + DAY).height > 0
     with pytest.raises(SourceFileError, match=r"2030.jsonl, line 1: column 'sentiment' has 'bad'"):
-        source.events(datetime(2030, 1, 2, tzinfo=UTC), datetime(2030, 1, 3, tzinfo=UTC))
+        source.events(*day_window("2027-01-04"))
 
 
 def test_an_unchanged_file_is_not_reread_and_a_changed_one_is(tmp_path: Path) -> None:

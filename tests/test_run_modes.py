@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import polars as pl
 import sqlalchemy as sa
 from dagster_helpers import materialize_range, materialize_selection
 
+from assets.partitions import day_window
 from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
 from marketfs.features.compute import compute_feature_vectors
 from marketfs.features.resample import daily_bars
@@ -15,8 +14,9 @@ from marketfs.sources import SyntheticBars, SyntheticEvents
 from marketfs.sources.normalize import normalize_bars
 from marketfs.store.feature_vectors import read_vectors
 
-DAYS = ["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05", "2024-01-06", "2024-01-07", "2024-01-08"]
-START, END = datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 9, tzinfo=UTC)
+DAYS = ["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05", "2024-01-08"]  # sessions, a weekend between
+# Their trading days: from the close before 01-02 (Friday 2023-12-29, 21:00 UTC) to 01-08's close.
+START, END = day_window(DAYS[0])[0], day_window(DAYS[-1])[1]
 INSTRUMENTS = ("SYN000", "SYN001", "SYN002")
 
 

@@ -74,12 +74,12 @@ def test_sensor_runs_through_the_newest_materialised_day_and_backfills_past_31_d
         instance.report_runless_asset_event(dg.AssetMaterialization(CHAIN_END_ASSET, partition="2024-03-01"))
         drop(tmp_path, DAY, name="re-sent")
         [request] = evaluate(tmp_path, cursor, instance=instance)[0]
-    # 59 days: a backfill (runs of up to 31 days, in order), its runs tagged as the state chain.
+    # 41 sessions (no weekends, no MLK or Presidents Day): a backfill in runs of up to 31, tagged as the chain.
     assert request.requires_backfill_daemon and request.tags[STATE_CHAIN_TAG]
     subset = request.asset_graph_subset
     assert {k.to_user_string() for k in subset.asset_keys} == {a.key.to_user_string() for a in ALL_ASSETS}
     keys = sorted(subset.get_partitions_subset(CHAIN_END_ASSET).get_partition_keys())
-    assert (keys[0], keys[-1], len(keys)) == ("2024-01-03", "2024-03-01", 59)
+    assert (keys[0], keys[-1], len(keys)) == ("2024-01-03", "2024-03-01", 41)
 
 
 def test_the_instance_queues_state_chain_runs_behind_each_other() -> None:
@@ -90,10 +90,20 @@ def test_the_instance_queues_state_chain_runs_behind_each_other() -> None:
     assert {"key": STATE_CHAIN_TAG, "limit": 1} in queue.tag_concurrency_limits
 
 
-def test_schedule_asks_for_the_day_that_just_ended() -> None:
-    context = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 4, 0, 30, tzinfo=UTC))
-    request = daily_features_schedule(context)
-    assert (request.partition_key, request.run_key) == ("2024-01-03", "2024-01-03")
+@pytest.mark.parametrize(
+    ("tick", "session"),
+    [
+        (datetime(2024, 1, 4, 0, 15, tzinfo=UTC), "2024-01-03"),  # overnight: the last close
+        (datetime(2024, 1, 4, 21, 15, tzinfo=UTC), "2024-01-04"),  # 15 minutes after the close
+        (datetime(2024, 1, 4, 21, 5, tzinfo=UTC), "2024-01-03"),  # too soon after it: late prints settle
+        (datetime(2024, 1, 13, 12, 15, tzinfo=UTC), "2024-01-12"),  # a Saturday: Friday's session
+        (datetime(2024, 1, 15, 22, 15, tzinfo=UTC), "2024-01-12"),  # MLK day: no session closed
+        (datetime(2024, 11, 29, 18, 15, tzinfo=UTC), "2024-11-29"),  # the early close, at 18:00 UTC
+    ],
+)
+def test_schedule_asks_for_the_session_that_closed_last(tick: datetime, session: str) -> None:
+    request = daily_features_schedule(dg.build_schedule_context(scheduled_execution_time=tick))
+    assert (request.partition_key, request.run_key) == (session, session)
 
 
 def test_daemon_fires_the_sensor_and_the_schedule(
@@ -130,8 +140,10 @@ def test_daemon_fires_the_sensor_and_the_schedule(
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
             runs = _runs(env)
             sensor_run = next((r for r in runs if r["sensor"] and r["status"] == "SUCCESS"), None)
-            schedule_run = next((r for r in runs if r["schedule"] and r["status"] == "SUCCESS"), None)
-            failed = [r for r in runs if r["status"] == "FAILURE"]
+            # The schedule's session (the last one closed) has nothing in the landing folder: its run must
+            # fail on the expected-data check instead of going green with nothing.
+            schedule_run = next((r for r in runs if r["schedule"] and r["status"] in ("SUCCESS", "FAILURE")), None)
+            failed = [r for r in runs if r["status"] == "FAILURE" and not r["schedule"]]
             assert not failed, f"a daemon-launched run failed: {failed}"
         assert sensor_run, f"no successful sensor run; daemon log:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}"
         assert schedule_run, f"no successful schedule run; runs: {_runs(env)}"
@@ -140,8 +152,16 @@ def test_daemon_fires_the_sensor_and_the_schedule(
         log.close()
     assert (sensor_run["range_start"], sensor_run["range_end"]) == ("2024-01-03", "2024-01-03")
     assert sensor_run["state_chain"]
-    assert schedule_run["partition"] < datetime.now(UTC).date().isoformat()  # a complete day
+    assert schedule_run["partition"] <= datetime.now(UTC).date().isoformat()  # a closed session
+    assert schedule_run["status"] == "FAILURE"
     from marketfs.db import engine_for
+
+    with engine_for(dsn).connect() as conn:
+        verdict = conn.execute(
+            sa.text("SELECT success FROM quality_log WHERE asset = 'bars_1d' AND partition = :p AND suite = :s"),
+            {"p": schedule_run["partition"], "s": "expected_data"},
+        ).scalars().all()
+    assert verdict == [False]
 
     with engine_for(dsn).connect() as conn:
         vectors = conn.execute(
