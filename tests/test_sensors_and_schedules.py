@@ -15,6 +15,7 @@ import yaml
 from dagster_helpers import dagster_process_env
 from process_helpers import stop_process_group
 
+from assets.partitions import day_window
 from assets.resources import MarketData
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from pipelines.definitions import ALL_ASSETS, daily_features_schedule, defs, landing_files_sensor
@@ -25,10 +26,11 @@ DAY = datetime(2024, 1, 3, tzinfo=UTC)
 
 
 def drop(landing: Path, day: datetime, name: str | None = None) -> None:
-    end = day + timedelta(days=1)
+    """The bars and events of one trading day (previous close to close), as a vendor delivers a session."""
+    day, end = day_window(day.date().isoformat())
     (landing / "bars").mkdir(parents=True, exist_ok=True)
     (landing / "events").mkdir(parents=True, exist_ok=True)
-    name = name or f"{day:%Y-%m-%d}"
+    name = name or f"{end:%Y-%m-%d}"
     SyntheticBars(instruments=("AAA", "BBB")).bars(day, end).write_parquet(landing / "bars" / f"{name}.parquet")
     SyntheticEvents(instruments=("AAA", "BBB")).events(day, end).write_parquet(landing / "events" / f"{name}.parquet")
 
