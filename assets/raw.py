@@ -90,6 +90,37 @@ def _file_check(day: str, error: SourceFileError) -> DayCheck:
     return DayCheck(check=GATE_CHECK, day=day, passed=False, metadata=metadata)
 
 
+def _write_days(
+    context: dg.AssetExecutionContext,
+    store: FeatureStore,
+    days: list[str],
+    table: str,
+    write_day: Callable[[object, str], tuple[dict, pl.DataFrame]],
+) -> list[tuple]:
+    """The accepted days in one transaction (retried when it loses a deadlock), then the table's upkeep.
+
+    ``write_day(conn, day)`` writes one day and returns its metadata and the rows stored; the result
+    is one (asset key, day, metadata, data version) per day, for ``report_run``.
+    """
+    if not days:
+        return []
+    asset = context.asset_key.to_user_string()
+
+    def write_all() -> list[tuple]:
+        written = []
+        with store.engine().begin() as conn:
+            for day in days:
+                metadata, stored = write_day(conn, day)
+                written.append((context.asset_key, day, metadata, content_version(stored)))
+        return written
+
+    written = retry_on_conflict(write_all, f"writing {asset} {days[0]}..{days[-1]}")
+    # After the commit: what the write moved out of the columnstore goes back, and the rollup follows.
+    for done in settle_write(store.engine(), table, day_window(days[0])[0], day_window(days[-1])[1]):
+        context.log.debug(done)
+    return written
+
+
 def _ingest(
     context: dg.AssetExecutionContext,
     store: FeatureStore,
@@ -155,20 +186,12 @@ def _ingest(
             )
             judged.extend(judgement)
 
-            def write_days(judgement: Judgement = judgement, by_day: dict = by_day, empty=empty) -> list[tuple]:
-                written = []
-                with store.engine().begin() as conn:
-                    for day in judgement.accepted:
-                        rows = by_day.get(day, empty)
-                        stored = write(conn, rows, *day_window(day))
-                        written.append((context.asset_key, day, summarise(rows, stored), content_version(stored)))
-                return written
+            def write_day(conn, day: str, by_day: dict = by_day, empty=empty) -> tuple[dict, pl.DataFrame]:
+                rows = by_day.get(day, empty)
+                stored = write(conn, rows, *day_window(day))
+                return summarise(rows, stored), stored
 
-            materializations += retry_on_conflict(write_days, f"writing {asset} {days[0]}..{days[-1]}")
-            if judgement.accepted:
-                first, last = day_window(judgement.accepted[0])[0], day_window(judgement.accepted[-1])[1]
-                for done in settle_write(store.engine(), table, first, last):
-                    context.log.debug(done)
+            materializations += _write_days(context, store, judgement.accepted, table, write_day)
     except dg.Failure as exc:  # a folder that cannot be read in a later chunk: the days already written are recorded
         failure = exc
     if failure is None and bad_days:
@@ -321,20 +344,12 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
             )
             judged.extend(judgement)
 
-            def write_days(judgement: Judgement = judgement, by_day: dict = by_day, empty=empty) -> list[tuple]:
-                written = []
-                with store.engine().begin() as conn:
-                    for day in judgement.accepted:
-                        rows = by_day.get(day, empty)
-                        replace_bars(conn, rows, *day_window(day), timeframe="1d")
-                        written.append((context.asset_key, day, _daily_summary(day, rows), content_version(rows)))
-                return written
+            def write_day(conn, day: str, by_day: dict = by_day, empty=empty) -> tuple[dict, pl.DataFrame]:
+                rows = by_day.get(day, empty)
+                replace_bars(conn, rows, *day_window(day), timeframe="1d")
+                return _daily_summary(day, rows), rows
 
-            materializations += retry_on_conflict(write_days, f"writing bars_1d {days[0]}..{days[-1]}")
-            if judgement.accepted:
-                first, last = day_window(judgement.accepted[0])[0], day_window(judgement.accepted[-1])[1]
-                for done in settle_write(store.engine(), "ohlcv_1d", first, last):
-                    context.log.debug(done)
+            materializations += _write_days(context, store, judgement.accepted, "ohlcv_1d", write_day)
     except dg.Failure as exc:
         failure = exc
     if failure is None and bad_days:

@@ -15,6 +15,18 @@ from marketfs.sources.base import BAR_SCHEMA
 MINUTE = timedelta(minutes=1)
 
 
+def _ohlcv_of_group() -> list[pl.Expr]:
+    """One bar of a time-sorted group of bars: open first, high max, low min, close last, volume sum, flags."""
+    return [
+        pl.col("open").first(),
+        pl.col("high").max(),
+        pl.col("low").min(),
+        pl.col("close").last(),
+        pl.col("volume").sum(),
+        pl.col("source_flags").list.explode(keep_nulls=False, empty_as_null=False).unique().sort(),
+    ]
+
+
 def resample(minute_bars: pl.DataFrame, timeframe: str) -> pl.DataFrame:
     """One bar per instrument and interval of ``timeframe``: open first, high max, low min, close last,
     volume sum, from valid minute bars only.
@@ -29,14 +41,7 @@ def resample(minute_bars: pl.DataFrame, timeframe: str) -> pl.DataFrame:
         minute_bars.filter(valid_bar())
         .sort("instrument_id", "ts")
         .group_by("instrument_id", pl.col("ts").dt.truncate(spec.step).alias("_bucket"), maintain_order=True)
-        .agg(
-            pl.col("open").first(),
-            pl.col("high").max(),
-            pl.col("low").min(),
-            pl.col("close").last(),
-            pl.col("volume").sum(),
-            pl.col("source_flags").list.explode(keep_nulls=False, empty_as_null=False).unique().sort(),
-        )
+        .agg(*_ohlcv_of_group())
         .with_columns((pl.col("_bucket") + spec.stamp_offset).alias("ts"))
         .select(*BAR_SCHEMA, "source_flags")
         .sort("instrument_id", "ts")
@@ -70,12 +75,7 @@ def session_bars(minute_bars: pl.DataFrame, calendar: Sessions, partial_coverage
     return (
         inside.group_by("instrument_id", "session", maintain_order=True)
         .agg(
-            pl.col("open").first(),
-            pl.col("high").max(),
-            pl.col("low").min(),
-            pl.col("close").last(),
-            pl.col("volume").sum(),
-            pl.col("source_flags").list.explode(keep_nulls=False, empty_as_null=False).unique().sort(),
+            *_ohlcv_of_group(),
             pl.col("ts").min().alias("_first"),
             pl.col("ts").max().alias("_last"),
             pl.col("_open").first(),
