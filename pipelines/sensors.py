@@ -17,7 +17,7 @@ import dagster as dg
 
 from assets.resources import MarketData
 from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
-from marketfs.sources.landing import BAR_STAMPS, BARS, EVENTS
+from marketfs.sources.landing import BAR_STAMPS, BARS, BARS_1D, EVENTS
 from marketfs.sources.landing_index import LandingIndex
 
 # One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
@@ -82,8 +82,8 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         name="landing_files_sensor",
         job=job,
         minimum_interval_seconds=30,
-        description="Watches MARKETFS_LANDING_DIR/bars and /events; new or changed files launch ONE run of the "
-        "daily_features job from the earliest day they touch through the newest materialised day (a backfill "
+        description="Watches MARKETFS_LANDING_DIR/bars, /bars_1d and /events; new or changed files launch ONE run of "
+        "the daily_features job from the earliest day they touch through the newest materialised day (a backfill "
         "in runs of 31 days when longer), tagged marketfs/state_chain so it queues behind other such runs.",
     )
     def landing_files_sensor(context: dg.SensorEvaluationContext, market_data: MarketData):
@@ -97,7 +97,7 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         days: set[str] = set()
         files: list[str] = []
         skipped: list[str] = []
-        for kind in (BAR_STAMPS.get(market_data.bar_stamp, BARS), EVENTS):
+        for kind in (BAR_STAMPS.get(market_data.bar_stamp, BARS), BARS_1D, EVENTS):
             folder = root / kind.name
             if not folder.is_dir():
                 continue

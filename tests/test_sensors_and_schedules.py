@@ -65,6 +65,15 @@ def test_sensor_requests_one_ordered_run_from_the_earliest_touched_day(tmp_path:
     assert evaluate(tmp_path, cursor)[0] == []  # a malformed file launches nothing (its run would fail)
 
 
+def test_a_daily_delivery_launches_the_sessions_it_holds(tmp_path: Path) -> None:
+    (tmp_path / "bars_1d").mkdir(parents=True)
+    (tmp_path / "bars_1d" / "eod.csv").write_text(
+        "instrument_id,ts,open,high,low,close,volume\nAAA,2024-01-12,10,11,9,10.5,1000\nAAA,2024-01-16,10,11,9,10,900\n"
+    )
+    requests, _ = evaluate(tmp_path)
+    assert ranges(requests) == [("2024-01-12", "2024-01-16")]  # two sessions, the holiday between is none
+
+
 def test_sensor_runs_through_the_newest_materialised_day_and_backfills_past_31_days(tmp_path: Path) -> None:
     with dg.DagsterInstance.ephemeral() as instance:
         for day in ("2024-01-02", "2024-01-09"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from marketfs.sources.base import BAR_SCHEMA
 from marketfs.universe import UniverseError, active_universe
 
 HEADER = "instrument_id,ts,open,high,low,close,volume\n"
+ROOT = Path(__file__).resolve().parents[1]
 MINUTE = timedelta(minutes=1)
 
 
@@ -227,3 +231,25 @@ def _failure_text(result) -> str:
         for e in result.all_events
         if e.is_step_failure
     )
+
+
+@pytest.mark.parametrize(
+    ("universe", "saturday_is_a_partition", "first_window"),
+    [
+        ("crypto", True, ("2024-01-02 00:00:00+00:00", "2024-01-03 00:00:00+00:00")),
+        # From the last close before New Year's Day to the close of the session that opened 01-01 23:00 UTC.
+        ("cme_futures", False, ("2023-12-29 23:00:00+00:00", "2024-01-02 23:00:00+00:00")),
+    ],
+)
+def test_a_universe_gives_the_code_location_its_calendar(
+    universe: str, saturday_is_a_partition: bool, first_window: tuple[str, str]
+) -> None:
+    # The partitions are made when the code location loads: another universe is another process.
+    code = (
+        "from assets.partitions import DAILY, day_window; "
+        "print('2024-01-13' in DAILY.get_partition_keys(), *map(str, day_window('2024-01-02')), sep='|')"
+    )
+    env = {**os.environ, "MARKETFS_UNIVERSE": universe}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    saturday, start, end = out.stdout.strip().splitlines()[-1].split("|")
+    assert (saturday == "True", (start, end)) == (saturday_is_a_partition, first_window)
