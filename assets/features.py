@@ -18,7 +18,7 @@ import polars as pl
 from assets.data_versions import InputProvenance, content_version
 from assets.gates import DRIFT_CHECK, GATE_CHECK, Judgement, judge_days, report_run
 from assets.metadata import flag_counts, frame_summary, vector_preview
-from assets.partitions import DAY, DayChunks, daily_asset, day_window, with_day
+from assets.partitions import DAY, SESSIONS, DayChunks, daily_asset, day_window, with_day
 from assets.resources import FeatureStore, translate_database_errors
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
@@ -319,7 +319,13 @@ def _drift(
     from expectations.drift import drift_profile
     from expectations.gate import validate_days
 
-    profile = drift_profile(vectors.drop(DAY), history, template, source=f"feature_vectors ({fs.version}, {timeframe})")
+    profile = drift_profile(
+        vectors.drop(DAY),
+        history,
+        template,
+        source=f"feature_vectors ({fs.version}, {timeframe})",
+        day_of=SESSIONS.trading_day,
+    )
     name = template["name"]
     results = validate_days(profile.frame, name, suite=profile.suite, examples=()) if profile.frame.height else {}
     verdicts: dict[str, GateResult] = {}

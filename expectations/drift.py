@@ -52,6 +52,7 @@ supplies Student's t; it is imported inside the function that needs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
@@ -169,8 +170,22 @@ class DriftProfile:
     not_evaluated: dict[str, str]  # day -> why it has no row in ``frame``
 
 
-def drift_profile(vectors: pl.DataFrame, history: pl.DataFrame, template: dict, *, source: str) -> DriftProfile:
-    """The drift profile of every UTC day of ``vectors`` against its reference.
+DayOf = Callable[[pl.Series], pl.Series]
+
+
+def utc_date(ts: pl.Series) -> pl.Series:
+    """The UTC date of each instant: the day of data that has no exchange calendar (tests, benchmarks)."""
+    return ts.dt.date()
+
+
+def drift_profile(
+    vectors: pl.DataFrame, history: pl.DataFrame, template: dict, *, source: str, day_of: DayOf = utc_date
+) -> DriftProfile:
+    """The drift profile of every day of ``vectors`` against its reference.
+
+    ``day_of`` maps each ts to its day: the pipeline passes the trading day of the universe's
+    calendar (an after-hours vector, or one of a session crossing UTC midnight, is judged with the
+    session that closes next), so that a day here is a partition.
 
     ``history`` holds the stored vectors the reference may draw on (``ts`` plus the drift columns):
     the trailing partitions before the first day of ``vectors``, the pinned window or the snapshot.
@@ -191,7 +206,7 @@ def drift_profile(vectors: pl.DataFrame, history: pl.DataFrame, template: dict, 
         if missing:
             raise ValueError(f"drift suite {template.get('name')}: {name} lack the columns {missing}")
     bins = int(template.get("meta", {}).get("kl_bins", 10))
-    pool = _pool(vectors, history, spec)
+    pool = _pool(vectors, history, spec, day_of)
     labels, day_slot, lo, hi = pool.labels, pool.day_slot, pool.lo, pool.hi
     found = hi - lo
     evaluated = found >= spec.min_partitions
@@ -275,9 +290,10 @@ class _Pool:
         return values[self.order]
 
 
-def _day_numbers(frame: pl.DataFrame) -> np.ndarray:
-    """Each row's UTC day, as days since 1970-01-01."""
-    return frame["ts"].dt.epoch("d").to_numpy().astype(np.int64)
+def _day_numbers(frame: pl.DataFrame, day_of: DayOf) -> np.ndarray:
+    """Each row's day (``day_of`` its ts, a ``pl.Date``), as days since 1970-01-01."""
+    days = day_of(frame["ts"]) if frame.height else pl.Series([], dtype=pl.Date)
+    return days.cast(pl.Int32).to_numpy().astype(np.int64)
 
 
 def _numbered(days: np.ndarray, of: np.ndarray) -> np.ndarray:
@@ -297,12 +313,12 @@ def _distinct(numbers: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.bincount(numbers - low)) + low
 
 
-def _pool(current: pl.DataFrame, stored: pl.DataFrame, spec: ReferenceSpec) -> _Pool:
+def _pool(current: pl.DataFrame, stored: pl.DataFrame, spec: ReferenceSpec, day_of: DayOf) -> _Pool:
     """Trailing: one slot per date in date order (a current day replaces a stored one of the same
     date); a day's reference is the ``spec.partitions`` slots before its own. Window or snapshot:
     the stored days, then the current ones; every current day's reference is all the stored days.
     """
-    current_day, stored_day = _day_numbers(current), _day_numbers(stored)
+    current_day, stored_day = _day_numbers(current, day_of), _day_numbers(stored, day_of)
     current_days = _distinct(current_day)
     if spec.kind == "trailing":
         keep = ~np.isin(stored_day, current_days)

@@ -253,3 +253,17 @@ def test_a_universe_gives_the_code_location_its_calendar(
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     saturday, start, end = out.stdout.strip().splitlines()[-1].split("|")
     assert (saturday == "True", (start, end)) == (saturday_is_a_partition, first_window)
+
+
+def test_drift_judges_an_after_hours_vector_with_the_session_that_closes_next() -> None:
+    from test_drift_profile import suite
+
+    from expectations.drift import drift_profile
+
+    regular = [utc(2024, 1, 3, 14, 30) + i * MINUTE for i in range(300)]
+    evening = [utc(2024, 1, 3, 22, 0) + i * MINUTE for i in range(100)]  # after the 21:00 UTC close
+    vectors = pl.DataFrame({"ts": regular + evening, "a": [0.0] * 400, "b": [1.0] * 400})
+    by_trading_day = drift_profile(vectors, vectors.clear(), suite(), source="t", day_of=sessions("XNYS").trading_day)
+    by_utc_date = drift_profile(vectors, vectors.clear(), suite(), source="t")
+    assert set(by_trading_day.not_evaluated) == {"2024-01-03", "2024-01-04"}  # the partitions the rows are in
+    assert set(by_utc_date.not_evaluated) == {"2024-01-03"}

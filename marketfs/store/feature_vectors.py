@@ -9,7 +9,7 @@ update, and the rows are COPYed straight into the table.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import polars as pl
 import sqlalchemy as sa
@@ -210,7 +210,11 @@ def read_recent_partitions(
     partitions: int,
     columns: list[str] | None = None,
 ) -> pl.DataFrame:
-    """Stored vectors of the last ``partitions`` UTC days (that have vectors) before ``before``."""
+    """Stored vectors of (about) the last ``partitions`` trading days that have vectors before ``before``.
+
+    The days are counted as UTC dates in SQL (an index range, no calendar on the server), and the read
+    starts where the earliest one's trading day starts, so that day is whole (its after-hours part too).
+    """
     first_day = conn.execute(
         sa.text(
             "SELECT min(day) FROM (SELECT DISTINCT date_trunc('day', ts) AS day FROM feature_vectors "
@@ -223,9 +227,13 @@ def read_recent_partitions(
         return read_vectors(
             conn, feature_set=feature_set, timeframe=timeframe, start=before, end=before, columns=columns
         )
-    return read_vectors(
-        conn, feature_set=feature_set, timeframe=timeframe, start=first_day, end=before, columns=columns
-    )
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
+    first = first_day if first_day.tzinfo else first_day.replace(tzinfo=UTC)
+    session = sessions.trading_day(pl.Series([first])).item()
+    start = sessions.trading_day_window(session)[0] if session is not None else first
+    return read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=before, columns=columns)
 
 
 HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"
