@@ -71,7 +71,7 @@ class Sessions:
             return f"{d} is outside the {self.name} calendar ({self.first}..{self.last})"
         why = "a weekend" if self.weekmask[d.weekday()] == "0" else "a holiday"
         following = self.next_session(d)
-        return f"{d} is not a {self.name} session ({d:%A}, {why}); its instants belong to the session of {following}"
+        return f"{d} is no {self.name} session ({d:%A}, {why}); its instants belong to the session of {following}"
 
     def next_session(self, day: date | str) -> date | None:
         """The first session on or after ``day``."""

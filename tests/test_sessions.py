@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from dagster_helpers import PIPELINE, materialize_range
+from dagster_helpers import PIPELINE, dagster_process_env, materialize_range
 
 from assets.partitions import DAILY, day_window, session_keys
 from marketfs.calendars import CalendarError, sessions
@@ -155,7 +155,8 @@ def test_a_daily_bar_dated_on_a_holiday_names_the_file_line_and_day(tmp_path: Pa
     folder = tmp_path / "bars_1d"
     folder.mkdir()
     (folder / "spx.csv").write_text(HEADER + "AAA,2024-01-12,10,11,9,10.5,1000\nAAA,2024-01-15,10,11,9,10.5,1000\n")
-    with pytest.raises(SourceFileError, match=r"spx.csv, line 3: column 'ts' has '2024-01-15', not a XNYS session"):
+    expected = r"spx.csv, line 3: column 'ts' has '2024-01-15', not a session date of the XNYS calendar"
+    with pytest.raises(SourceFileError, match=expected):
         LandingFolderDailyBars(folder).bars(utc(2024, 1, 1), utc(2024, 2, 1))
 
 
@@ -267,3 +268,30 @@ def test_drift_judges_an_after_hours_vector_with_the_session_that_closes_next() 
     by_utc_date = drift_profile(vectors, vectors.clear(), suite(), source="t")
     assert set(by_trading_day.not_evaluated) == {"2024-01-03", "2024-01-04"}  # the partitions the rows are in
     assert set(by_utc_date.not_evaluated) == {"2024-01-03"}
+
+
+def test_a_declared_universe_is_what_a_session_must_hold() -> None:
+    from assets.expected_data import session_verdicts
+    from marketfs.universe import Universe
+
+    universe = Universe(name="ten", calendar="XNYS", instruments=tuple(f"I{i}" for i in range(10)))
+    bars = {"2024-01-03": pl.DataFrame({"instrument_id": [f"I{i}" for i in range(8)]})}
+    verdicts = session_verdicts(bars, ["2024-01-03"], universe, set(universe.instruments), "declared")
+    assert verdicts["2024-01-03"].passed  # 8 of 10 is the 80% asked
+    bars = {"2024-01-03": pl.DataFrame({"instrument_id": ["I0", "I1", "I2"]})}
+    [outcome] = session_verdicts(bars, ["2024-01-03"], universe, set(universe.instruments), "declared")[
+        "2024-01-03"
+    ].outcomes
+    assert not outcome.success and "at least 8 of the 10" in outcome.bounds and "missing: I3, I4" in outcome.bounds
+
+
+def test_a_run_of_non_sessions_says_so_and_runs_nothing(empty_dsn: str, tmp_path: Path) -> None:
+    env = dagster_process_env(empty_dsn, empty_dsn, tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "run", "--start", "2024-01-13", "--end", "2024-01-15", "--no-snapshot"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2024-01-13 is no XNYS session (Saturday, a weekend)" in out.stdout
+    assert "2024-01-15 is no XNYS session (Monday, a holiday)" in out.stdout
+    assert "no XNYS session from 2024-01-13 through 2024-01-15: nothing to run" in out.stdout

@@ -91,7 +91,7 @@ def scan_landing_file(path: Path, kind: LandingKind) -> FileScan:
     sessions = active_sessions()
     if kind.session_bars:
         ts, day = _session_stamp(raw[ts_column], sessions)
-        expected_ts = f"a {sessions.name} session date such as 2024-01-02 (or an instant of its trading day)"
+        expected_ts = f"a session date of the {sessions.name} calendar such as 2024-01-02 (or an instant of its day)"
     else:
         ts = _parse_ts(raw[ts_column]) + kind.ts_shift
         day = sessions.trading_day(ts)
