@@ -126,6 +126,12 @@ def test_a_partly_covered_session_is_flagged() -> None:
     daily = session_bars(pl.concat([single, stopped_at_noon, whole]), nyse)
     flags = dict(zip(daily["instrument_id"], daily["source_flags"].to_list(), strict=True))
     assert flags == {"AAA": ["PARTIAL_SESSION"], "BBB": ["PARTIAL_SESSION"], "CCC": []}
+    # ... and so are the 1d vectors computed from those bars.
+    from marketfs.features.compute import compute_feature_vectors
+
+    vectors = compute_feature_vectors(daily, "1d").vectors
+    partial = vectors.filter(pl.col("quality_flags").list.contains("PARTIAL_SESSION"))["instrument_id"].to_list()
+    assert sorted(partial) == ["AAA", "BBB"]
 
 
 def test_an_unknown_calendar_or_universe_is_named() -> None:
