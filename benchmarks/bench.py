@@ -36,9 +36,10 @@ START = datetime(2024, 1, 2, tzinfo=UTC)
 
 
 def trading_window(days: int) -> tuple[datetime, datetime, list[date]]:
-    from marketfs.sources.synthetic import trading_days
+    """The first ``days`` sessions from START (the universe's calendar), and a UTC window holding them."""
+    from marketfs.universe import active_sessions
 
-    trading = trading_days(START, START + timedelta(days=days * 2 + 30))[:days]
+    trading = active_sessions().between(START.date(), START.date() + timedelta(days=days * 2 + 30))[:days]
     return START, datetime.combine(trading[-1], datetime.min.time(), UTC) + timedelta(days=1), trading
 
 
@@ -243,7 +244,9 @@ def end_to_end(instruments: int, days: int, rows: int) -> dict:
         )
         results["backfill"] = {**backfill, "rows": rows}
         # One scheduled partition: the day after the range, so its warm-up and state come from the store.
-        next_day = (end.date() + timedelta(days=(7 - end.weekday()) % 7 if end.weekday() >= 5 else 0)).isoformat()
+        from marketfs.universe import active_sessions
+
+        next_day = active_sessions().next_session(end.date()).isoformat()
         tags = json.dumps({"dagster/partition": next_day})
         results["partition"] = run_tree(
             [

@@ -29,7 +29,7 @@ from expectations.gate import load_suite_json, suite_path, validate_days  # noqa
 from marketfs.features.compute import compute_feature_vectors  # noqa: E402
 from marketfs.features.registry import DEFAULT_FEATURE_SET  # noqa: E402
 from marketfs.sources import SyntheticBars, SyntheticEvents  # noqa: E402
-from marketfs.sources.synthetic import trading_days  # noqa: E402
+from marketfs.universe import active_sessions  # noqa: E402
 
 START = datetime(2024, 1, 2, tzinfo=UTC)
 SUITE = "feature_vectors_fs_v1_1m_drift"
@@ -105,7 +105,7 @@ def gated(columns: list[str], gates: dict) -> str:
 def run_size(n: int, n_days: int, seed: int, template: dict) -> dict:
     gates = {gate.column: gate for gate in drift_gates(template)}
     instruments = tuple(f"SYN{i:03d}" for i in range(n))
-    days = trading_days(START, START + timedelta(days=4 * n_days))[:n_days]
+    days = active_sessions().between(START.date(), (START + timedelta(days=4 * n_days)).date())[:n_days]
     end = day_bounds(days[-1])[1]
     t0 = time.perf_counter()
     bars = SyntheticBars(instruments=instruments, seed=seed).bars(START, end)
