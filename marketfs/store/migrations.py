@@ -450,6 +450,14 @@ def _m012_rollup_partial_session(conn: sa.Connection, timescale: bool) -> None:
         return
     from marketfs.store import timescale as ts
 
+    # A new database got the flag from migration 10, which builds the rollup from QualityFlag as it is now:
+    # recreating it again would only restart its jobs while the first writes arrive.
+    counted = conn.execute(
+        sa.text("SELECT 1 FROM information_schema.columns WHERE table_name = :v AND column_name = 'partial_session'"),
+        {"v": ts.ROLLUP},
+    ).first()
+    if counted:
+        return
     # A continuous aggregate's columns cannot be altered: recreate it with one count per QualityFlag.
     conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))
     ts.create_daily_quality_rollup(conn)
