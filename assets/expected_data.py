@@ -10,17 +10,16 @@ day therefore fails here, with what was expected, instead of giving a green run 
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 
 import polars as pl
 import sqlalchemy as sa
 
 from expectations.gate import ExpectationOutcome, GateResult
+from marketfs.universe import DEFAULT_FILE as UNIVERSES_FILE
 from marketfs.universe import Universe
 
 EXPECTED_CHECK = "expected_data"
 EXPECTATION = "expect_session_to_hold_the_universe"
-UNIVERSES_FILE = Path("marketfs/config/universes.toml")
 
 
 def expected_instruments(
