@@ -312,6 +312,8 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
         for days in plan:
             start, end = day_window(days[0])[0], day_window(days[-1])[1]
             delivery = _delivered(deliver, start, end)
+            for error in dict.fromkeys(str(e) for e in delivery.unplaced):
+                context.log.warning(f"daily landing file skipped, no day of it is ingested: {error}")
             spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
             bad_days.update(spoiled)
             judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
