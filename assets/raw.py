@@ -4,6 +4,7 @@ Raw days are independent of each other: a delivery that breaches its gate on one
 quarantined for that day alone, and every other day of the run is written.
 """
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
@@ -121,6 +122,47 @@ def _write_days(
     return written
 
 
+@dataclasses.dataclass
+class _Ingestion:
+    """What a raw asset's run keeps across its chunks of days: the verdicts, the days files spoiled, the
+    materialisations written, and how it ends."""
+
+    context: dg.AssetExecutionContext
+    judged: Judgement = dataclasses.field(default_factory=Judgement)
+    bad_days: dict[str, SourceFileError] = dataclasses.field(default_factory=dict)
+    materializations: list[tuple] = dataclasses.field(default_factory=list)
+    failure: dg.Failure | None = None
+    _warned: set[str] = dataclasses.field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.plan = DayChunks(self.context.partition_keys)
+
+    def chunks(self, deliver: Callable[[datetime, datetime], Delivery]) -> Iterator[tuple[Delivery, list[str]]]:
+        """Each chunk's delivery and its sound days; a day a file spoils gets a failed check and is left out.
+
+        A file that cannot say which days it holds is warned of once per run and blocks no day.
+        """
+        for days in self.plan:
+            delivery = _delivered(deliver, day_window(days[0])[0], day_window(days[-1])[1])
+            for error in map(str, delivery.unplaced):
+                if error not in self._warned:
+                    self._warned.add(error)
+                    self.context.log.warning(f"landing file skipped, no day of it is ingested: {error}")
+            spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
+            self.bad_days.update(spoiled)
+            self.judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
+            yield delivery, [day for day in days if day not in spoiled]
+
+    def report(self, provenance: InputProvenance) -> Iterator:
+        """Everything the run records, then its failure: a stopped chunk, or the days files spoiled."""
+        failure = self.failure
+        if failure is None and self.bad_days:
+            failure = _file_failure(self.context, self.bad_days, self.judged)
+        yield from report_run(
+            self.context, provenance, self.materializations, self.judged, chained=False, failure=failure
+        )
+
+
 def _ingest(
     context: dg.AssetExecutionContext,
     store: FeatureStore,
@@ -144,30 +186,15 @@ def _ingest(
     provenance = InputProvenance.capture(context)
     suite = load_suite_json(suite_path(asset))
     docs = DataDocs.default()
-    materializations = []
-    judged = Judgement()
-    bad_days: dict[str, SourceFileError] = {}
-    warned: set[str] = set()
-    failure = None
-    plan = DayChunks(context.partition_keys)
+    run = _Ingestion(context)
     try:
-        for days in plan:
-            start, end = day_window(days[0])[0], day_window(days[-1])[1]
-            delivery = _delivered(deliver, start, end)
-            for error in delivery.unplaced:
-                if str(error) not in warned:
-                    warned.add(str(error))
-                    context.log.warning(f"landing file skipped, no day of it is ingested: {error}")
-            spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
-            bad_days.update(spoiled)
-            judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
-            sound = [day for day in days if day not in spoiled]
+        for delivery, sound in run.chunks(deliver):
             if not sound:
                 continue
             # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
             delivered = with_day(delivery.rows, ts_column).with_columns(pl.col(DAY).fill_null(sound[0]))
             by_day = {key: rows.drop(DAY) for (key,), rows in delivered.partition_by(DAY, as_dict=True).items()}
-            plan.saw(delivered.height, len(by_day))
+            run.plan.saw(delivered.height, len(by_day))
             empty = delivered.clear().drop(DAY)
 
             def publish(check: str, day: str, gate, by_day: dict = by_day) -> str | None:
@@ -184,19 +211,17 @@ def _ingest(
                 chained=False,
                 publish=publish,
             )
-            judged.extend(judgement)
+            run.judged.extend(judgement)
 
             def write_day(conn, day: str, by_day: dict = by_day, empty=empty) -> tuple[dict, pl.DataFrame]:
                 rows = by_day.get(day, empty)
                 stored = write(conn, rows, *day_window(day))
                 return summarise(rows, stored), stored
 
-            materializations += _write_days(context, store, judgement.accepted, table, write_day)
+            run.materializations += _write_days(context, store, judgement.accepted, table, write_day)
     except dg.Failure as exc:  # a folder that cannot be read in a later chunk: the days already written are recorded
-        failure = exc
-    if failure is None and bad_days:
-        failure = _file_failure(context, bad_days, judged)
-    yield from report_run(context, provenance, materializations, judged, chained=False, failure=failure)
+        run.failure = exc
+    yield from run.report(provenance)
 
 
 @daily_asset(
@@ -303,27 +328,18 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
     suite = load_suite_json(suite_path("raw_ohlcv"))
     docs = DataDocs.default()
     deliver = _delivery_of(market_data.daily_bar_source(), "daily")
-    materializations = []
-    judged = Judgement()
-    bad_days: dict[str, SourceFileError] = {}
-    failure = None
-    plan = DayChunks(context.partition_keys)
+    run = _Ingestion(context)
     try:
-        for days in plan:
-            start, end = day_window(days[0])[0], day_window(days[-1])[1]
-            delivery = _delivered(deliver, start, end)
-            for error in dict.fromkeys(str(e) for e in delivery.unplaced):
-                context.log.warning(f"daily landing file skipped, no day of it is ingested: {error}")
-            spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
-            bad_days.update(spoiled)
-            judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
-            sound = [day for day in days if day not in spoiled]
+        for delivery, sound in run.chunks(deliver):
+            if not sound:
+                continue
+            start, end = day_window(sound[0])[0], day_window(sound[-1])[1]
             with store.engine().connect() as conn:
                 built = daily_bars(read_bars(conn, start, end))
                 expected, source = expected_instruments(conn, universe, market_data.declared_instruments(), start)
             daily = with_day(_combined_daily(built, delivery.rows))
             by_day = {key: rows.drop(DAY) for (key,), rows in daily.partition_by(DAY, as_dict=True).items()}
-            plan.saw(daily.height, len(by_day))
+            run.plan.saw(daily.height, len(by_day))
             empty = daily.clear().drop(DAY)
 
             def publish(check: str, day: str, gate, by_day: dict = by_day) -> str | None:
@@ -344,19 +360,17 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 chained=False,
                 publish=publish,
             )
-            judged.extend(judgement)
+            run.judged.extend(judgement)
 
             def write_day(conn, day: str, by_day: dict = by_day, empty=empty) -> tuple[dict, pl.DataFrame]:
                 rows = by_day.get(day, empty)
                 replace_bars(conn, rows, *day_window(day), timeframe="1d")
                 return _daily_summary(day, rows), rows
 
-            materializations += _write_days(context, store, judgement.accepted, "ohlcv_1d", write_day)
+            run.materializations += _write_days(context, store, judgement.accepted, "ohlcv_1d", write_day)
     except dg.Failure as exc:
-        failure = exc
-    if failure is None and bad_days:
-        failure = _file_failure(context, bad_days, judged)
-    yield from report_run(context, provenance, materializations, judged, chained=False, failure=failure)
+        run.failure = exc
+    yield from run.report(provenance)
 
 
 def _daily_summary(day: str, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:

@@ -104,37 +104,25 @@ class Sessions:
         hi = self.closes.search_sorted(_utc(end), side="left")
         return self.days[lo : min(hi + 1, len(self.days))].to_list()
 
+    def session_index(self, ts: pl.Series) -> pl.Series:
+        """The position of each instant's trading day (the first session closing after it) in ``days``,
+        ``opens`` and ``closes``. Null where ``ts`` is null or past the calendar's last session."""
+        ts = ts.cast(UTC_US)
+        at = self.closes.search_sorted(ts.fill_null(self.closes[0]), side="right")
+        return pl.select(pl.when(ts.is_null() | (at >= len(self.days))).then(None).otherwise(at)).to_series()
+
     def trading_day(self, ts: pl.Series) -> pl.Series:
         """The trading day (a ``pl.Date`` session label) of each instant: the first session closing after it.
 
         Null where ``ts`` is null or past the calendar's last session.
         """
-        ts = ts.cast(UTC_US)
-        at = self.closes.search_sorted(ts.fill_null(self.closes[0]), side="right")
-        days = self.days.gather(at.clip(upper_bound=len(self.days) - 1))
-        return pl.select(
-            pl.when(ts.is_null() | (at >= len(self.days))).then(None).otherwise(days).alias(ts.name or "day")
-        ).to_series()
-
-    def frame(self, start: date | str, end: date | str) -> pl.DataFrame:
-        """Sessions ``start <= day <= end`` with their opens, closes and previous closes (``day_start``)."""
-        lo = max(self.days.search_sorted(_as_date(start), side="left"), 0)
-        hi = self.days.search_sorted(_as_date(end), side="right")
-        previous = self.closes.shift(1).fill_null(self.opens[0] - timedelta(days=1))
-        return pl.DataFrame(
-            {
-                "session": self.days[lo:hi],
-                "day_start": previous[lo:hi],
-                "open": self.opens[lo:hi],
-                "close": self.closes[lo:hi],
-            }
-        )
+        return self.days.gather(self.session_index(ts)).alias(ts.name or "day")
 
     def excluded_weekdays(self) -> list[date]:
         """Days of the weekmask's weekdays that hold no session (holidays), over the calendar's range."""
         every = pl.date_range(self.first, self.last, "1d", eager=True)
-        weekday_ok = every.dt.weekday().map_elements(lambda w: self.weekmask[w - 1] == "1", return_dtype=pl.Boolean)
-        return every.filter(weekday_ok & ~every.is_in(self.days.implode())).to_list()
+        trading_weekdays = [i + 1 for i, on in enumerate(self.weekmask) if on == "1"]  # polars: Monday is 1
+        return every.filter(every.dt.weekday().is_in(trading_weekdays) & ~every.is_in(self.days.implode())).to_list()
 
     def cron_weekdays(self) -> str:
         """The weekmask as a cron day-of-week field (``1-5`` style list: ``1,2,3,4,5``; ``*`` for every day)."""

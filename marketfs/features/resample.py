@@ -62,10 +62,13 @@ def session_bars(minute_bars: pl.DataFrame, calendar: Sessions, partial_coverage
     valid = minute_bars.filter(valid_bar())
     if valid.is_empty():
         return pl.DataFrame(schema={**BAR_SCHEMA, "source_flags": pl.List(pl.String)})
-    sessions = pl.DataFrame({"session": calendar.days, "_open": calendar.opens, "_close": calendar.closes})
+    at = calendar.session_index(valid["ts"])
     inside = (
-        valid.with_columns(calendar.trading_day(valid["ts"]).alias("session"))
-        .join(sessions, on="session", how="inner")
+        valid.with_columns(
+            calendar.days.gather(at).alias("session"),
+            calendar.opens.gather(at).alias("_open"),
+            calendar.closes.gather(at).alias("_close"),
+        )
         .filter((pl.col("ts") >= pl.col("_open")) & (pl.col("ts") < pl.col("_close")))
         .sort("instrument_id", "ts")
     )
@@ -93,13 +96,12 @@ def session_bars(minute_bars: pl.DataFrame, calendar: Sessions, partial_coverage
     )
 
 
-def daily_bars(minute_bars: pl.DataFrame, calendar: Sessions | None = None, partial_coverage: float | None = None):
+def daily_bars(minute_bars: pl.DataFrame) -> pl.DataFrame:
     """One bar per instrument and session of the active universe's calendar (see ``session_bars``)."""
     from marketfs.universe import active_universe
 
     universe = active_universe()
-    coverage = universe.partial_session_coverage if partial_coverage is None else partial_coverage
-    return session_bars(minute_bars, calendar or universe.sessions, coverage)
+    return session_bars(minute_bars, universe.sessions, universe.partial_session_coverage)
 
 
 def resampled_with_warmup(minute_bars: pl.DataFrame, timeframe: str, start, read_limit: int) -> pl.DataFrame:

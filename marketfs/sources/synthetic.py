@@ -23,16 +23,10 @@ from marketfs.universe import active_sessions
 
 SESSION_OPEN_UTC = timedelta(hours=14, minutes=30)  # where events cluster: 09:30 New York in winter
 BARS_PER_DAY = 390  # a regular NYSE session; generated always, cut to the session's length
-MINUTES_FROM = date(2024, 1, 2)
 
 
 def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
-def sessions_overlapping(start: datetime, end: datetime, calendar: Sessions | None = None) -> list[date]:
-    """Sessions of the calendar (default: the active universe's) whose trading day overlaps ``[start, end)``."""
-    return (calendar or active_sessions()).trading_days_overlapping(start, end)
 
 
 def trading_days(start: datetime, end: datetime) -> list[date]:
@@ -55,8 +49,12 @@ class SyntheticBars:
     minutes_from: date = date.min  # sessions before it deliver daily bars only (see `daily`)
     calendar: Sessions | None = None  # default: the active universe's
 
+    @property
+    def sessions(self) -> Sessions:
+        return self.calendar or active_sessions()
+
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
-        days = [d for d in sessions_overlapping(start, end, self.calendar) if d >= self.minutes_from]
+        days = [d for d in self.sessions.trading_days_overlapping(start, end) if d >= self.minutes_from]
         frames = [self._day(instrument, day) for day in days for instrument in self.instruments]
         if not frames:
             return pl.DataFrame(schema=BAR_SCHEMA)
@@ -68,12 +66,11 @@ class SyntheticBars:
         minute: the minutes of the day as ``bars`` would make them, aggregated over the session."""
         from marketfs.features.resample import session_bars
 
-        calendar = self.calendar or active_sessions()
-        days = [d for d in sessions_overlapping(start, end, calendar) if d < self.minutes_from]
+        days = [d for d in self.sessions.trading_days_overlapping(start, end) if d < self.minutes_from]
         if not days:
             return pl.DataFrame(schema=BAR_SCHEMA)
         minutes = pl.concat([self._day(i, d) for d in days for i in self.instruments])
-        daily = session_bars(minutes, calendar).select(list(BAR_SCHEMA))
+        daily = session_bars(minutes, self.sessions).select(list(BAR_SCHEMA))
         return daily.filter((pl.col("ts") >= start) & (pl.col("ts") < end)).sort("instrument_id", "ts")
 
     def _day(self, instrument: str, day: date) -> pl.DataFrame:
@@ -89,7 +86,7 @@ class SyntheticBars:
         high = np.maximum(open_, close) * (1 + wick[0])
         low = np.minimum(open_, close) * (1 - wick[1])
         volume = np.round(rng.lognormal(mean=7.0, sigma=0.6, size=BARS_PER_DAY))
-        session_start, session_close = (self.calendar or active_sessions()).bounds(day)
+        session_start, session_close = self.sessions.bounds(day)
         keep = rng.random(BARS_PER_DAY) >= self.drop_rate
         ts = pl.datetime_range(
             session_start, session_start + timedelta(minutes=BARS_PER_DAY - 1), "1m", eager=True, time_zone="UTC"
