@@ -15,7 +15,7 @@ from assets.data_versions import InputProvenance, content_version
 from assets.expected_data import EXPECTED_CHECK, expected_instruments, session_verdicts
 from assets.gates import GATE_CHECK, DayCheck, Judgement, breach_failure, judge_days, report_run
 from assets.metadata import frame_summary
-from assets.partitions import DAY, DayChunks, daily_asset, day_window, with_day
+from assets.partitions import DAY, SESSIONS, DayChunks, daily_asset, day_window, with_day
 from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.db import retry_on_conflict
 from marketfs.features.flags import QualityFlag
@@ -374,11 +374,10 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
 
 
 def _daily_summary(day: str, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:
-    sessions = active_universe().sessions
-    session_open, session_close = sessions.bounds(day)
+    session_open, session_close = SESSIONS.bounds(day)
     metadata = frame_summary(bars.drop("source_flags"))
     metadata["session"] = dg.MetadataValue.text(
-        f"{sessions.name} {day}: open {session_open:%Y-%m-%d %H:%M}, close {session_close:%Y-%m-%d %H:%M} UTC"
+        f"{SESSIONS.name} {day}: open {session_open:%Y-%m-%d %H:%M}, close {session_close:%Y-%m-%d %H:%M} UTC"
     )
     partial = int(bars["source_flags"].list.contains(QualityFlag.PARTIAL_SESSION.value).sum()) if bars.height else 0
     metadata["flag_PARTIAL_SESSION"] = dg.MetadataValue.int(partial)

@@ -16,8 +16,10 @@ UTC) is one trading day, not two halves. The trading days tile time with no gap 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 
@@ -149,7 +151,59 @@ def _utc(instant: datetime) -> datetime:
 
 @functools.cache
 def sessions(name: str) -> Sessions:
-    """The sessions of calendar ``name`` (an exchange_calendars name: XNYS, XLON, CMES, 24/7, ...)."""
+    """The sessions of calendar ``name`` (an exchange_calendars name: XNYS, XLON, CMES, 24/7, ...).
+
+    Kept under ``$MARKETFS_HOME/calendars`` once built: importing exchange_calendars (and its pandas)
+    and building a calendar cost ~0.9 s, which every Dagster process would pay when it loads the
+    partitions. The file is named by the package's version and today's date (the calendar's end
+    follows today), so an upgrade or a new day builds it anew.
+    """
+    path = _cache_path(name)
+    if path.exists():
+        try:
+            return _from_frame(name, pl.read_parquet(path))
+        except (OSError, pl.exceptions.PolarsError):  # a damaged file: built again below
+            pass
+    built = _build(name)
+    _store(path, built)
+    return built
+
+
+def _cache_path(name: str) -> Path:
+    from importlib.metadata import version
+
+    safe = "".join(c if c.isalnum() else "_" for c in name)
+    stamp = f"{version('exchange-calendars')}-{CALENDAR_START}-{date.today().isoformat()}"
+    return Path(os.environ.get("MARKETFS_HOME", ".marketfs")) / "calendars" / f"{safe}-{stamp}.parquet"
+
+
+def _from_frame(name: str, frame: pl.DataFrame) -> Sessions:
+    return Sessions(
+        name=name,
+        days=frame["session"],
+        opens=frame["open"],
+        closes=frame["close"],
+        weekmask=frame["weekmask"][0],
+    )
+
+
+def _store(path: Path, built: Sessions) -> None:
+    """Written whole or not at all (another process may read it meanwhile); older builds removed."""
+    frame = pl.DataFrame(
+        {"session": built.days, "open": built.opens, "close": built.closes}
+    ).with_columns(pl.lit(built.weekmask).alias("weekmask"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{path.name.split('-')[0]}-*.parquet"):
+            old.unlink(missing_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        frame.write_parquet(partial)
+        partial.replace(path)
+    except OSError:  # a read-only home: every process builds the calendar itself
+        pass
+
+
+def _build(name: str) -> Sessions:
     import exchange_calendars as xcals
 
     try:

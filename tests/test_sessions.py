@@ -301,3 +301,21 @@ def test_a_run_of_non_sessions_says_so_and_runs_nothing(empty_dsn: str, tmp_path
     assert "2024-01-13 is no XNYS session (Saturday, a weekend)" in out.stdout
     assert "2024-01-15 is no XNYS session (Monday, a holiday)" in out.stdout
     assert "no XNYS session from 2024-01-13 through 2024-01-15: nothing to run" in out.stdout
+
+
+def test_a_process_loads_the_calendar_without_exchange_calendars_once_it_was_built(tmp_path: Path) -> None:
+    # Every Dagster process loads the partitions: the built calendar is kept, and equal to a fresh build.
+    code = (
+        "import sys; from marketfs.calendars import sessions; s = sessions('XNYS'); "
+        "print('exchange_calendars' in sys.modules, len(s.days), s.days[-1], s.closes[-1], s.weekmask, sep='|')"
+    )
+    env = {**os.environ, "MARKETFS_HOME": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+        .stdout.strip()
+        .split("|")
+        for _ in range(2)
+    ]
+    assert runs[0][0] == "True" and runs[1][0] == "False"
+    assert runs[0][1:] == runs[1][1:]
+    assert len(list((tmp_path / "calendars").glob("XNYS-*.parquet"))) == 1
