@@ -91,26 +91,29 @@ def content_version(frame: pl.DataFrame) -> str:
     return digest.hexdigest()[:32]
 
 
-def stored_content_version(conn: sa.Connection, asset: str, start: datetime, end: datetime) -> str:
-    """The content version of what an asset's served table holds for ``[start, end)`` (one day).
+def stored_content_version(conn: sa.Connection, asset: str, start: datetime, end: datetime, shard=None) -> str:
+    """The content version of what an asset's served table holds for ``[start, end)`` (one day; of
+    ``shard``'s instruments when given).
 
     The same frame the assets hash before they write (the served table's columns), read back: a
     release from quarantine, which writes outside a run, reports it.
     """
     from marketfs.features.registry import datasets
+    from marketfs.shards import ALL
     from marketfs.store.bars import read_bars
     from marketfs.store.events import read_events
     from marketfs.store.feature_vectors import read_vectors
 
+    shard = shard or ALL
     if asset == "raw_ohlcv":
-        frame = read_bars(conn, start, end)
+        frame = read_bars(conn, start, end, shard=shard)
     elif asset == "bars_1d":
-        frame = read_bars(conn, start, end, timeframe="1d")
+        frame = read_bars(conn, start, end, timeframe="1d", shard=shard)
     elif asset == "raw_events":
-        frame = read_events(conn, start, end)
+        frame = read_events(conn, start, end, shard=shard)
     elif asset in datasets():
         feature_set, timeframe = datasets()[asset]
-        frame = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end)
+        frame = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end, shard=shard)
     else:
         raise ValueError(f"no served table known for asset {asset!r}")
     return content_version(frame)

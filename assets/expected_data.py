@@ -15,6 +15,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from expectations.gate import ExpectationOutcome, GateResult
+from marketfs.shards import ALL, Shard
 from marketfs.universe import DEFAULT_FILE as UNIVERSES_FILE
 from marketfs.universe import Universe
 
@@ -23,32 +24,45 @@ EXPECTATION = "expect_session_to_hold_the_universe"
 
 
 def expected_instruments(
-    conn: sa.Connection, universe: Universe, declared: tuple[str, ...], before: datetime
+    conn: sa.Connection, universe: Universe, declared: tuple[str, ...], before: datetime, shard: Shard = ALL
 ) -> tuple[set[str], str]:
-    """The instruments a session is expected to hold, and where that list comes from."""
+    """The instruments a session (of ``shard``) is expected to hold, and where that list comes from."""
+    where = "" if shard.is_all else f" in {shard}"
     if universe.instruments:
-        return set(universe.instruments), f"universe {universe.name}'s declared instruments"
+        mine = {i for i in universe.instruments if shard.holds(i)}
+        return mine, f"universe {universe.name}'s declared instruments{where}"
     if declared:
-        return set(declared), "the synthetic source's instruments"
+        return {i for i in declared if shard.holds(i)}, f"the synthetic source's instruments{where}"
     sessions = universe.sessions
     # The last `learn_sessions` sessions that closed at or before `before` (a trading day's start).
     last = sessions.closes.search_sorted(before, side="right") - 1
     start = sessions.trading_day_window(sessions.days[max(0, last - universe.learn_sessions + 1)])[0]
     rows = conn.execute(
-        sa.text("SELECT DISTINCT instrument_id FROM ohlcv_1d WHERE ts >= :s AND ts < :e"), {"s": start, "e": before}
+        sa.text(f"SELECT DISTINCT instrument_id FROM ohlcv_1d WHERE ts >= :s AND ts < :e AND {shard.text_condition()}"),
+        {"s": start, "e": before, **shard.params},
     )
-    return {r[0] for r in rows}, f"instruments with a daily bar in the {universe.learn_sessions} sessions before"
+    return {r[0] for r in rows}, f"instruments with a daily bar in the {universe.learn_sessions} sessions before{where}"
 
 
 def session_verdicts(
-    bars_by_day: dict[str, pl.DataFrame], days: list[str], universe: Universe, expected: set[str], source: str
+    bars_by_day: dict[str, pl.DataFrame],
+    days: list[str],
+    universe: Universe,
+    expected: set[str],
+    source: str,
+    learnt: bool = True,
 ) -> dict[str, GateResult]:
-    """One verdict per session: did its daily bars cover enough of the expected instruments?"""
+    """One verdict per session: did its daily bars cover enough of the expected instruments?
+
+    ``learnt``: the list came from stored bars, not from a declaration.
+    """
     verdicts = {}
     for day in days:
         bars = bars_by_day.get(day)
         present = set(bars["instrument_id"].unique().to_list()) if bars is not None and bars.height else set()
-        minimum = universe.min_instruments(len(expected)) if expected else 1
+        # Nothing expected at all is "nothing learnt yet": some bar must come. A shard that a declared list
+        # leaves empty expects nothing, and rightly holds nothing.
+        minimum = universe.min_instruments(len(expected)) if expected else (1 if learnt else 0)
         missing = sorted(expected - present)
         outcome = ExpectationOutcome(
             expectation=EXPECTATION,
@@ -64,7 +78,8 @@ def session_verdicts(
                 f"{universe.calendar} session {day}); missing: {', '.join(missing[:10])}"
                 + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
                 if expected
-                else f"bars of at least 1 instrument ({universe.calendar} session {day}; nothing learnt yet)"
+                else f"bars of at least {minimum} instrument(s) ({universe.calendar} session {day}; "
+                + ("nothing learnt yet)" if learnt else f"no instrument expected: {source})")
             ),
         )
         verdicts[day] = GateResult(

@@ -18,7 +18,17 @@ import polars as pl
 from assets.data_versions import InputProvenance, content_version
 from assets.gates import DRIFT_CHECK, GATE_CHECK, Judgement, judge_days, report_run
 from assets.metadata import flag_counts, frame_summary, vector_preview
-from assets.partitions import DAY, SESSIONS, DayChunks, daily_asset, day_window, with_day
+from assets.partitions import (
+    DAY,
+    SESSIONS,
+    DayChunks,
+    RunScope,
+    daily_asset,
+    day_dependency,
+    day_window,
+    run_scopes,
+    with_day,
+)
 from assets.resources import FeatureStore, translate_database_errors
 from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
@@ -27,6 +37,7 @@ from marketfs.features.code_version import code_version
 from marketfs.features.compute import FeatureComputation, HistoryError, compute_feature_vectors
 from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
 from marketfs.features.timeframes import timeframe as timeframe_spec
+from marketfs.shards import Shard
 from marketfs.store.bars import read_bars_for
 from marketfs.store.events import read_events
 from marketfs.store.feature_vectors import (
@@ -88,27 +99,12 @@ def _feature_vectors_asset(fs: FeatureSet, timeframe: str) -> dg.AssetsDefinitio
         # Follows the declaration and the source of the functions that compute it (code_version.py).
         code_version=code_version(fs, timeframe),
         deps=[
-            # Warm-up bars are read by count; the lineage covers the days they can come from.
-            dg.AssetDep(
-                BARS_ASSET[spec.bar_table],
-                partition_mapping=dg.TimeWindowPartitionMapping(
-                    start_offset=-spec.lookback_days, allow_nonexistent_upstream_partitions=True
-                ),
-            ),
+            # Warm-up bars are read by count; the lineage covers the days they can come from (same shard).
+            day_dependency(BARS_ASSET[spec.bar_table], -spec.lookback_days),
             # Events of the look-back window reach into the previous day.
-            dg.AssetDep(
-                "raw_events",
-                partition_mapping=dg.TimeWindowPartitionMapping(
-                    start_offset=-1, allow_nonexistent_upstream_partitions=True
-                ),
-            ),
-            # Recursions continue from the state stored at the previous day's last bar.
-            dg.AssetDep(
-                name,
-                partition_mapping=dg.TimeWindowPartitionMapping(
-                    start_offset=-1, end_offset=-1, allow_nonexistent_upstream_partitions=True
-                ),
-            ),
+            day_dependency("raw_events", -1),
+            # Recursions continue from the state stored at the shard's previous day's last bar.
+            day_dependency(name, -1, -1),
         ],
         checks=checks,
         description=f"Feature vectors {fs.version}, timeframe {timeframe} (event windows: {windows}), in table "
@@ -132,7 +128,7 @@ def _feature_vectors_asset(fs: FeatureSet, timeframe: str) -> dg.AssetsDefinitio
 def _materialise(
     context: dg.AssetExecutionContext, store: FeatureStore, fs: FeatureSet, timeframe: str, drift: bool
 ) -> Iterator:
-    """Compute, gate and write the run's days in chunks, then report each day."""
+    """Compute, gate and write the run's days in chunks, shard by shard, then report each day."""
     from expectations.docs import DataDocs
     from expectations.gate import load_suite_json
 
@@ -144,32 +140,54 @@ def _materialise(
     materializations: list[tuple] = []
     judgement = Judgement()
     failure = None
-    plan = DayChunks(context.partition_keys)
-    history = None  # the drift reference, read once and carried from chunk to chunk
     try:
-        for days in plan:
-            start, end = day_window(days[0])[0], day_window(days[-1])[1]
-            computation = _compute(store, fs, timeframe, start, end)
-            vectors = with_day(computation.vectors)
-            by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
-            plan.saw(vectors.height, len(by_day))
-            if drift_template is not None and history is None:
-                history = _drift_history(store, fs, drift_template, timeframe, start)
-            chunk = gate.judge(store, days, computation, vectors, by_day, history, fs, timeframe)
-            judgement.extend(chunk)
-            if chunk.accepted:
-                accepted = _write_accepted(store, context, fs, timeframe, computation, chunk.accepted)
-                empty = vectors.clear().drop(DAY)
-                for day in chunk.accepted:
-                    rows = by_day.get(day, empty)
-                    materializations.append((context.asset_key, day, _day_metadata(rows), content_version(rows)))
-                if history is not None:
-                    history = _roll(history, accepted.vectors, drift_template)
-            if chunk.breaches:
-                break  # later days continue the breaching day's state: they are held back
+        for scope in run_scopes(context.partition_keys):
+            breached = _materialise_shard(
+                store, context, gate, scope, fs, timeframe, drift_template, judgement, materializations
+            )
+            if breached:
+                break
     except dg.Failure as exc:  # a bad file or missing history in a later chunk: written days are recorded
         failure = exc
     yield from report_run(context, provenance, materializations, judgement, chained=True, failure=failure)
+
+
+def _materialise_shard(
+    store: FeatureStore,
+    context: dg.AssetExecutionContext,
+    gate: "_DayGate",
+    scope: RunScope,
+    fs: FeatureSet,
+    timeframe: str,
+    drift_template: dict | None,
+    judgement: Judgement,
+    materializations: list[tuple],
+) -> bool:
+    """One shard's days in order, in chunks; whether a day breached (the days after it are held back)."""
+    shard = scope.shard
+    plan = DayChunks(scope.days)
+    history = None  # the drift reference, read once and carried from chunk to chunk
+    for days in plan:
+        start, end = day_window(days[0])[0], day_window(days[-1])[1]
+        computation = _compute(store, fs, timeframe, start, end, shard)
+        vectors = with_day(computation.vectors)
+        by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
+        plan.saw(vectors.height, len(by_day))
+        if drift_template is not None and history is None:
+            history = _drift_history(store, fs, drift_template, timeframe, start, shard)
+        chunk = gate.judge(store, scope, days, computation, vectors, by_day, history, fs, timeframe)
+        judgement.extend(chunk)
+        if chunk.accepted:
+            accepted = _write_accepted(store, context, fs, timeframe, computation, chunk.accepted, shard)
+            empty = vectors.clear().drop(DAY)
+            for day in chunk.accepted:
+                rows = by_day.get(day, empty)
+                materializations.append((context.asset_key, scope.key(day), _day_metadata(rows), content_version(rows)))
+            if history is not None:
+                history = _roll(history, accepted.vectors, drift_template)
+        if chunk.breaches:
+            return True  # later days continue the breaching day's state: they are held back
+    return False
 
 
 @dataclasses.dataclass
@@ -182,7 +200,7 @@ class _DayGate:
     drift_template: dict | None
     docs: object
 
-    def judge(self, store, days, computation, vectors, by_day, history, fs, timeframe) -> Judgement:
+    def judge(self, store, scope, days, computation, vectors, by_day, history, fs, timeframe) -> Judgement:
         from expectations.gate import publish_day, validate_days
 
         checks_by_day = {GATE_CHECK: validate_days(vectors, self.name, suite=self.quality_suite)}
@@ -200,7 +218,7 @@ class _DayGate:
             }
 
         def publish(check: str, day: str, gate: GateResult) -> str | None:
-            label = f"{self.name}-{day}"
+            label = f"{self.name}-{day}" if scope.shard.is_all else f"{self.name}-{day}-shard{scope.shard.index}"
             run = self.context.run_id
             if check == DRIFT_CHECK:
                 row = profile.frame.filter(pl.col(DAY) == day).drop(DAY)
@@ -208,7 +226,14 @@ class _DayGate:
             return publish_day(by_day[day], self.name, self.quality_suite, docs=self.docs, label=label, run_name=run)
 
         return judge_days(
-            self.context, store, days=days, checks=checks_by_day, rows_of_day=rows_of_day, chained=True, publish=publish
+            self.context,
+            store,
+            days=days,
+            checks=checks_by_day,
+            rows_of_day=rows_of_day,
+            chained=True,
+            scope=scope,
+            publish=publish,
         )
 
 
@@ -219,8 +244,9 @@ def _write_accepted(
     timeframe: str,
     computation: FeatureComputation,
     days: list[str],
+    shard: Shard,
 ) -> FeatureComputation:
-    """The days before the first breach, with their state, in one transaction."""
+    """The days before the first breach, with their state, in one transaction (the shard's instruments)."""
     start, end = day_window(days[0])[0], day_window(days[-1])[1]
     accepted = FeatureComputation(
         vectors=_in_window(computation.vectors, start, end), state=_in_window(computation.state, start, end)
@@ -229,7 +255,14 @@ def _write_accepted(
     def write() -> None:
         with store.engine().begin() as conn:
             write_features(
-                conn, accepted, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=context.run_id
+                conn,
+                accepted,
+                feature_set=fs,
+                timeframe=timeframe,
+                start=start,
+                end=end,
+                run_id=context.run_id,
+                shard=shard,
             )
 
     retry_on_conflict(write, f"writing {dataset_name(fs, timeframe)} {days[0]}..{days[-1]}")
@@ -239,12 +272,14 @@ def _write_accepted(
     return accepted
 
 
-def _compute(store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime) -> FeatureComputation:
+def _compute(
+    store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard
+) -> FeatureComputation:
     warmup = fs.warmup_bars(timeframe)
     with store.engine().connect() as conn:
-        bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup)
-        events = read_events(conn, start - fs.event_lookback(timeframe), end)
-        state = read_state_before(conn, feature_set=fs, timeframe=timeframe, start=start)
+        bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard)
+        events = read_events(conn, start - fs.event_lookback(timeframe), end, shard=shard)
+        state = read_state_before(conn, feature_set=fs, timeframe=timeframe, start=start, shard=shard)
     try:
         return compute_feature_vectors(
             bars, timeframe, events=events, state=state, feature_set=fs, start=start, end=end, warmup_limit=warmup
@@ -265,10 +300,15 @@ def _day_metadata(vectors: pl.DataFrame) -> dict[str, dg.MetadataValue]:
 
 
 def _drift_history(
-    store: FeatureStore, fs: FeatureSet, template: dict, timeframe: str, start: datetime
+    store: FeatureStore, fs: FeatureSet, template: dict, timeframe: str, start: datetime, shard: Shard
 ) -> pl.DataFrame:
     """The stored vectors a run's drift reference draws on: the trailing days before ``start``, or the
-    pinned window or snapshot. Only the columns drift compares (the reference spans weeks)."""
+    pinned window or snapshot. Only the columns drift compares (the reference spans weeks).
+
+    Of the shard's own instruments: a day is compared with what its instruments did before, never with
+    other shards' days, which a run going on at the same time may be writing (the verdict would then
+    depend on timing). A shard is a hash sample of the universe, so its reference is the universe's
+    in distribution, from fewer rows."""
     from expectations.drift import ReferenceSpec, drift_columns
 
     spec = ReferenceSpec.from_suite(template)
@@ -282,11 +322,12 @@ def _drift_history(
                 before=start,
                 partitions=spec.partitions,
                 columns=columns,
+                shard=shard,
             )
         elif spec.kind == "snapshot":
             from marketfs.snapshots import read_snapshot
 
-            history = read_snapshot(conn, spec.snapshot)
+            history = shard.filter(read_snapshot(conn, spec.snapshot))
         else:
             history = read_vectors(
                 conn,
@@ -295,6 +336,7 @@ def _drift_history(
                 start=datetime.fromisoformat(spec.start).replace(tzinfo=UTC),
                 end=datetime.fromisoformat(spec.end).replace(tzinfo=UTC),
                 columns=columns,
+                shard=shard,
             )
     return history.select("ts", *columns)
 

@@ -17,7 +17,7 @@ import polars as pl
 
 from assets.data_versions import InputProvenance, day_materializations
 from assets.metadata import gate_metadata
-from assets.partitions import day_window
+from assets.partitions import RunScope, day_window, split_key
 from assets.resources import FeatureStore
 from expectations.gate import GateResult
 from marketfs.store.quality import log_verdicts, open_batch, quarantine_rows
@@ -32,6 +32,12 @@ class Breach:
     day: str
     batch_id: int
     failed: dict[str, GateResult] = field(default_factory=dict)  # check name -> its failed verdict
+    scope: RunScope | None = None
+
+    @property
+    def where(self) -> str:
+        """The day, and its shard when there are several."""
+        return self.day if self.scope is None or self.scope.shard.is_all else f"{self.day} ({self.scope.shard})"
 
     def describe(self) -> str:
         """The failed expectations with their day, instruments and an example row each."""
@@ -47,7 +53,7 @@ class DayCheck:
     """One check's verdict on one day, reported once the day's materialisation is recorded."""
 
     check: str
-    day: str
+    day: str  # the partition key: the day, or day|shard
     passed: bool
     metadata: dict[str, dg.MetadataValue]
     # A day that failed only warning expectations is written and shows as a failed WARN check.
@@ -74,6 +80,7 @@ def judge_days(
     checks: dict[str, dict[str, GateResult]],
     rows_of_day: Callable[[str], dict[str, pl.DataFrame]],
     chained: bool,
+    scope: RunScope,
     publish: Callable[[str, str, GateResult], str | None] | None = None,
 ) -> Judgement:
     """Log and quarantine each day's verdicts; return which days may be written, and the check results.
@@ -82,6 +89,7 @@ def judge_days(
     ``rows_of_day(day)`` gives the rows the day would write, per served table, for quarantine;
     ``publish(check, day, gate)`` renders a Data Docs page for a failed verdict and returns its URL.
     ``chained``: days after the first breach are not judged (they would continue its state).
+    ``scope``: the shard the days belong to; verdicts, batches and checks are recorded under its keys.
     """
     asset = context.asset_key.to_user_string()
     judgement = Judgement()
@@ -101,11 +109,18 @@ def judge_days(
                     f"{g.suite}: {', '.join(o.label for o in g.blocking_failures)}" for g in failed.values()
                 )
                 batch_id = open_batch(
-                    conn, run_id=context.run_id, asset=asset, partition=day, start=start, end=end, reason=reason
+                    conn,
+                    run_id=context.run_id,
+                    asset=asset,
+                    partition=scope.key(day),
+                    start=start,
+                    end=end,
+                    reason=reason,
+                    shard=scope.shard,
                 )
                 for table, frame in rows_of_day(day).items():
                     quarantine_rows(conn, batch_id, table, frame)
-                judgement.breaches.append(Breach(day=day, batch_id=batch_id, failed=failed))
+                judgement.breaches.append(Breach(day=day, batch_id=batch_id, failed=failed, scope=scope))
             else:
                 judgement.accepted.append(day)
             for name, gate in verdicts.items():
@@ -113,7 +128,7 @@ def judge_days(
                     conn,
                     run_id=context.run_id,
                     asset=asset,
-                    partition=day,
+                    partition=scope.key(day),
                     suite=gate.suite,
                     outcomes=[o.as_log_row() for o in gate.outcomes],
                     reference=gate.reference,
@@ -125,7 +140,9 @@ def judge_days(
                     metadata["quarantine_batch"] = dg.MetadataValue.int(batch_id)
                 severity = dg.AssetCheckSeverity.WARN if gate.passed else dg.AssetCheckSeverity.ERROR
                 judgement.checks.append(
-                    DayCheck(check=name, day=day, passed=not gate.failures, metadata=metadata, severity=severity)
+                    DayCheck(
+                        check=name, day=scope.key(day), passed=not gate.failures, metadata=metadata, severity=severity
+                    )
                 )
     return judgement
 
@@ -206,14 +223,20 @@ def breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, c
     """The run's failure: which days breached (with instrument and ts), which were written, what to do."""
     asset = context.asset_key.to_user_string()
     lines = [
-        f"{asset} {breach.day} breached its gate; nothing of {breach.day} was written. The rows are in "
+        f"{asset} {breach.where} breached its gate; nothing of {breach.where} was written. The rows are in "
         f"quarantine batch {breach.batch_id} (marketfs quarantine show {breach.batch_id}). {breach.describe()}"
         for breach in judgement.breaches
     ]
     first = judgement.breaches[0]
     if judgement.accepted:
         lines.append(f"Written: {_days(judgement.accepted)}.")
-    held_back = [day for day in context.partition_keys if day > first.day] if chained else []
+    shard = first.scope.shard if first.scope is not None else None
+    held_back = []
+    if chained:
+        for key in context.partition_keys:
+            day, of = split_key(key)
+            if day > first.day and (shard is None or of == shard):
+                held_back.append(day)
     if held_back:
         lines.append(
             f"Not written: {_days(held_back)}, which continue {first.day}'s feature state. Fix {first.day} "

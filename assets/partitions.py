@@ -9,18 +9,25 @@ weekends and holidays are no partitions, so the UI never invites anyone to mater
 partition's key is its session's date; what it holds is its trading day, ``[previous session's
 close, its close)`` (``marketfs/calendars.py``), not Dagster's time window of the key, which only
 orders the keys.
+
+With ``MARKETFS_SHARDS`` above 1, a partition is a day of one instrument shard (``marketfs/shards.py``):
+``MultiPartitionsDefinition`` of ``day`` x ``shard``, keys like ``2024-01-02|1``. Each shard is a chain
+of days of its own (its recursions continue its own state), independent of the other shards, so the
+shards of a backfill run at once. With one shard (the default) the partitions are the days alone.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 import dagster as dg
 import polars as pl
 
 from assets.resources import DATABASE_RETRY
+from marketfs.shards import Shard, shard_count
 from marketfs.universe import active_sessions
 
 START_DATE = os.environ.get("MARKETFS_START_DATE", "2023-01-01")
@@ -47,6 +54,72 @@ def session_partitions(start: str = START_DATE) -> dg.TimeWindowPartitionsDefini
 
 
 DAILY = session_partitions()
+
+SHARD_COUNT = shard_count()
+SHARDED = SHARD_COUNT > 1
+DAY_DIMENSION, SHARD_DIMENSION = "day", "shard"
+# What every asset is partitioned by: days, or days x instrument shards.
+PARTITIONS: dg.PartitionsDefinition = (
+    dg.MultiPartitionsDefinition(
+        {DAY_DIMENSION: DAILY, SHARD_DIMENSION: dg.StaticPartitionsDefinition([str(i) for i in range(SHARD_COUNT)])}
+    )
+    if SHARDED
+    else DAILY
+)
+
+
+def partition_key(day: str, shard: Shard) -> str:
+    """The partition key of ``day`` in ``shard``: the day itself when there is one shard."""
+    if not SHARDED:
+        return day
+    return dg.MultiPartitionKey({DAY_DIMENSION: day, SHARD_DIMENSION: str(shard.index)})
+
+
+def split_key(key: str) -> tuple[str, Shard]:
+    """The day and shard of a partition key."""
+    if not SHARDED:
+        return key, Shard()
+    parts = PARTITIONS.get_partition_key_from_str(key).keys_by_dimension
+    return parts[DAY_DIMENSION], Shard(int(parts[SHARD_DIMENSION]), SHARD_COUNT)
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """The days of one shard that an asset's run covers, in order; ``key`` names a day's partition."""
+
+    shard: Shard
+    days: list[str]
+
+    def key(self, day: str) -> str:
+        return partition_key(day, self.shard)
+
+
+def run_scopes(partition_keys: Sequence[str]) -> list[RunScope]:
+    """A run's partitions grouped by shard (usually one: backfills and sensors launch a run per shard)."""
+    days_by_shard: dict[Shard, list[str]] = {}
+    for key in partition_keys:
+        day, shard = split_key(key)
+        days_by_shard.setdefault(shard, []).append(day)
+    return [RunScope(shard, sorted(days)) for shard, days in sorted(days_by_shard.items(), key=lambda i: i[0].index)]
+
+
+def day_dependency(asset: str, start_offset: int, end_offset: int = 0, *, same_shard: bool = True) -> dg.AssetDep:
+    """A dependency on ``asset``'s days ``start_offset..end_offset`` around each day, in the same shard."""
+    days = dg.TimeWindowPartitionMapping(
+        start_offset=start_offset, end_offset=end_offset, allow_nonexistent_upstream_partitions=True
+    )
+    if not SHARDED:
+        return dg.AssetDep(asset, partition_mapping=days)
+    return dg.AssetDep(
+        asset,
+        partition_mapping=dg.MultiPartitionMapping(
+            {
+                DAY_DIMENSION: dg.DimensionPartitionMapping(DAY_DIMENSION, days),
+                SHARD_DIMENSION: dg.DimensionPartitionMapping(SHARD_DIMENSION, dg.IdentityPartitionMapping()),
+            }
+        ),
+    )
+
 
 # A backfill of a year runs as ~12 runs of 31 days, not 365 runs that each pay Dagster's start-up.
 BATCHED_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=31)
@@ -153,10 +226,10 @@ def daily_asset(
             )
         ],
         check_specs=[
-            dg.AssetCheckSpec(check, asset=name, description=text, partitions_def=DAILY)
+            dg.AssetCheckSpec(check, asset=name, description=text, partitions_def=PARTITIONS)
             for check, text in (checks or {}).items()
         ],
-        partitions_def=DAILY,
+        partitions_def=PARTITIONS,
         backfill_policy=BATCHED_BACKFILL,
         pool="feature_store",
         retry_policy=DATABASE_RETRY,

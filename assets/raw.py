@@ -15,7 +15,17 @@ from assets.data_versions import InputProvenance, content_version
 from assets.expected_data import EXPECTED_CHECK, expected_instruments, session_verdicts
 from assets.gates import GATE_CHECK, DayCheck, Judgement, breach_failure, judge_days, report_run
 from assets.metadata import frame_summary
-from assets.partitions import DAY, SESSIONS, DayChunks, daily_asset, day_window, with_day
+from assets.partitions import (
+    DAY,
+    SESSIONS,
+    DayChunks,
+    RunScope,
+    daily_asset,
+    day_window,
+    run_scopes,
+    split_key,
+    with_day,
+)
 from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.db import retry_on_conflict
 from marketfs.features.flags import QualityFlag
@@ -64,7 +74,7 @@ def _file_failure(
         lines.append(breach_failure(context, judged, chained=False).description)
     elif judged.accepted:
         lines.append(f"Written: {', '.join(judged.accepted)}.")
-    first = min(bad_days)
+    first = split_key(min(bad_days))[0]
     lines.append(
         f"Correct the file(s) and drop them again (the landing sensor re-runs the days they hold), "
         f"or re-run from {first}: make recompute FROM={first}."
@@ -94,14 +104,15 @@ def _file_check(day: str, error: SourceFileError) -> DayCheck:
 def _write_days(
     context: dg.AssetExecutionContext,
     store: FeatureStore,
+    scope: RunScope,
     days: list[str],
     table: str,
     write_day: Callable[[object, str], tuple[dict, pl.DataFrame]],
 ) -> list[tuple]:
     """The accepted days in one transaction (retried when it loses a deadlock), then the table's upkeep.
 
-    ``write_day(conn, day)`` writes one day and returns its metadata and the rows stored; the result
-    is one (asset key, day, metadata, data version) per day, for ``report_run``.
+    ``write_day(conn, day)`` writes one day (of the scope's shard) and returns its metadata and the rows
+    stored; the result is one (asset key, partition key, metadata, data version) per day, for ``report_run``.
     """
     if not days:
         return []
@@ -112,7 +123,7 @@ def _write_days(
         with store.engine().begin() as conn:
             for day in days:
                 metadata, stored = write_day(conn, day)
-                written.append((context.asset_key, day, metadata, content_version(stored)))
+                written.append((context.asset_key, scope.key(day), metadata, content_version(stored)))
         return written
 
     written = retry_on_conflict(write_all, f"writing {asset} {days[0]}..{days[-1]}")
@@ -134,24 +145,28 @@ class _Ingestion:
     failure: dg.Failure | None = None
     _warned: set[str] = dataclasses.field(default_factory=set)
 
-    def __post_init__(self) -> None:
-        self.plan = DayChunks(self.context.partition_keys)
+    def chunks(
+        self, deliver: Callable[[datetime, datetime], Delivery]
+    ) -> Iterator[tuple[RunScope, DayChunks, Delivery, list[str]]]:
+        """Each chunk's scope (shard), plan, delivery of the shard's instruments and its sound days; a day a
+        file spoils gets a failed check and is left out.
 
-    def chunks(self, deliver: Callable[[datetime, datetime], Delivery]) -> Iterator[tuple[Delivery, list[str]]]:
-        """Each chunk's delivery and its sound days; a day a file spoils gets a failed check and is left out.
-
-        A file that cannot say which days it holds is warned of once per run and blocks no day.
+        A file that cannot say which days it holds is warned of once per run and blocks no day. A bad
+        row spoils its day in every shard: which instrument it belongs to may be what is wrong with it.
         """
-        for days in self.plan:
-            delivery = _delivered(deliver, day_window(days[0])[0], day_window(days[-1])[1])
-            for error in map(str, delivery.unplaced):
-                if error not in self._warned:
-                    self._warned.add(error)
-                    self.context.log.warning(f"landing file skipped, no day of it is ingested: {error}")
-            spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
-            self.bad_days.update(spoiled)
-            self.judged.checks.extend(_file_check(day, error) for day, error in spoiled.items())
-            yield delivery, [day for day in days if day not in spoiled]
+        for scope in run_scopes(self.context.partition_keys):
+            plan = DayChunks(scope.days)
+            for days in plan:
+                delivery = _delivered(deliver, day_window(days[0])[0], day_window(days[-1])[1])
+                for error in map(str, delivery.unplaced):
+                    if error not in self._warned:
+                        self._warned.add(error)
+                        self.context.log.warning(f"landing file skipped, no day of it is ingested: {error}")
+                spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
+                self.bad_days.update({scope.key(day): error for day, error in spoiled.items()})
+                self.judged.checks.extend(_file_check(scope.key(day), error) for day, error in spoiled.items())
+                mine = dataclasses.replace(delivery, rows=scope.shard.filter(delivery.rows))
+                yield scope, plan, mine, [day for day in days if day not in spoiled]
 
     def report(self, provenance: InputProvenance) -> Iterator:
         """Everything the run records, then its failure: a stopped chunk, or the days files spoiled."""
@@ -188,19 +203,18 @@ def _ingest(
     docs = DataDocs.default()
     run = _Ingestion(context)
     try:
-        for delivery, sound in run.chunks(deliver):
+        for scope, plan, delivery, sound in run.chunks(deliver):
             if not sound:
                 continue
             # A row without a timestamp belongs to no day: it is judged (and held) with the first one.
             delivered = with_day(delivery.rows, ts_column).with_columns(pl.col(DAY).fill_null(sound[0]))
             by_day = {key: rows.drop(DAY) for (key,), rows in delivered.partition_by(DAY, as_dict=True).items()}
-            run.plan.saw(delivered.height, len(by_day))
+            plan.saw(delivered.height, len(by_day))
             empty = delivered.clear().drop(DAY)
 
-            def publish(check: str, day: str, gate, by_day: dict = by_day) -> str | None:
-                return publish_day(
-                    by_day[day], asset, suite, docs=docs, label=f"{asset}-{day}", run_name=context.run_id
-                )
+            def publish(check: str, day: str, gate, by_day: dict = by_day, scope=scope) -> str | None:
+                label = f"{asset}-{scope.key(day)}".replace("|", "-shard")
+                return publish_day(by_day[day], asset, suite, docs=docs, label=label, run_name=context.run_id)
 
             judgement = judge_days(
                 context,
@@ -209,16 +223,17 @@ def _ingest(
                 checks={GATE_CHECK: validate_days(delivered, asset, suite=suite)},
                 rows_of_day=lambda day, by_day=by_day: {table: by_day[day]},
                 chained=False,
+                scope=scope,
                 publish=publish,
             )
             run.judged.extend(judgement)
 
-            def write_day(conn, day: str, by_day: dict = by_day, empty=empty) -> tuple[dict, pl.DataFrame]:
+            def write_day(conn, day: str, by_day: dict = by_day, empty=empty, scope=scope) -> tuple[dict, pl.DataFrame]:
                 rows = by_day.get(day, empty)
-                stored = write(conn, rows, *day_window(day))
+                stored = write(conn, rows, *day_window(day), scope.shard)
                 return summarise(rows, stored), stored
 
-            run.materializations += _write_days(context, store, judgement.accepted, table, write_day)
+            run.materializations += _write_days(context, store, scope, judgement.accepted, table, write_day)
     except dg.Failure as exc:  # a folder that cannot be read in a later chunk: the days already written are recorded
         run.failure = exc
     yield from run.report(provenance)
@@ -234,9 +249,9 @@ def _ingest(
 )
 @translate_database_errors
 def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
-    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:
+    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime, shard) -> pl.DataFrame:
         bars = normalize_bars(delivered)
-        replace_bars(conn, bars, start, end)
+        replace_bars(conn, bars, start, end, shard=shard)
         return bars
 
     def summarise(delivered: pl.DataFrame, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:
@@ -266,9 +281,9 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
 )
 @translate_database_errors
 def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
-    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:
+    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime, shard) -> pl.DataFrame:
         events = normalize_events(delivered)
-        replace_events(conn, events, start, end)
+        replace_events(conn, events, start, end, shard=shard)
         return events
 
     def summarise(delivered: pl.DataFrame, events: pl.DataFrame) -> dict[str, dg.MetadataValue]:
@@ -330,23 +345,25 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
     deliver = _delivery_of(market_data.daily_bar_source(), "daily")
     run = _Ingestion(context)
     try:
-        for delivery, sound in run.chunks(deliver):
+        for scope, plan, delivery, sound in run.chunks(deliver):
             if not sound:
                 continue
             start, end = day_window(sound[0])[0], day_window(sound[-1])[1]
             with store.engine().connect() as conn:
-                built = daily_bars(read_bars(conn, start, end))
-                expected, source = expected_instruments(conn, universe, market_data.declared_instruments(), start)
+                built = daily_bars(read_bars(conn, start, end, shard=scope.shard))
+                expected, source = expected_instruments(
+                    conn, universe, market_data.declared_instruments(), start, shard=scope.shard
+                )
             daily = with_day(_combined_daily(built, delivery.rows))
             by_day = {key: rows.drop(DAY) for (key,), rows in daily.partition_by(DAY, as_dict=True).items()}
-            run.plan.saw(daily.height, len(by_day))
+            plan.saw(daily.height, len(by_day))
             empty = daily.clear().drop(DAY)
 
-            def publish(check: str, day: str, gate, by_day: dict = by_day) -> str | None:
+            def publish(check: str, day: str, gate, by_day: dict = by_day, scope=scope) -> str | None:
                 if check != GATE_CHECK:
                     return None
-                return publish_day(by_day[day], "raw_ohlcv", suite, docs=docs, label=f"bars_1d-{day}",
-                                   run_name=context.run_id)
+                label = f"bars_1d-{scope.key(day)}".replace("|", "-shard")
+                return publish_day(by_day[day], "raw_ohlcv", suite, docs=docs, label=label, run_name=context.run_id)
 
             judgement = judge_days(
                 context,
@@ -354,20 +371,28 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 days=sound,
                 checks={
                     GATE_CHECK: validate_days(daily.drop("source_flags"), "raw_ohlcv", suite=suite),
-                    EXPECTED_CHECK: session_verdicts(by_day, sound, universe, expected, source),
+                    EXPECTED_CHECK: session_verdicts(
+                        by_day,
+                        sound,
+                        universe,
+                        expected,
+                        source,
+                        learnt=not market_data.declared_instruments() and not universe.instruments,
+                    ),
                 },
                 rows_of_day=lambda day, by_day=by_day, empty=empty: {"ohlcv_1d": by_day.get(day, empty)},
                 chained=False,
+                scope=scope,
                 publish=publish,
             )
             run.judged.extend(judgement)
 
-            def write_day(conn, day: str, by_day: dict = by_day, empty=empty) -> tuple[dict, pl.DataFrame]:
+            def write_day(conn, day: str, by_day: dict = by_day, empty=empty, scope=scope) -> tuple[dict, pl.DataFrame]:
                 rows = by_day.get(day, empty)
-                replace_bars(conn, rows, *day_window(day), timeframe="1d")
+                replace_bars(conn, rows, *day_window(day), timeframe="1d", shard=scope.shard)
                 return _daily_summary(day, rows), rows
 
-            run.materializations += _write_days(context, store, judgement.accepted, "ohlcv_1d", write_day)
+            run.materializations += _write_days(context, store, scope, judgement.accepted, "ohlcv_1d", write_day)
     except dg.Failure as exc:
         run.failure = exc
     yield from run.report(provenance)

@@ -74,14 +74,16 @@ def feature_snapshots(
 
 def _upstream_data_versions(context: dg.AssetExecutionContext, asset: str, start: str, end: str) -> dict:
     """The latest materialisation of each upstream partition in the window: run id and data version."""
-    from assets.partitions import session_keys
+    from assets.partitions import SHARD_COUNT, partition_key, session_keys
+    from marketfs.shards import shards
 
     last = (datetime.fromisoformat(end) - timedelta(days=1)).date().isoformat()
     if last < start:
         return {}
     # The sessions of the UTC date range: their trading days hold the window's vectors (after-hours ones
     # of the range's last evening belong to the next session, outside it).
-    keys = session_keys(start, last)
+    # Every shard's partition of each day: a snapshot holds the whole universe.
+    keys = [partition_key(day, shard) for day in session_keys(start, last) for shard in shards(SHARD_COUNT)]
     latest: dict[str, dict] = {}
     cursor = None
     # Newest first, page by page until every day is found: a day re-run many times has many records.

@@ -1,7 +1,7 @@
 """``python -m pipelines``: run the sample pipeline end to end, or open the Dagster UI on it.
 
-python -m pipelines run [--start 2024-01-02] [--end 2024-01-12]
-python -m pipelines recompute --from 2024-01-05 [--to 2024-01-12]
+python -m pipelines run [--start 2024-01-02] [--end 2024-01-12] [--shard K]
+python -m pipelines recompute --from 2024-01-05 [--to 2024-01-12] [--shard K]
 python -m pipelines quarantine release BATCH --by NAME --note WHY
 python -m pipelines ui [--port 3000]
 
@@ -9,6 +9,9 @@ recompute: day D's features continue day D-1's recursion state, so a changed day
 from D through the newest materialised day (or --to), in order, in runs of up to 31 days.
 quarantine release: writes a held batch, records it in Dagster as a materialisation of its day
 (with the content's data version), then recomputes what was computed without it.
+
+With MARKETFS_SHARDS above 1, each shard's days run in order, one shard after the other (--shard K:
+that shard only; start one process per shard to run them at once, as Dagster's queue does).
 """
 
 from __future__ import annotations
@@ -38,38 +41,57 @@ DATABASE_GONE = 3
 UI_STOP_GRACE_SECONDS = 8
 
 
-def _execute_in_order(keys: list[str], asset_selection=None, verbose: bool = False) -> tuple[list[str], Tally]:
-    """Run the daily job over ``keys`` in ranged runs of up to 31 days, in order; stop at the first failure.
+def _execute_in_order(
+    keys: list[str], asset_selection=None, verbose: bool = False, only=None
+) -> tuple[list[str], Tally]:
+    """Run the daily job over the days ``keys`` in ranged runs of up to 31 days, in order, shard by shard
+    (``only``: those shards); in a shard, stop at the first failure (later days continue its state).
 
     Prints each run's outcome, its failures (one block each) and its warnings as it goes. Returns the
-    failed run ids (at most one) and the gate tally.
+    failed run ids (at most one per shard) and the gate tally.
     """
+    from assets.partitions import SHARD_COUNT
+    from marketfs.shards import shards
+
+    tally = Tally()
+    failed_runs: list[str] = []
+    for shard in only or shards(SHARD_COUNT):
+        failed_runs += _execute_shard(keys, shard, tally, asset_selection, verbose)
+    return failed_runs, tally
+
+
+def _execute_shard(keys: list[str], shard, tally: Tally, asset_selection=None, verbose: bool = False) -> list[str]:
     import dagster as dg
 
-    from assets.partitions import BATCHED_BACKFILL
+    from assets.partitions import BATCHED_BACKFILL, partition_key
     from pipelines.definitions import daily_features_job, defs
     from pipelines.run_health import process_tags
-    from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG, STATE_CHAIN_TAGS
+    from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG, chain_tags
 
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
     job = defs.resolve_job_def(daily_features_job.name)
     instance = dg.DagsterInstance.get()
-    tally = Tally()
     failed_runs: list[str] = []
+    label = "" if shard.is_all else f" (shard {shard.index})"
     for i in range(0, len(keys), batch):
         chunk = keys[i : i + batch]
-        _wait_for_state_chain(instance)
+        _wait_for_state_chain(instance, chain_tags(shard))
         with quiet_storage_errors(verbose):
             result = job.execute_in_process(
                 instance=instance,
                 asset_selection=asset_selection,
-                tags={**STATE_CHAIN_TAGS, **process_tags(), RANGE_START_TAG: chunk[0], RANGE_END_TAG: chunk[-1]},
+                tags={
+                    **chain_tags(shard),
+                    **process_tags(),
+                    RANGE_START_TAG: partition_key(chunk[0], shard),
+                    RANGE_END_TAG: partition_key(chunk[-1], shard),
+                },
                 raise_on_error=False,
                 # Dagster logs each failure twice with its stack; the CLI says it once, below.
                 # The full event log stays in the instance, for the UI.
                 run_config={"loggers": {"console": {"config": {"log_level": console_log_level(verbose)}}}},
             )
-        print(f"run {result.run_id}: {chunk[0]} .. {chunk[-1]} {'succeeded' if result.success else 'FAILED'}")
+        print(f"run {result.run_id}: {chunk[0]} .. {chunk[-1]}{label} {'succeeded' if result.success else 'FAILED'}")
         tally.add_checks(result)
         for line in logged_warnings(instance, result.run_id):
             print(line)
@@ -82,19 +104,19 @@ def _execute_in_order(keys: list[str], asset_selection=None, verbose: bool = Fal
             failed_runs.append(result.run_id)
             # Later days continue the features' recursion state from this range: they would fail too.
             if chunk[-1] != keys[-1]:
-                print(f"stopped: {keys[keys.index(chunk[-1]) + 1]} .. {keys[-1]} not attempted")
+                print(f"stopped: {keys[keys.index(chunk[-1]) + 1]} .. {keys[-1]}{label} not attempted")
             break
-    return failed_runs, tally
+    return failed_runs
 
 
-def _wait_for_state_chain(instance) -> None:
-    """Wait while another run of the state chain is queued or running (runs here bypass the daemon's queue)."""
+def _wait_for_state_chain(instance, chain: dict[str, str]) -> None:
+    """Wait while another run of the same state chain (``chain``: its tag) is queued or running (runs here
+    bypass the daemon's queue)."""
     import time
 
     import dagster as dg
 
     from pipelines.run_health import fail_runs_whose_process_is_gone
-    from pipelines.sensors import STATE_CHAIN_TAG
 
     timeout = float(os.environ.get("MARKETFS_STATE_CHAIN_WAIT", "3600"))
     deadline = time.monotonic() + timeout
@@ -104,7 +126,7 @@ def _wait_for_state_chain(instance) -> None:
             print(f"run {run_id}: its process is gone (killed, or the machine restarted); marked FAILURE")
         active = instance.get_runs(
             filters=dg.RunsFilter(
-                tags={STATE_CHAIN_TAG: "daily"},
+                tags=chain,
                 statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
             )
         )
@@ -127,12 +149,12 @@ def _wait_for_state_chain(instance) -> None:
         time.sleep(5)
 
 
-def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> int:
+def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, shard: int | None = None) -> int:
     prepare_environment()
     import dagster as dg
     import sqlalchemy as sa
 
-    from assets.partitions import BATCHED_BACKFILL, SESSIONS, day_window, session_keys
+    from assets.partitions import BATCHED_BACKFILL, SESSIONS, SHARD_COUNT, day_window, session_keys
     from marketfs.db import engine_for
     from pipelines.definitions import defs
     from pipelines.run_health import process_tags
@@ -146,7 +168,8 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
         return 0
     batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
     instance = dg.DagsterInstance.get()
-    failed_runs, tally = _execute_in_order(keys, verbose=verbose)
+    only = _only_shard(shard)
+    failed_runs, tally = _execute_in_order(keys, verbose=verbose, only=only)
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE  # nothing more can be read or written: the message above says what to do
 
@@ -194,7 +217,9 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
             window,
         ).all()
     print()
-    print(f"partitions     {len(keys)} ({keys[0]} .. {keys[-1]}), {(len(keys) + batch - 1) // batch} run(s)")
+    runs = (len(keys) + batch - 1) // batch * (len(only) if only else SHARD_COUNT)
+    sharding = "" if SHARD_COUNT == 1 else f" x {len(only) if only else SHARD_COUNT} of {SHARD_COUNT} shards"
+    print(f"partitions     {len(keys)} ({keys[0]} .. {keys[-1]}){sharding}, {runs} run(s)")
     print(f"bars stored    {bars} in ohlcv_1m, {events} events in news_events")
     by_version: dict[str, list[str]] = {}
     for version, timeframe, count in stored:
@@ -210,10 +235,30 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False) -> 
     return 1 if failed_runs else 0
 
 
+def _only_shard(shard: int | None):
+    """``--shard K`` as the one shard to run, or None for every shard."""
+    if shard is None:
+        return None
+    from assets.partitions import SHARD_COUNT
+    from marketfs.shards import Shard
+
+    if not 0 <= shard < SHARD_COUNT:
+        raise SystemExit(
+            f"--shard {shard} does not exist: MARKETFS_SHARDS={SHARD_COUNT} has shards 0..{SHARD_COUNT - 1}"
+        )
+    return [Shard(shard, SHARD_COUNT)]
+
+
 def _recompute(
-    start: str, end: str | None, asset_selection=None, at_least: str | None = None, verbose: bool = False
+    start: str,
+    end: str | None,
+    asset_selection=None,
+    at_least: str | None = None,
+    verbose: bool = False,
+    shard: int | None = None,
+    only=None,
 ) -> int:
-    """Re-materialise the daily job (or ``asset_selection`` of it) for ``start..end``, in order.
+    """Re-materialise the daily job (or ``asset_selection`` of it) for ``start..end``, in order, per shard.
 
     ``end`` None: the newest materialised day of the features, or ``at_least`` when that is later.
     """
@@ -223,8 +268,13 @@ def _recompute(
     from assets.partitions import DAILY, session_keys
     from pipelines.sensors import newest_materialized_day
 
+    only = only or _only_shard(shard)
     if end is None:
-        end = max(filter(None, [newest_materialized_day(dg.DagsterInstance.get()), at_least]), default=None)
+        newest = max(
+            filter(None, (newest_materialized_day(dg.DagsterInstance.get(), shard=s) for s in only or [None])),
+            default=None,
+        )
+        end = max(filter(None, [newest, at_least]), default=None)
         if end is None:
             print(f"nothing materialised yet: run `python -m pipelines run --start {start}` instead")
             return 2
@@ -239,7 +289,7 @@ def _recompute(
         return 0
     names = ", ".join(k.to_user_string() for k in asset_selection) if asset_selection else "the daily_features job"
     print(f"recomputing {names} for {keys[0]} .. {keys[-1]} ({len(keys)} days, in order)")
-    failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose)
+    failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose, only=only)
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE
     print(tally.line())
@@ -263,23 +313,25 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     import dagster as dg
 
     from assets.data_versions import InputProvenance, stored_content_version
-    from assets.partitions import DAILY, SESSIONS, day_window, previous_key
+    from assets.partitions import DAILY, SESSIONS, day_window, partition_key, previous_key
     from marketfs.db import engine_for
+    from marketfs.shards import Shard
     from marketfs.store import quality
     from marketfs.store.migrations import migrate
     from pipelines.definitions import ALL_ASSETS, defs
-    from pipelines.sensors import CHAIN_END_ASSET
+    from pipelines.sensors import CHAIN_END_ASSET, materialized_days
 
     migrate(env["MARKETFS_DSN"])
     days: list[tuple[str, str]] = []  # (day, content version) per released day
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
             batch = quality.release(conn, batch_id, actor=actor, note=note)
+            shard = Shard(batch["shard_index"], batch["shard_count"])
             for session in SESSIONS.trading_days_overlapping(batch["window_start"], batch["window_end"]):
                 day = session.isoformat()
                 first, day_end = day_window(day)
                 # Read back in the release's transaction: the version of what it wrote.
-                days.append((day, stored_content_version(conn, batch["asset"], first, day_end)))
+                days.append((day, stored_content_version(conn, batch["asset"], first, day_end, shard)))
     except quality.QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -288,7 +340,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     from marketfs.features.registry import datasets
     from marketfs.store.timescale import settle_write
 
-    served = {"raw_ohlcv": "ohlcv_1m", "raw_events": "news_events"}.get(batch["asset"])
+    served = {"raw_ohlcv": "ohlcv_1m", "bars_1d": "ohlcv_1d", "raw_events": "news_events"}.get(batch["asset"])
     if served is None and batch["asset"] in datasets():
         served = "feature_vectors"
     if served is not None:
@@ -301,7 +353,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
                 asset_key=asset,
-                partition=day,
+                partition=partition_key(day, shard),
                 description=f"released from quarantine batch {batch_id}",
                 metadata={
                     "quarantine_batch": dg.MetadataValue.int(batch_id),
@@ -310,7 +362,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
                     "rows": dg.MetadataValue.int(int(batch["rows_written"])),
                     "reason_held": dg.MetadataValue.text(batch["reason"]),
                 },
-                tags=provenance.tags(asset, day, version),
+                tags=provenance.tags(asset, partition_key(day, shard), version),
             )
         )
     print(f"recorded in Dagster: {batch['asset']} {', '.join(d for d, _ in days)} (data version {days[0][1][:12]}…)")
@@ -329,14 +381,16 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     if not descendants:
         return 0
     # A breach stops its whole step: days before the released one may have raw data but no features yet.
-    raw_days = instance.get_materialized_partitions(dg.AssetKey("raw_ohlcv"))
-    feature_days = instance.get_materialized_partitions(CHAIN_END_ASSET)
+    raw_days = materialized_days(instance, dg.AssetKey("raw_ohlcv"), shard)
+    feature_days = materialized_days(instance, CHAIN_END_ASSET, shard)
     previous = previous_key(first_day)
     while previous is not None and previous in raw_days and previous not in feature_days:
         first_day, previous = previous, previous_key(previous)
     # ... and days after it that were held back behind the breach: through the newest day with raw data.
     through = max([days[-1][0], *raw_days])
-    return _recompute(first_day, None, asset_selection=sorted(descendants), at_least=through, verbose=verbose)
+    return _recompute(
+        first_day, None, asset_selection=sorted(descendants), at_least=through, verbose=verbose, only=[shard]
+    )
 
 
 def _ui(port: int) -> int:
@@ -402,6 +456,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--start", default=DEFAULT_START, type=_day, help="first partition (YYYY-MM-DD)")
     run.add_argument("--end", default=DEFAULT_END, type=_day, help="last partition, inclusive")
     run.add_argument("--no-snapshot", action="store_true", help="skip the sample snapshot at the end")
+    run.add_argument("--shard", type=int, help="only this instrument shard (0..MARKETFS_SHARDS-1)")
     recompute = sub.add_parser(
         "recompute",
         parents=[verbose],
@@ -409,6 +464,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     recompute.add_argument("--from", dest="start", required=True, type=_day, help="first day")
     recompute.add_argument("--to", dest="end", type=_day, help="last day (default: the newest materialised day)")
+    recompute.add_argument("--shard", type=int, help="only this instrument shard (0..MARKETFS_SHARDS-1)")
     quarantine = sub.add_parser("quarantine", help="release a held quarantine batch through Dagster")
     release = quarantine.add_subparsers(dest="action", required=True).add_parser("release", parents=[verbose])
     release.add_argument("batch", type=int)
@@ -443,9 +499,10 @@ def main(argv: list[str] | None = None) -> int:
 
             bound_instance_retries()  # before the instance is created: its first connections are bounded too
         if args.command == "run":
-            return _run(args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose)
+            return _run(args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose, args.shard)
         if args.command == "recompute":
-            return _recompute(args.start.isoformat(), args.end.isoformat() if args.end else None, verbose=verbose)
+            end = args.end.isoformat() if args.end else None
+            return _recompute(args.start.isoformat(), end, verbose=verbose, shard=args.shard)
         if args.command == "quarantine":
             return _release(args.batch, args.by, args.note, verbose)
         return _ui(args.port)

@@ -3,8 +3,10 @@
 Day D's features continue the recursion state of day D-1, so a changed day is recomputed from D
 through the newest day already materialised, in order, never as parallel runs of single days (with
 a pool of 2, day D+1 could read its state before D has written it). Every run of the state chain
-carries the tag ``marketfs/state_chain``; ``dagster.yaml`` lets one such run execute at a time and
-queues the others (the schedule's, the sensor's, a backfill's) in order of arrival.
+carries the tag ``marketfs/state_chain`` with its shard's chain as value; ``dagster.yaml`` lets one
+run per value execute at a time and queues the others (the schedule's, the sensor's, a backfill's)
+in order of arrival. With several instrument shards, each shard is a chain of its own: the sensor
+and the schedule launch one run per shard, and different shards' runs execute at once.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.partitions import PARTITIONS, partition_key, split_key
 from assets.resources import MarketData
 from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
+from marketfs.shards import ALL, Shard, shards
 from marketfs.sources.landing import BAR_STAMPS, BARS, BARS_1D, EVENTS
 from marketfs.sources.landing_index import LandingIndex
 
-# One run of the state chain at a time (tag_concurrency_limits in dagster.yaml).
+# One run per state chain at a time (tag_concurrency_limits in dagster.yaml, a limit per tag value).
 STATE_CHAIN_TAG = "marketfs/state_chain"
 STATE_CHAIN_TAGS = {STATE_CHAIN_TAG: "daily"}
+
+
+def chain_tags(shard: Shard = ALL) -> dict[str, str]:
+    """The state-chain tag of ``shard``'s runs: ``daily`` with one shard, ``shard-<i>`` with several."""
+    return STATE_CHAIN_TAGS if shard.is_all else {STATE_CHAIN_TAG: f"shard-{shard.index}"}
+
+
 # The asset whose newest materialised day ends a recomputation: the default feature set's first
 # timeframe (every feature asset runs the same days in the daily job).
 CHAIN_END_ASSET = dg.AssetKey(dataset_name(DEFAULT_FEATURE_SET, DEFAULT_FEATURE_SET.timeframes[0]))
@@ -30,9 +41,24 @@ RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
-def newest_materialized_day(instance: dg.DagsterInstance, key: dg.AssetKey = CHAIN_END_ASSET) -> str | None:
-    """The newest partition of ``key`` with a materialisation in the instance (keys are ISO days)."""
-    days = instance.get_materialized_partitions(key)
+def materialized_days(instance: dg.DagsterInstance, key: dg.AssetKey, shard: Shard | None = None) -> set[str]:
+    """The days of ``key`` with a materialisation in the instance (of ``shard``, or of any shard)."""
+    days = set()
+    for partition in instance.get_materialized_partitions(key):
+        try:
+            day, of = split_key(partition)
+        except Exception:  # a key of another shard count (MARKETFS_SHARDS changed): not this layout's
+            continue
+        if shard is None or of == shard:
+            days.add(day)
+    return days
+
+
+def newest_materialized_day(
+    instance: dg.DagsterInstance, key: dg.AssetKey = CHAIN_END_ASSET, shard: Shard | None = None
+) -> str | None:
+    """The newest day of ``key`` with a materialisation in the instance (of ``shard``, or of any shard)."""
+    days = materialized_days(instance, key, shard)
     return max(days) if days else None
 
 
@@ -54,24 +80,25 @@ def chain_range(
 
 
 def chain_request(
-    keys: list[str],
-    partitions: dg.PartitionsDefinition,
+    days: list[str],
     asset_keys: list[dg.AssetKey],
     max_per_run: int,
     tags: dict[str, str],
     run_key: str | None = None,
+    shard: Shard = ALL,
 ) -> dg.RunRequest:
-    """One ranged run for ``keys`` when they fit in ``max_per_run`` days, else a backfill of them.
+    """One ranged run for ``days`` of ``shard`` when they fit in ``max_per_run`` days, else a backfill of them.
 
     A backfill's runs carry the backfill's tags only (not the job's), so the state-chain tag is set
     here for both.
     """
-    tags = {**tags, **STATE_CHAIN_TAGS}
+    tags = {**tags, **chain_tags(shard)}
+    keys = [partition_key(day, shard) for day in days]
     if len(keys) <= max_per_run:
         return dg.RunRequest(run_key=run_key, tags={**tags, RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
     from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
-    subset = partitions.subset_with_partition_keys(keys)
+    subset = PARTITIONS.subset_with_partition_keys(keys)
     return dg.RunRequest.for_asset_graph_subset(
         AssetGraphSubset(partitions_subsets_by_asset_key=dict.fromkeys(asset_keys, subset)), tags=tags
     )
@@ -87,7 +114,7 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         "in runs of 31 days when longer), tagged marketfs/state_chain so it queues behind other such runs.",
     )
     def landing_files_sensor(context: dg.SensorEvaluationContext, market_data: MarketData):
-        from assets.partitions import BATCHED_BACKFILL, DAILY
+        from assets.partitions import BATCHED_BACKFILL, DAILY, SHARD_COUNT
 
         if market_data.source != "landing":
             return dg.SkipReason("MARKETFS_SOURCE is not 'landing': nothing to watch")
@@ -127,22 +154,30 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
             return dg.SkipReason(
                 "no new or changed landing files" + (f"; skipped: {'; '.join(skipped)}"[:1000] if skipped else "")
             )
-        newest = newest_materialized_day(context.instance) if _has_instance(context) else None
-        keys = chain_range(DAILY, sorted(days), newest)
-        if not keys:
-            return dg.SkipReason(f"the changed files touch no complete daily partition: {sorted(days)}")
         asset_keys = sorted(job.selection.resolve(context.repository_def.asset_graph)) if context.repository_def else []
         names = ",".join(sorted({f.split("@")[0].split("/", 1)[1] for f in files}))
-        return [
-            chain_request(
-                keys,
-                DAILY,
-                asset_keys,
-                BATCHED_BACKFILL.max_partitions_per_run or len(keys),
-                tags={"landing_files": names[:200]},
-                run_key=f"{keys[0]}..{keys[-1]}:{hashlib.sha256('|'.join(sorted(files)).encode()).hexdigest()[:16]}",
+        digest = hashlib.sha256("|".join(sorted(files)).encode()).hexdigest()[:16]
+        requests = []
+        # A file holds rows of every shard: each shard's chain is recomputed, as one run (or backfill) each.
+        for shard in shards(SHARD_COUNT):
+            newest = newest_materialized_day(context.instance, shard=shard) if _has_instance(context) else None
+            keys = chain_range(DAILY, sorted(days), newest)
+            if not keys:
+                continue
+            suffix = "" if shard.is_all else f"|{shard.index}"
+            requests.append(
+                chain_request(
+                    keys,
+                    asset_keys,
+                    BATCHED_BACKFILL.max_partitions_per_run or len(keys),
+                    tags={"landing_files": names[:200]},
+                    run_key=f"{keys[0]}..{keys[-1]}{suffix}:{digest}",
+                    shard=shard,
+                )
             )
-        ]
+        if not requests:
+            return dg.SkipReason(f"the changed files touch no complete daily partition: {sorted(days)}")
+        return requests
 
     return landing_files_sensor
 

@@ -8,6 +8,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
+from marketfs.shards import ALL, Shard
 from marketfs.sources.base import BAR_SCHEMA
 from marketfs.store.copy import copy_query_out
 from marketfs.store.tables import replace_window, select_list
@@ -16,15 +17,29 @@ STORED_BAR_SCHEMA: dict[str, pl.DataType] = {**BAR_SCHEMA, "source_flags": pl.Li
 BAR_TABLES = {"1m": "ohlcv_1m", "1d": "ohlcv_1d"}
 
 
-def replace_bars(conn: sa.Connection, bars: pl.DataFrame, start: datetime, end: datetime, timeframe: str = "1m") -> int:
-    """Make the bar table of ``timeframe`` hold exactly ``bars`` for ``[start, end)``, in the caller's transaction."""
+def replace_bars(
+    conn: sa.Connection,
+    bars: pl.DataFrame,
+    start: datetime,
+    end: datetime,
+    timeframe: str = "1m",
+    shard: Shard = ALL,
+) -> int:
+    """Make the bar table of ``timeframe`` hold exactly ``bars`` for ``[start, end)`` and the instruments of
+    ``shard``, in the caller's transaction."""
     if "source_flags" not in bars.columns:
         bars = bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
-    return replace_window(conn, BAR_TABLES[timeframe], bars.select(list(STORED_BAR_SCHEMA)), "ts", start, end)
+    table = BAR_TABLES[timeframe]
+    return replace_window(conn, table, bars.select(list(STORED_BAR_SCHEMA)), "ts", start, end, shard=shard)
 
 
 def read_bars(
-    conn: sa.Connection, start: datetime, end: datetime, warmup_bars: int = 0, timeframe: str = "1m"
+    conn: sa.Connection,
+    start: datetime,
+    end: datetime,
+    warmup_bars: int = 0,
+    timeframe: str = "1m",
+    shard: Shard = ALL,
 ) -> pl.DataFrame:
     """Bars in ``[start, end)`` plus, per instrument present there, its bars before ``start`` from the
     ``warmup_bars``-th last *valid* one on (or all of them when it has fewer).
@@ -38,17 +53,22 @@ def read_bars(
     from marketfs.features.compute import VALID_BAR_SQL
 
     table = sql.Identifier(BAR_TABLES[timeframe])
+    params = {"start": start, "end": end, **shard.params}
     if warmup_bars <= 0:
-        window = sql.SQL("SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s").format(
-            cols=select_list(STORED_BAR_SCHEMA, "b"), table=table
+        window = sql.SQL("SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s AND {mine}").format(
+            cols=select_list(STORED_BAR_SCHEMA, "b"),
+            table=table,
+            mine=shard.condition(sql.Identifier("b", "instrument_id")),
         )
-        frame = copy_query_out(conn, window, {"start": start, "end": end}, STORED_BAR_SCHEMA)
+        frame = copy_query_out(conn, window, params, STORED_BAR_SCHEMA)
         return frame.sort("instrument_id", "ts")
     query = sql.SQL(
         """
-        SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s
+        SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s AND {mine}
         UNION ALL
-        SELECT {warm_cols} FROM (SELECT DISTINCT instrument_id FROM {table} WHERE ts >= %(start)s AND ts < %(end)s) i
+        SELECT {warm_cols} FROM (
+            SELECT DISTINCT instrument_id FROM {table} WHERE ts >= %(start)s AND ts < %(end)s AND {mine_i}
+        ) i
         CROSS JOIN LATERAL (
             SELECT coalesce((
                 SELECT v.ts FROM {table} v WHERE v.instrument_id = i.instrument_id AND v.ts < %(start)s AND {valid}
@@ -64,13 +84,15 @@ def read_bars(
         warm_cols=select_list(STORED_BAR_SCHEMA, "w"),
         table=table,
         valid=sql.SQL(VALID_BAR_SQL),
+        mine=shard.condition(sql.Identifier("b", "instrument_id")),
+        mine_i=shard.condition(),
     )
-    frame = copy_query_out(conn, query, {"start": start, "end": end, "warmup": warmup_bars}, STORED_BAR_SCHEMA)
+    frame = copy_query_out(conn, query, {**params, "warmup": warmup_bars}, STORED_BAR_SCHEMA)
     return frame.sort("instrument_id", "ts")
 
 
 def read_bars_for(
-    conn: sa.Connection, timeframe: str, start: datetime, end: datetime, warmup_bars: int
+    conn: sa.Connection, timeframe: str, start: datetime, end: datetime, warmup_bars: int, shard: Shard = ALL
 ) -> pl.DataFrame:
     """Bars of ``timeframe`` in ``[start, end)`` with up to ``warmup_bars`` of them before ``start`` per
     instrument: read from its table, or resampled from the minute bars (``timeframes.py``)."""
@@ -80,8 +102,8 @@ def read_bars_for(
     spec = timeframe_spec(timeframe)
     stored = next(tf for tf, table in BAR_TABLES.items() if table == spec.bar_table)
     if not spec.resample_on_read:
-        return read_bars(conn, start, end, warmup_bars=warmup_bars, timeframe=stored)
+        return read_bars(conn, start, end, warmup_bars=warmup_bars, timeframe=stored, shard=shard)
     # Enough minute bars for warmup_bars whole intervals after the first, possibly partial, is dropped.
     read_limit = (warmup_bars + 1) * spec.minutes
-    minutes = read_bars(conn, start, end, warmup_bars=read_limit, timeframe=stored)
+    minutes = read_bars(conn, start, end, warmup_bars=read_limit, timeframe=stored, shard=shard)
     return resampled_with_warmup(minutes, timeframe, start, read_limit)

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, state_schema, vector_schema
 from marketfs.features.registry import FeatureSet
+from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
 from marketfs.store.timescale import lift_decompression_limit
@@ -33,10 +34,19 @@ def write_features(
     start: datetime,
     end: datetime,
     run_id: str | None = None,
+    shard: Shard = ALL,
 ) -> dict[str, int]:
-    """Vectors and state of ``[start, end)``, written together (in the caller's transaction)."""
+    """Vectors and state of ``[start, end)`` for the instruments of ``shard``, written together (in the
+    caller's transaction)."""
     stats = upsert_window(
-        conn, computation.vectors, feature_set=feature_set, timeframe=timeframe, start=start, end=end, run_id=run_id
+        conn,
+        computation.vectors,
+        feature_set=feature_set,
+        timeframe=timeframe,
+        start=start,
+        end=end,
+        run_id=run_id,
+        shard=shard,
     )
     state = computation.state.with_columns(
         pl.lit(timeframe).alias("timeframe"), pl.lit(feature_set.version).alias("feature_set_version")
@@ -49,6 +59,7 @@ def write_features(
         start,
         end,
         scope={"timeframe": timeframe, "feature_set_version": feature_set.version},
+        shard=shard,
     )
     return stats
 
@@ -62,8 +73,10 @@ def upsert_window(
     start: datetime,
     end: datetime,
     run_id: str | None = None,
+    shard: Shard = ALL,
 ) -> dict[str, int]:
-    """Make the table hold exactly ``vectors`` for this version, timeframe and ``[start, end)``."""
+    """Make the table hold exactly ``vectors`` for this version, timeframe, ``[start, end)`` and the
+    instruments of ``shard`` (other shards' vectors of the window are not touched)."""
     columns = list(vector_schema(feature_set, timeframe))
     stray = vectors.filter(
         (pl.col("ts") < start)
@@ -71,22 +84,23 @@ def upsert_window(
         | (pl.col("timeframe") != timeframe)
         | (pl.col("feature_set_version") != feature_set.version)
     )
-    if stray.height:
-        raise ValueError(f"{stray.height} vector(s) fall outside the window or version being written")
+    if stray.height or shard.filter(vectors).height != vectors.height:
+        raise ValueError("vector(s) fall outside the window, version or shard being written")
     staged = vectors.select(columns).with_columns(pl.lit(run_id, pl.String).alias("run_id"))
-    # Writers of one version and timeframe take turns: overlapping windows (a backfill and a
-    # scheduled run, or the same partition twice) then see each other's committed rows.
+    # Writers of one version, timeframe and shard take turns: overlapping windows (a backfill and a
+    # scheduled run, or the same partition twice) then see each other's committed rows. Shards write
+    # disjoint instruments, so their runs go on at once.
     conn.execute(
         sa.text("SELECT pg_advisory_xact_lock(hashtext('feature_vectors'), hashtext(:scope))"),
-        {"scope": f"{feature_set.version}/{timeframe}"},
+        {"scope": f"{feature_set.version}/{timeframe}/{shard.index}"},
     )
     lift_decompression_limit(conn)
     window_has_rows = conn.execute(
         sa.text(
             "SELECT EXISTS (SELECT 1 FROM feature_vectors WHERE feature_set_version = :v AND timeframe = :tf "
-            "AND ts >= :s AND ts < :e)"
+            f"AND ts >= :s AND ts < :e AND {shard.text_condition()})"
         ),
-        {"v": feature_set.version, "tf": timeframe, "s": start, "e": end},
+        {"v": feature_set.version, "tf": timeframe, "s": start, "e": end, **shard.params},
     ).scalar()
     if not window_has_rows:
         # First write of the window: nothing to update or delete, so COPY straight into the table.
@@ -141,10 +155,10 @@ def upsert_window(
     )
     delete_stale = sql.SQL(
         "WITH gone AS (DELETE FROM feature_vectors f WHERE f.feature_set_version = %(version)s "
-        "AND f.timeframe = %(timeframe)s AND f.ts >= %(start)s AND f.ts < %(end)s AND NOT EXISTS ("
+        "AND f.timeframe = %(timeframe)s AND f.ts >= %(start)s AND f.ts < %(end)s AND {mine} AND NOT EXISTS ("
         "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts) RETURNING {kept}) "
         "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {kept}, now() FROM gone"
-    ).format(staging=ident(STAGING), kept=kept)
+    ).format(staging=ident(STAGING), kept=kept, mine=shard.condition(sql.Identifier("f", "instrument_id")))
     with conn.connection.driver_connection.cursor() as cur:
         cur.execute(supersede)
         superseded = cur.rowcount
@@ -154,7 +168,10 @@ def upsert_window(
         # for a few rows and run this anti-join as a nested loop over the staged rows: minutes at 600k.
         # A hash anti-join is the only sane plan here, so ask for it for this statement.
         cur.execute("SET LOCAL enable_nestloop = off")
-        cur.execute(delete_stale, {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end})
+        cur.execute(
+            delete_stale,
+            {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end, **shard.params},
+        )
         deleted = cur.rowcount
         cur.execute("SET LOCAL enable_nestloop = on")
     return {"upserted": upserted, "deleted_stale": deleted, "superseded": superseded}
@@ -169,10 +186,11 @@ def read_vectors(
     end: datetime,
     instruments: list[str] | None = None,
     columns: list[str] | None = None,
+    shard: Shard = ALL,
 ) -> pl.DataFrame:
     """Stored vectors of one version and timeframe in ``[start, end)``, sorted by instrument and ts.
 
-    ``columns`` limits the read (``instrument_id`` and ``ts`` always come along).
+    ``columns`` limits the read (``instrument_id`` and ``ts`` always come along); ``shard`` to its instruments.
     """
     schema = vector_schema(feature_set, timeframe)
     if columns is not None:
@@ -183,21 +201,24 @@ def read_vectors(
     if instruments is not None:
         where += " AND instrument_id = ANY(%(instruments)s)"
         params["instruments"] = instruments
-    query = sql.SQL("SELECT {} FROM feature_vectors WHERE " + where + " ORDER BY instrument_id, ts").format(
-        select_list(schema)
+    params.update(shard.params)
+    query = sql.SQL("SELECT {} FROM feature_vectors WHERE " + where + " AND {} ORDER BY instrument_id, ts").format(
+        select_list(schema), shard.condition()
     )
     return copy_query_out(conn, query, params, schema)
 
 
-def read_state_before(conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, start: datetime) -> pl.DataFrame:
-    """The latest stored recursion state per instrument strictly before ``start``."""
+def read_state_before(
+    conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, start: datetime, shard: Shard = ALL
+) -> pl.DataFrame:
+    """The latest stored recursion state per instrument (of ``shard``) strictly before ``start``."""
     schema = state_schema(feature_set, timeframe)
     query = sql.SQL(
         "SELECT DISTINCT ON (instrument_id) {} FROM feature_state "
-        "WHERE timeframe = %(timeframe)s AND feature_set_version = %(version)s AND ts < %(start)s "
+        "WHERE timeframe = %(timeframe)s AND feature_set_version = %(version)s AND ts < %(start)s AND {} "
         "ORDER BY instrument_id, ts DESC"
-    ).format(select_list(schema))
-    params = {"timeframe": timeframe, "version": feature_set.version, "start": start}
+    ).format(select_list(schema), shard.condition())
+    params = {"timeframe": timeframe, "version": feature_set.version, "start": start, **shard.params}
     return copy_query_out(conn, query, params, schema)
 
 
@@ -209,8 +230,10 @@ def read_recent_partitions(
     before: datetime,
     partitions: int,
     columns: list[str] | None = None,
+    shard: Shard = ALL,
 ) -> pl.DataFrame:
-    """Stored vectors of (about) the last ``partitions`` trading days that have vectors before ``before``.
+    """Stored vectors of (about) the last ``partitions`` trading days that have vectors before ``before``,
+    of the instruments of ``shard``.
 
     The days are counted as UTC dates in SQL (an index range, no calendar on the server), and the read
     starts where the earliest one's trading day starts, so that day is whole (its after-hours part too).
@@ -218,14 +241,14 @@ def read_recent_partitions(
     first_day = conn.execute(
         sa.text(
             "SELECT min(day) FROM (SELECT DISTINCT date_trunc('day', ts) AS day FROM feature_vectors "
-            "WHERE feature_set_version = :v AND timeframe = :tf AND ts < :before "
+            f"WHERE feature_set_version = :v AND timeframe = :tf AND ts < :before AND {shard.text_condition()} "
             "ORDER BY 1 DESC LIMIT :n) recent"
         ),
-        {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions},
+        {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions, **shard.params},
     ).scalar()
     if first_day is None:
         return read_vectors(
-            conn, feature_set=feature_set, timeframe=timeframe, start=before, end=before, columns=columns
+            conn, feature_set=feature_set, timeframe=timeframe, start=before, end=before, columns=columns, shard=shard
         )
     from marketfs.universe import active_sessions
 
@@ -233,7 +256,9 @@ def read_recent_partitions(
     first = first_day if first_day.tzinfo else first_day.replace(tzinfo=UTC)
     session = sessions.trading_day(pl.Series([first])).item()
     start = sessions.trading_day_window(session)[0] if session is not None else first
-    return read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=before, columns=columns)
+    return read_vectors(
+        conn, feature_set=feature_set, timeframe=timeframe, start=start, end=before, columns=columns, shard=shard
+    )
 
 
 HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"

@@ -463,6 +463,26 @@ def _m012_rollup_partial_session(conn: sa.Connection, timescale: bool) -> None:
     ts.create_daily_quality_rollup(conn)
 
 
+@migration(13, "quarantine batches record the instrument shard they hold; quarantine_ohlcv_1d")
+def _m013_quarantine_shard(conn: sa.Connection, timescale: bool) -> None:
+    # bars_1d quarantines its breaching sessions like raw_ohlcv does, into a table of ohlcv_1d's columns.
+    conn.execute(
+        sa.text(
+            "CREATE TABLE IF NOT EXISTS quarantine_ohlcv_1d (batch_id bigint NOT NULL REFERENCES quarantine_batches "
+            "ON DELETE CASCADE, delivery_order bigint NOT NULL, LIKE ohlcv_1d INCLUDING DEFAULTS)"
+        )
+    )
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS quarantine_ohlcv_1d_batch ON quarantine_ohlcv_1d (batch_id)"))
+    # A batch holds one shard's rows of its window: a release must replace those instruments only, under the
+    # shard count it was quarantined with (a later MARKETFS_SHARDS does not change which rows it holds).
+    conn.execute(
+        sa.text(
+            "ALTER TABLE quarantine_batches ADD COLUMN shard_index integer NOT NULL DEFAULT 0, "
+            "ADD COLUMN shard_count integer NOT NULL DEFAULT 1"
+        )
+    )
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

@@ -21,6 +21,7 @@ from marketfs import jsonsafe
 from marketfs.features.compute import FeatureComputation, state_schema
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.features.registry import FeatureSet
+from marketfs.shards import ALL, Shard
 from marketfs.sources.base import BAR_SCHEMA
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import select_list
@@ -77,15 +78,32 @@ def log_verdicts(
 
 
 def open_batch(
-    conn: sa.Connection, *, run_id: str | None, asset: str, partition: str, start: datetime, end: datetime, reason: str
+    conn: sa.Connection,
+    *,
+    run_id: str | None,
+    asset: str,
+    partition: str,
+    start: datetime,
+    end: datetime,
+    reason: str,
+    shard: Shard = ALL,
 ) -> int:
     return int(
         conn.execute(
             sa.text(
-                "INSERT INTO quarantine_batches (run_id, asset, partition, window_start, window_end, reason) "
-                "VALUES (:r, :a, :p, :s, :e, :why) RETURNING batch_id"
+                "INSERT INTO quarantine_batches (run_id, asset, partition, window_start, window_end, reason, "
+                "shard_index, shard_count) VALUES (:r, :a, :p, :s, :e, :why, :si, :sc) RETURNING batch_id"
             ),
-            {"r": run_id, "a": asset, "p": partition, "s": start, "e": end, "why": reason},
+            {
+                "r": run_id,
+                "a": asset,
+                "p": partition,
+                "s": start,
+                "e": end,
+                "why": reason,
+                "si": shard.index,
+                "sc": shard.count,
+            },
         ).scalar_one()
     )
 
@@ -176,7 +194,7 @@ def _refuse_non_finite(batch_id: int, bars: pl.DataFrame) -> None:
 def release(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dict[str, Any]:
     """Write a held batch into its served tables, as a passing run would have, and log who released it."""
     from marketfs.sources.normalize import normalize_bars, normalize_events
-    from marketfs.store.bars import replace_bars
+    from marketfs.store.bars import STORED_BAR_SCHEMA, replace_bars
     from marketfs.store.events import replace_events
     from marketfs.store.feature_vectors import vector_schema, write_features
 
@@ -184,13 +202,18 @@ def release(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dic
         raise QuarantineError("a release needs the name of the person who reviewed it and a note saying why")
     batch = _decided_batch(conn, batch_id)
     start, end, asset = batch["window_start"], batch["window_end"], batch["asset"]
+    shard = Shard(batch["shard_index"], batch["shard_count"])
     if asset == "raw_ohlcv":
         bars = read_quarantined(conn, batch_id, "ohlcv_1m", BAR_SCHEMA)
         _refuse_non_finite(batch_id, bars)
-        written = replace_bars(conn, normalize_bars(bars), start, end)
+        written = replace_bars(conn, normalize_bars(bars), start, end, shard=shard)
+    elif asset == "bars_1d":
+        bars = read_quarantined(conn, batch_id, "ohlcv_1d", STORED_BAR_SCHEMA)
+        _refuse_non_finite(batch_id, bars)
+        written = replace_bars(conn, bars, start, end, timeframe="1d", shard=shard)
     elif asset == "raw_events":
         events = normalize_events(read_quarantined(conn, batch_id, "news_events", EVENT_SCHEMA))
-        written = replace_events(conn, events, start, end)
+        written = replace_events(conn, events, start, end, shard=shard)
     elif (dataset := _feature_dataset(asset)) is not None:
         feature_set, timeframe = dataset
         vectors = read_quarantined(conn, batch_id, "feature_vectors", vector_schema(feature_set, timeframe))
@@ -203,6 +226,7 @@ def release(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dic
             start=start,
             end=end,
             run_id=batch["run_id"],
+            shard=shard,
         )
         written = stats["upserted"]
     else:
@@ -216,7 +240,7 @@ def discard(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dic
     if not actor.strip() or not note.strip():
         raise QuarantineError("a discard needs the name of the person who decided it and a note saying why")
     batch = _decided_batch(conn, batch_id)
-    for table in ("ohlcv_1m", "news_events", "feature_vectors", "feature_state"):
+    for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state"):
         conn.execute(sa.text(f"DELETE FROM quarantine_{table} WHERE batch_id = :b"), {"b": batch_id})
     _record_decision(conn, batch, "discarded", actor, note)
     return batch

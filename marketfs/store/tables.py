@@ -8,6 +8,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
+from marketfs.shards import ALL, Shard
 from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
 from marketfs.store.timescale import lift_decompression_limit
 
@@ -31,25 +32,34 @@ def replace_window(
     start: datetime,
     end: datetime,
     scope: dict[str, str] | None = None,
+    shard: Shard = ALL,
 ) -> int:
-    """Make ``table`` hold exactly ``frame`` for ``start <= ts_column < end`` (and ``scope`` equalities).
+    """Make ``table`` hold exactly ``frame`` for ``start <= ts_column < end`` (and ``scope`` equalities),
+    for the instruments of ``shard``: the other shards' rows of the window are not touched.
 
     Runs in the caller's transaction: a failure before commit leaves the table as it was.
     """
+    foreign = shard.filter(frame).height != frame.height
+    if foreign:
+        raise ValueError(f"rows of {table} outside {shard} were given to a write of {shard}")
     outside = frame.filter((pl.col(ts_column) < start) | (pl.col(ts_column) >= end))
     if outside.height:
         raise ValueError(f"{outside.height} row(s) of {table} fall outside the window [{start}, {end}) being replaced")
     conditions = [
         sql.SQL("{} >= %(start)s AND {} < %(end)s").format(sql.Identifier(ts_column), sql.Identifier(ts_column))
     ]
-    params: dict = {"start": start, "end": end}
+    params: dict = {"start": start, "end": end, **shard.params}
+    conditions.append(shard.condition())
     for i, (column, value) in enumerate((scope or {}).items()):
         conditions.append(sql.SQL("{} = %(s{})s").format(sql.Identifier(column), sql.SQL(str(i))))
         params[f"s{i}"] = value
     lift_decompression_limit(conn)
-    # Writers of one table take turns, so two runs of the same partition end as one consistent result.
+    # Writers of one table and shard take turns, so two runs of the same partition end as one consistent
+    # result; runs of different shards write disjoint rows and go on at once.
     with conn.connection.driver_connection.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('replace_window'), hashtext(%s))", (table,))
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('replace_window'), hashtext(%s))", (f"{table}/{shard.index}",)
+        )
     delete = sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(table), sql.SQL(" AND ").join(conditions))
     with conn.connection.driver_connection.cursor() as cur:
         cur.execute(delete, params)
@@ -64,12 +74,14 @@ def read_window(
     start: datetime,
     end: datetime,
     order_by: tuple[str, ...],
+    shard: Shard = ALL,
 ) -> pl.DataFrame:
-    query = sql.SQL("SELECT {} FROM {} WHERE {} >= %(start)s AND {} < %(end)s ORDER BY {}").format(
+    query = sql.SQL("SELECT {} FROM {} WHERE {} >= %(start)s AND {} < %(end)s AND {} ORDER BY {}").format(
         select_list(schema),
         sql.Identifier(table),
         sql.Identifier(ts_column),
         sql.Identifier(ts_column),
+        shard.condition(),
         sql.SQL(", ").join(map(sql.Identifier, order_by)),
     )
-    return copy_query_out(conn, query, {"start": start, "end": end}, schema)
+    return copy_query_out(conn, query, {"start": start, "end": end, **shard.params}, schema)
