@@ -98,7 +98,10 @@ def test_the_instance_queues_state_chain_runs_behind_each_other() -> None:
     with dg.instance_for_test(overrides={"concurrency": concurrency}) as instance:
         queue = instance.get_concurrency_config().run_queue_config
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-    assert {"key": STATE_CHAIN_TAG, "limit": 1} in queue.tag_concurrency_limits
+    # One run at a time per chain: `daily`, or each shard's `shard-<i>` (MARKETFS_SHARDS > 1) on its own.
+    assert {"key": STATE_CHAIN_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in (
+        queue.tag_concurrency_limits
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,7 +116,7 @@ def test_the_instance_queues_state_chain_runs_behind_each_other() -> None:
     ],
 )
 def test_schedule_asks_for_the_session_that_closed_last(tick: datetime, session: str) -> None:
-    request = daily_features_schedule(dg.build_schedule_context(scheduled_execution_time=tick))
+    [request] = daily_features_schedule(dg.build_schedule_context(scheduled_execution_time=tick))
     assert (request.partition_key, request.run_key) == (session, session)
 
 
