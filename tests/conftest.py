@@ -7,6 +7,7 @@ its own database created on that server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -80,6 +81,13 @@ def _with_database(dsn: str, name: str) -> str:
 @pytest.fixture
 def empty_dsn(server_dsn: str) -> Iterator[str]:
     """A new, empty database for one test; dropped afterwards."""
+    with new_database(server_dsn) as dsn:
+        yield dsn
+
+
+@contextlib.contextmanager
+def new_database(server_dsn: str) -> Iterator[str]:
+    """A new, empty database on the test server, dropped when the block ends."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

@@ -6,16 +6,14 @@ defined when the code location is imported, so a shard count is a process's envi
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from conftest import new_database
 from dagster_helpers import dagster_process_env
 
 from marketfs.shards import SHARDS_ENV, Shard, ShardConfigError, shard_count, shards
@@ -99,25 +97,6 @@ def _served(dsn: str) -> dict[str, pl.DataFrame]:
     return out
 
 
-@contextlib.contextmanager
-def fresh_database(server_dsn: str) -> Iterator[str]:
-    import psycopg
-
-    from marketfs.db import engine_for
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = sa.make_url(server_dsn).set(database=name).render_as_string(hide_password=False)
-    dsn = dsn.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        yield dsn
-    finally:
-        engine_for(dsn).dispose()
-        with psycopg.connect(server_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_vectors_and_state_do_not_depend_on_the_shard_count(server_dsn: str, tmp_path: Path) -> None:
     import psycopg
 
@@ -125,7 +104,7 @@ def test_vectors_and_state_do_not_depend_on_the_shard_count(server_dsn: str, tmp
 
     results = {}
     for count in ("1", "4"):
-        with fresh_database(server_dsn) as dsn:
+        with new_database(server_dsn) as dsn:
             home = tmp_path / f"shards{count}"
             home.mkdir()
             result = _run(dsn, home, count, "--start", "2024-01-02", "--end", "2024-01-09", "--no-snapshot")
