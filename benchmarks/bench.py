@@ -30,7 +30,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psutil
-from common import ROOT, bench_database, machine, peak_rss_mb, write_doc_section
+from common import ROOT, bench_database, machine, peak_rss_mb, pipeline_env, write_doc_section
 
 START = datetime(2024, 1, 2, tzinfo=UTC)
 
@@ -211,22 +211,10 @@ def run_tree(command: list[str], env: dict[str, str]) -> dict:
 
 
 def end_to_end(instruments: int, days: int, rows: int) -> dict:
-    import sqlalchemy as sa
-
     start, end, trading = trading_window(days)
     results = {}
     with bench_database() as dsn, bench_database() as instance_dsn, tempfile.TemporaryDirectory() as home:
-        env = {
-            **os.environ,
-            "MARKETFS_DSN": dsn,
-            "DAGSTER_HOME": home,
-            "MARKETFS_SYNTHETIC_INSTRUMENTS": str(instruments),
-            "MARKETFS_HOME": home,
-            "PYTHONWARNINGS": "ignore",
-            "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
-            .set(drivername="postgresql+psycopg2")
-            .render_as_string(hide_password=False),
-        }
+        env = pipeline_env(dsn, instance_dsn, home, instruments)
         python = sys.executable
         backfill = run_tree(
             [

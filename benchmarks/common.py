@@ -45,6 +45,22 @@ def bench_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def pipeline_env(dsn: str, instance_dsn: str, home: str, instruments: int, **extra: str) -> dict[str, str]:
+    """Environment of a ``python -m pipelines`` process on ``dsn``, with its own Dagster instance and home."""
+    return {
+        **os.environ,
+        "MARKETFS_DSN": dsn,
+        "DAGSTER_HOME": home,
+        "MARKETFS_HOME": home,
+        "MARKETFS_SYNTHETIC_INSTRUMENTS": str(instruments),
+        "PYTHONWARNINGS": "ignore",
+        "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
+        .set(drivername="postgresql+psycopg2")
+        .render_as_string(hide_password=False),
+        **extra,
+    }
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far.
 

@@ -19,23 +19,13 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from bench import run_tree, trading_window
-from common import bench_database, machine, write_doc_section
+from common import bench_database, machine, pipeline_env, write_doc_section
 
 
 def one_range(instruments: int, days: int) -> dict:
     _, _, trading = trading_window(days)
     with bench_database() as dsn, bench_database() as instance_dsn, tempfile.TemporaryDirectory() as home:
-        env = {
-            **os.environ,
-            "MARKETFS_DSN": dsn,
-            "DAGSTER_HOME": home,
-            "MARKETFS_HOME": home,
-            "MARKETFS_SYNTHETIC_INSTRUMENTS": str(instruments),
-            "PYTHONWARNINGS": "ignore",
-            "MARKETFS_DAGSTER_PG_URL": sa.make_url(instance_dsn)
-            .set(drivername="postgresql+psycopg2")
-            .render_as_string(hide_password=False),
-        }
+        env = pipeline_env(dsn, instance_dsn, home, instruments)
         command = [sys.executable, "-m", "pipelines", "run", "--start", trading[0].isoformat()]
         result = run_tree([*command, "--end", trading[-1].isoformat(), "--no-snapshot"], env)
         from marketfs.db import engine_for

@@ -63,12 +63,12 @@ def _execute_in_order(
 def _execute_shard(keys: list[str], shard, tally: Tally, asset_selection=None, verbose: bool = False) -> list[str]:
     import dagster as dg
 
-    from assets.partitions import BATCHED_BACKFILL, partition_key
+    from assets.partitions import RUN_DAYS, partition_key
     from pipelines.definitions import daily_features_job, defs
     from pipelines.run_health import process_tags
     from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG, chain_tags
 
-    batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
+    batch = RUN_DAYS
     job = defs.resolve_job_def(daily_features_job.name)
     instance = dg.DagsterInstance.get()
     failed_runs: list[str] = []
@@ -154,7 +154,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, sha
     import dagster as dg
     import sqlalchemy as sa
 
-    from assets.partitions import BATCHED_BACKFILL, SESSIONS, SHARD_COUNT, day_window, session_keys
+    from assets.partitions import RUN_DAYS, SESSIONS, SHARD_COUNT, day_window, session_keys
     from marketfs.db import engine_for
     from pipelines.definitions import defs
     from pipelines.run_health import process_tags
@@ -166,7 +166,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, sha
     if not keys:
         print(f"no {SESSIONS.name} session from {start} through {end}: nothing to run")
         return 0
-    batch = BATCHED_BACKFILL.max_partitions_per_run or len(keys)
+    batch = RUN_DAYS
     instance = dg.DagsterInstance.get()
     only = _only_shard(shard)
     failed_runs, tally = _execute_in_order(keys, verbose=verbose, only=only)
@@ -313,7 +313,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     import dagster as dg
 
     from assets.data_versions import InputProvenance, stored_content_version
-    from assets.partitions import DAILY, SESSIONS, day_window, partition_key, previous_key
+    from assets.partitions import DAILY, SESSIONS, SHARD_COUNT, day_window, partition_key, previous_key
     from marketfs.db import engine_for
     from marketfs.shards import Shard
     from marketfs.store import quality
@@ -326,6 +326,14 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
             batch = quality.release(conn, batch_id, actor=actor, note=note)
+            if batch["shard_count"] != SHARD_COUNT:
+                # Its Dagster partition and what to recompute exist only under the count it was held with;
+                # raising here rolls the release back.
+                raise quality.QuarantineError(
+                    f"batch {batch_id} was held with MARKETFS_SHARDS={batch['shard_count']}, this deployment runs "
+                    f"{SHARD_COUNT}: release it with MARKETFS_SHARDS={batch['shard_count']}, or discard it "
+                    f"(marketfs quarantine discard {batch_id} --by NAME --note WHY) and recompute its days"
+                )
             shard = Shard(batch["shard_index"], batch["shard_count"])
             for session in SESSIONS.trading_days_overlapping(batch["window_start"], batch["window_end"]):
                 day = session.isoformat()

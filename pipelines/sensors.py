@@ -114,7 +114,7 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         "in runs of 31 days when longer), tagged marketfs/state_chain so it queues behind other such runs.",
     )
     def landing_files_sensor(context: dg.SensorEvaluationContext, market_data: MarketData):
-        from assets.partitions import BATCHED_BACKFILL, DAILY, SHARD_COUNT
+        from assets.partitions import DAILY, RUN_DAYS, SHARD_COUNT
 
         if market_data.source != "landing":
             return dg.SkipReason("MARKETFS_SOURCE is not 'landing': nothing to watch")
@@ -169,7 +169,7 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
                 chain_request(
                     keys,
                     asset_keys,
-                    BATCHED_BACKFILL.max_partitions_per_run or len(keys),
+                    RUN_DAYS,
                     tags={"landing_files": names[:200]},
                     run_key=f"{keys[0]}..{keys[-1]}{suffix}:{digest}",
                     shard=shard,

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -70,3 +77,43 @@ def dagster_process_env(dsn: str, instance_dsn: str, tmp_path: Path, **extra: st
         "PYTHONWARNINGS": "ignore",
         **extra,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dagster_dev(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`dagster dev` (webserver, daemon, code server) on ``env``, its output in ``log_path``; yields its URL once
+    it answers, and stops its whole process group after."""
+    from process_helpers import stop_process_group
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(root / "workspace.yaml")]
+            + ["-h", "127.0.0.1", "-p", str(port)],
+            env=env,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/server_info", timeout=2):
+                        break
+                except OSError:
+                    assert proc.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "dagster dev did not come up"
+                    time.sleep(1)
+            yield base
+        finally:
+            stop_process_group(proc)  # the webserver's code server and daemon too, not only `dagster dev`

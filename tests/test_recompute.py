@@ -163,6 +163,15 @@ def test_release_is_recorded_in_dagster_and_recomputes_from_the_released_day(
 
         [batch] = [b for b in quality.list_batches(conn, "held") if b["asset"] == "raw_ohlcv"]
 
+    # Under another shard count its partition does not exist: refused, and the batch stays held.
+    other = pipelines(
+        {**env, "MARKETFS_SHARDS": "2"}, "quarantine", "release", str(batch["batch_id"]), "--by", "bob", "--note", "x"
+    )
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert f"batch {batch['batch_id']} was held with MARKETFS_SHARDS=1, this deployment runs 2" in other.stderr
+    with engine_for(env["MARKETFS_DSN"]).connect() as conn:
+        assert batch["batch_id"] in [b["batch_id"] for b in quality.list_batches(conn, "held")]
+
     release = pipelines(env, "quarantine", "release", str(batch["batch_id"]), "--by", "alice", "--note", "vendor ok")
     assert release.returncode == 0, release.stdout + release.stderr
     # From 01-02: the breach stopped the raw step, so no features were computed for the day before either;

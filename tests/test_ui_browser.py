@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
-from dagster_helpers import dagster_process_env
-from process_helpers import stop_process_group
+from dagster_helpers import dagster_dev, dagster_process_env
 
 from marketfs.sources import SyntheticBars, SyntheticEvents
 
@@ -60,16 +57,9 @@ def landing_days(root: Path) -> None:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def dagster_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
     landing_days(tmp_path / "landing")
-    port = free_port()
     env = dagster_process_env(
         dsn,
         request.getfixturevalue("empty_dsn"),
@@ -77,39 +67,8 @@ def dagster_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
         MARKETFS_SOURCE="landing",
         MARKETFS_LANDING_DIR=str(tmp_path / "landing"),
     )
-    log = (tmp_path / "dagster-dev.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "dev",
-            "-w",
-            str(ROOT / "workspace.yaml"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/server_info", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "dagster dev did not come up"
-                time.sleep(1)
+    with dagster_dev(env, tmp_path / "dagster-dev.log") as base:
         yield base, env
-    finally:
-        stop_process_group(proc)  # the webserver's code server and daemon too, not only `dagster dev`
-        log.close()
 
 
 def launch_partition(page, base: str, asset: str, partition: str) -> str:
