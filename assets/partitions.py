@@ -131,7 +131,7 @@ RUN_DAYS = 31
 # once (seen: 2024-01-03 and 2024-01-11 of one shard side by side, before its 2024-01-02). A single run
 # per shard and range keeps the order; its memory stays bounded by MARKETFS_CHUNK_ROWS, its time is the
 # range's (see dagster/max_runtime in the README).
-BATCHED_BACKFILL = (
+BACKFILL_POLICY = (
     dg.BackfillPolicy.single_run() if SHARDED else dg.BackfillPolicy.multi_run(max_partitions_per_run=RUN_DAYS)
 )
 
@@ -241,7 +241,7 @@ def daily_asset(
             for check, text in (checks or {}).items()
         ],
         partitions_def=PARTITIONS,
-        backfill_policy=BATCHED_BACKFILL,
+        backfill_policy=BACKFILL_POLICY,
         pool="feature_store",
         retry_policy=DATABASE_RETRY,
         can_subset=True,

@@ -20,7 +20,8 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import psutil
@@ -55,9 +56,7 @@ def _content(dsn: str) -> tuple[int, str]:
             "SELECT count(*), sum(('x' || left(md5({}), 15))::bit(60)::bigint::numeric)::text "
             "FROM feature_vectors WHERE timeframe = '1m'"
         ).format(row)
-        raw = conn.connection.driver_connection
-        count, digest = raw.execute(query).fetchone()
-    engine_for(dsn).dispose()
+        count, digest = conn.connection.driver_connection.execute(query).fetchone()
     return count, digest
 
 
@@ -68,26 +67,12 @@ def one_layout(instruments: int, days: int, shards: int) -> dict:
         command = [sys.executable, "-m", "pipelines", "run", "--start", trading[0].isoformat()]
         command += ["--end", trading[-1].isoformat(), "--no-snapshot"]
         commands = [command] if shards == 1 else [[*command, "--shard", str(k)] for k in range(shards)]
-        runs: list[dict | BaseException] = [{} for _ in commands]
-
-        def one(k: int) -> None:
-            try:
-                runs[k] = run_tree(commands[k], env)
-            except BaseException as exc:  # re-raised below, in the main thread
-                runs[k] = exc
-
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(len(commands))]
         cpu_before, database_before = psutil.cpu_times(), _database_cpu()
-        started = datetime.now(UTC)
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = (datetime.now(UTC) - started).total_seconds()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(commands)) as pool:  # a failed run's error is raised here
+            runs = list(pool.map(lambda command: run_tree(command, env), commands))
+        wall = time.perf_counter() - started
         cpu_after, database_after = psutil.cpu_times(), _database_cpu()
-        for run in runs:
-            if isinstance(run, BaseException):
-                raise run
         rows, digest = _content(dsn)
     return {
         "shards": shards,
@@ -153,12 +138,12 @@ def main() -> int:
                 f"{r['rows'] / r['seconds']:,.0f} | {r['busy']:.0%} ({r['database']:.0%}) | {per_run} |"
             )
     lines.append("")
-    for one, two in pairs:
-        same = "identical" if (one["rows"], one["digest"]) == (two["rows"], two["digest"]) else "DIFFERENT"
+    identical = [(one["rows"], one["digest"]) == (two["rows"], two["digest"]) for one, two in pairs]
+    for (one, two), same in zip(pairs, identical, strict=True):
         lines.append(
             f"- {one['days']} days: 2 shard runs vs 1 run: **{one['seconds'] / two['seconds']:.2f}x** the speed, "
             f"peak memory per run {max(r['peak_mb'] for r in two['runs']) / one['runs'][0]['peak_mb']:.2f}x; "
-            f"stored 1m vectors {same} (content hash)"
+            f"stored 1m vectors {'identical' if same else 'DIFFERENT'} (content hash)"
         )
     text = "\n".join(lines)
     print(text)
@@ -166,7 +151,7 @@ def main() -> int:
         write_doc_section(
             f"## Instrument shards: 1 run against 2 shard runs at once ({args.instruments} instruments)", text
         )
-    return 0 if all("DIFFERENT" not in line for line in lines) else 1
+    return 0 if all(identical) else 1
 
 
 if __name__ == "__main__":

@@ -68,13 +68,12 @@ def _execute_shard(keys: list[str], shard, tally: Tally, asset_selection=None, v
     from pipelines.run_health import process_tags
     from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG, chain_tags
 
-    batch = RUN_DAYS
     job = defs.resolve_job_def(daily_features_job.name)
     instance = dg.DagsterInstance.get()
     failed_runs: list[str] = []
     label = "" if shard.is_all else f" (shard {shard.index})"
-    for i in range(0, len(keys), batch):
-        chunk = keys[i : i + batch]
+    for i in range(0, len(keys), RUN_DAYS):
+        chunk = keys[i : i + RUN_DAYS]
         _wait_for_state_chain(instance, chain_tags(shard))
         with quiet_storage_errors(verbose):
             result = job.execute_in_process(
@@ -166,7 +165,6 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, sha
     if not keys:
         print(f"no {SESSIONS.name} session from {start} through {end}: nothing to run")
         return 0
-    batch = RUN_DAYS
     instance = dg.DagsterInstance.get()
     only = _only_shard(shard)
     failed_runs, tally = _execute_in_order(keys, verbose=verbose, only=only)
@@ -217,7 +215,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, sha
             window,
         ).all()
     print()
-    runs = (len(keys) + batch - 1) // batch * (len(only) if only else SHARD_COUNT)
+    runs = (len(keys) + RUN_DAYS - 1) // RUN_DAYS * (len(only) if only else SHARD_COUNT)
     sharding = "" if SHARD_COUNT == 1 else f" x {len(only) if only else SHARD_COUNT} of {SHARD_COUNT} shards"
     print(f"partitions     {len(keys)} ({keys[0]} .. {keys[-1]}){sharding}, {runs} run(s)")
     print(f"bars stored    {bars} in ohlcv_1m, {events} events in news_events")
@@ -325,15 +323,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     days: list[tuple[str, str]] = []  # (day, content version) per released day
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
-            batch = quality.release(conn, batch_id, actor=actor, note=note)
-            if batch["shard_count"] != SHARD_COUNT:
-                # Its Dagster partition and what to recompute exist only under the count it was held with;
-                # raising here rolls the release back.
-                raise quality.QuarantineError(
-                    f"batch {batch_id} was held with MARKETFS_SHARDS={batch['shard_count']}, this deployment runs "
-                    f"{SHARD_COUNT}: release it with MARKETFS_SHARDS={batch['shard_count']}, or discard it "
-                    f"(marketfs quarantine discard {batch_id} --by NAME --note WHY) and recompute its days"
-                )
+            batch = quality.release(conn, batch_id, actor=actor, note=note, shard_count=SHARD_COUNT)
             shard = Shard(batch["shard_index"], batch["shard_count"])
             for session in SESSIONS.trading_days_overlapping(batch["window_start"], batch["window_end"]):
                 day = session.isoformat()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.partitions import PARTITIONS, partition_key, split_key
+from assets.partitions import PARTITIONS, RUN_DAYS, partition_key, split_key
 from assets.resources import MarketData
 from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
 from marketfs.shards import ALL, Shard, shards
@@ -82,19 +82,19 @@ def chain_range(
 def chain_request(
     days: list[str],
     asset_keys: list[dg.AssetKey],
-    max_per_run: int,
     tags: dict[str, str],
     run_key: str | None = None,
     shard: Shard = ALL,
 ) -> dg.RunRequest:
-    """One ranged run for ``days`` of ``shard`` when they fit in ``max_per_run`` days, else a backfill of them.
+    """One ranged run for ``days`` of ``shard`` when they fit in RUN_DAYS days, else a backfill of them (its
+    runs follow the assets' backfill policy).
 
     A backfill's runs carry the backfill's tags only (not the job's), so the state-chain tag is set
     here for both.
     """
     tags = {**tags, **chain_tags(shard)}
     keys = [partition_key(day, shard) for day in days]
-    if len(keys) <= max_per_run:
+    if len(keys) <= RUN_DAYS:
         return dg.RunRequest(run_key=run_key, tags={**tags, RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]})
     from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
@@ -111,10 +111,11 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         minimum_interval_seconds=30,
         description="Watches MARKETFS_LANDING_DIR/bars, /bars_1d and /events; new or changed files launch ONE run of "
         "the daily_features job from the earliest day they touch through the newest materialised day (a backfill "
-        "in runs of 31 days when longer), tagged marketfs/state_chain so it queues behind other such runs.",
+        "when longer than 31 days), per instrument shard, tagged marketfs/state_chain so it queues behind other such "
+        "runs.",
     )
     def landing_files_sensor(context: dg.SensorEvaluationContext, market_data: MarketData):
-        from assets.partitions import DAILY, RUN_DAYS, SHARD_COUNT
+        from assets.partitions import DAILY, SHARD_COUNT
 
         if market_data.source != "landing":
             return dg.SkipReason("MARKETFS_SOURCE is not 'landing': nothing to watch")
@@ -169,7 +170,6 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
                 chain_request(
                     keys,
                     asset_keys,
-                    RUN_DAYS,
                     tags={"landing_files": names[:200]},
                     run_key=f"{keys[0]}..{keys[-1]}{suffix}:{digest}",
                     shard=shard,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import sqlalchemy as sa
+from process_helpers import stop_process_group
 
 from assets.resources import FeatureStore, MarketData
 from pipelines.definitions import ALL_ASSETS
@@ -89,8 +90,6 @@ def free_port() -> int:
 def dagster_dev(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """`dagster dev` (webserver, daemon, code server) on ``env``, its output in ``log_path``; yields its URL once
     it answers, and stops its whole process group after."""
-    from process_helpers import stop_process_group
-
     root = Path(__file__).resolve().parents[1]
     port = free_port()
     with log_path.open("w") as log:

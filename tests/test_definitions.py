@@ -49,6 +49,6 @@ def test_backfills_run_in_bounded_batches() -> None:
     from assets.partitions import SHARDED
     from pipelines.definitions import ALL_ASSETS
 
-    assert not SHARDED  # sharded, a backfill runs one run per shard: tests/test_shards.py
+    assert not SHARDED  # sharded, one run per shard and range: tests/test_shards.py, tests/test_shards_ui.py
     for asset in ALL_ASSETS:
         assert asset.backfill_policy.max_partitions_per_run == 31, asset.key

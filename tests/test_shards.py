@@ -131,6 +131,7 @@ def test_partitions_are_day_by_shard_and_the_schedule_launches_each_shard(tmp_pa
         "p = a.partitions_def\n"
         "print(type(p).__name__, [x.name for x in p.partitions_defs])\n"
         "print('2024-01-02|1' in p.get_partition_keys())\n"
+        "print(a.backfill_policy.policy_type.value, a.backfill_policy.max_partitions_per_run)\n"
         "t = d.datetime(2024, 1, 3, 1, 15, tzinfo=d.timezone.utc)\n"
         "rs = daily_features_schedule(dg.build_schedule_context(scheduled_execution_time=t))\n"
         "print(sorted((r.partition_key, r.tags['marketfs/state_chain']) for r in rs))\n"
@@ -145,4 +146,6 @@ def test_partitions_are_day_by_shard_and_the_schedule_launches_each_shard(tmp_pa
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "MultiPartitionsDefinition ['day', 'shard']"
     assert lines[1] == "True"
-    assert lines[2] == "[('2024-01-02|0', 'shard-0'), ('2024-01-02|1', 'shard-1')]"
+    # A backfill runs each shard's range as one ordered run (see assets/partitions.py, BACKFILL_POLICY).
+    assert lines[2] == "SINGLE_RUN None"
+    assert lines[3] == "[('2024-01-02|0', 'shard-0'), ('2024-01-02|1', 'shard-1')]"

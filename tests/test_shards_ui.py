@@ -71,9 +71,7 @@ def sharded_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
     start, end = day_window(DAYS[0])[0], day_window(DAYS[-1])[1]
     with engine_for(dsn).begin() as conn:  # the stored bars the feature backfill reads
         replace_bars(conn, SyntheticBars(instruments=INSTRUMENTS).bars(start, end), start, end)
-    env = dagster_process_env(
-        dsn, request.getfixturevalue("empty_dsn"), tmp_path, MARKETFS_SHARDS="2", MARKETFS_SYNTHETIC_INSTRUMENTS="8"
-    )
+    env = dagster_process_env(dsn, request.getfixturevalue("empty_dsn"), tmp_path, MARKETFS_SHARDS="2")
     with dagster_dev(env, tmp_path / "dagster-dev.log") as base:
         yield base, tmp_path / "dagster-dev.log"
 

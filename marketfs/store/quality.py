@@ -191,8 +191,14 @@ def _refuse_non_finite(batch_id: int, bars: pl.DataFrame) -> None:
         )
 
 
-def release(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dict[str, Any]:
-    """Write a held batch into its served tables, as a passing run would have, and log who released it."""
+def release(
+    conn: sa.Connection, batch_id: int, *, actor: str, note: str, shard_count: int | None = None
+) -> dict[str, Any]:
+    """Write a held batch into its served tables, as a passing run would have, and log who released it.
+
+    ``shard_count``: the caller's MARKETFS_SHARDS; a batch held under another count is refused before
+    anything is written (its partition and what to recompute exist only under that count).
+    """
     from marketfs.sources.normalize import normalize_bars, normalize_events
     from marketfs.store.bars import STORED_BAR_SCHEMA, replace_bars
     from marketfs.store.events import replace_events
@@ -201,6 +207,12 @@ def release(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dic
     if not actor.strip() or not note.strip():
         raise QuarantineError("a release needs the name of the person who reviewed it and a note saying why")
     batch = _decided_batch(conn, batch_id)
+    if shard_count is not None and batch["shard_count"] != shard_count:
+        raise QuarantineError(
+            f"batch {batch_id} was held with MARKETFS_SHARDS={batch['shard_count']}, this deployment runs "
+            f"{shard_count}: release it with MARKETFS_SHARDS={batch['shard_count']}, or discard it "
+            f"(marketfs quarantine discard {batch_id} --by NAME --note WHY) and recompute its days"
+        )
     start, end, asset = batch["window_start"], batch["window_end"], batch["asset"]
     shard = Shard(batch["shard_index"], batch["shard_count"])
     if asset == "raw_ohlcv":
