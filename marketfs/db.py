@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
+if TYPE_CHECKING:  # imported where used: a training or inference client need not load SQLAlchemy (0.19 s)
+    import sqlalchemy as sa
 
 DSN_ENV = "MARKETFS_DSN"
 
@@ -26,6 +28,8 @@ def resolve_dsn() -> str:
 
 def sqlalchemy_url(dsn: str) -> sa.URL:
     """A libpq-style DSN as a SQLAlchemy URL on the psycopg 3 driver."""
+    import sqlalchemy as sa
+
     url = sa.make_url(dsn)
     return url.set(drivername="postgresql+psycopg")
 
@@ -39,6 +43,8 @@ def engine_for(dsn: str) -> sa.Engine:
     stale-key anti-join turned nested loop, minutes instead of seconds). These are bulk statements
     where planning is noise anyway; ``latest()`` keeps its own prepared connection.
     """
+    import sqlalchemy as sa
+
     return sa.create_engine(
         sqlalchemy_url(dsn),
         pool_pre_ping=True,
@@ -55,6 +61,8 @@ def unreachable_message(
     its first line is kept, the rest is libpq's advice, which the fix below replaces. ``variable`` is
     the setting that names the server.
     """
+    import sqlalchemy as sa
+
     url = sa.make_url(dsn)
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
@@ -67,6 +75,8 @@ def unreachable_message(
 
 def timescaledb_installed(conn: sa.Connection) -> bool:
     """True when the TimescaleDB extension is installed in the connected database."""
+    import sqlalchemy as sa
+
     return bool(conn.execute(sa.text("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")).scalar())
 
 
@@ -90,6 +100,8 @@ def retry_on_conflict(write, what: str, attempts: int = 3):  # noqa: ANN001, ANN
     conflict, at most ``attempts`` times; other errors, and the last conflict, propagate."""
     import logging
     import time
+
+    import sqlalchemy as sa
 
     for attempt in range(1, attempts + 1):
         try:

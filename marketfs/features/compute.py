@@ -95,7 +95,8 @@ def _positions(
     schema: dict[str, pl.DataType],
     seed_bars: int,
 ):
-    """Attach ``_pos`` (position in the instrument's history) and the state to continue from."""
+    """Attach ``_pos`` (position in the instrument's history), ``_row`` (in ``valid``) and the state to
+    continue from."""
     counts = valid.group_by("instrument_id").agg(
         (pl.col("ts") < start).sum().alias("_n_warm") if start is not None else pl.lit(0, pl.UInt32).alias("_n_warm"),
         pl.col("ts").filter(pl.col("ts") < start).max().alias("_last_warm")
@@ -131,8 +132,11 @@ def _positions(
         .alias("_offset"),
         pl.when(pl.col("_state_ts").is_not_null()).then(pl.col("_state_bars_seen") - 1).alias("_state_pos"),
     )
-    return valid.join(joined, on="instrument_id", how="left").with_columns(
-        (pl.int_range(pl.len()).over("instrument_id") + pl.col("_offset")).alias("_pos")
+    return (
+        # In the bars' order, (instrument_id, ts): positions, recursions and windows.lag read it.
+        valid.join(joined, on="instrument_id", how="left", maintain_order="left")
+        .with_columns(pl.int_range(pl.len()).over("instrument_id").alias("_row"))  # see windows.lag
+        .with_columns((pl.col("_row") + pl.col("_offset")).alias("_pos"))
     )
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from marketfs.features.windows import lag
+
 BY = "instrument_id"
 POS = pl.col("_pos")
 
@@ -65,7 +67,7 @@ def _sma_at(x: pl.Expr, n: int) -> pl.Expr:
 
 def _changes() -> tuple[pl.Expr, pl.Expr]:
     close = pl.col("close")
-    change = close - close.shift(1).over(BY)
+    change = close - lag(close, 1)
     return pl.when(change > 0).then(change).otherwise(0.0), pl.when(change < 0).then(-change).otherwise(0.0)
 
 
@@ -146,7 +148,7 @@ def macd(fast: int, slow: int, signal: int, output: str) -> pl.Expr:
 
 def atr_recursions(n: int) -> list[Recursion]:
     high, low = pl.col("high"), pl.col("low")
-    prev_close = pl.col("close").shift(1).over(BY)
+    prev_close = lag(pl.col("close"), 1)
     true_range = pl.max_horizontal(high - low, (high - prev_close).abs(), (low - prev_close).abs())
     true_range = pl.when(prev_close.is_null()).then(None).otherwise(true_range)
     return [Recursion(f"atr{n}", 1 / n, n, true_range, _sma_at(true_range, n))]

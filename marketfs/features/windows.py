@@ -3,6 +3,12 @@
 polars' rolling_mean/rolling_sum update running sums, so the last bits of a value depend on where
 the series started. Feature vectors must come out identical whether a day is computed alone or
 inside a year-long backfill, so these helpers sum the window's values explicitly, in a fixed order.
+
+Frames are sorted by (instrument_id, ts) and carry ``_row``, each row's position among its
+instrument's rows (``compute._positions``). A value ``k`` bars back is the whole column shifted by
+``k``, kept where ``_row >= k`` (still the same instrument): the same values as
+``x.shift(k).over("instrument_id")``, so the same bits, without evaluating every shift once per
+instrument (that took 2.2 s for one bar of 500 instruments, 4 ms per instrument, whatever the rows).
 """
 
 from __future__ import annotations
@@ -10,8 +16,13 @@ from __future__ import annotations
 import polars as pl
 
 
+def lag(x: pl.Expr, k: int) -> pl.Expr:
+    """``x`` of the bar ``k`` bars back of the same instrument; null in its first ``k`` bars."""
+    return x if k == 0 else pl.when(pl.col("_row") >= k).then(x.shift(k))
+
+
 def _terms(x: pl.Expr, n: int) -> list[pl.Expr]:
-    return [x.shift(k) for k in range(n)]
+    return [lag(x, k) for k in range(n)]
 
 
 def window_sum(x: pl.Expr, n: int) -> pl.Expr:

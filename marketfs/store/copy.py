@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import polars as pl
 import psycopg
-import sqlalchemy as sa
 from psycopg import sql
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 EPOCH_US = "(extract(epoch from {col}) * 1000000)::bigint"
 
 
-def raw_connection(conn: sa.Connection) -> psycopg.Connection:
-    """The psycopg connection under a SQLAlchemy connection, sharing its transaction."""
+def raw_connection(conn: sa.Connection | psycopg.Connection) -> psycopg.Connection:
+    """The psycopg connection under a SQLAlchemy connection, sharing its transaction (or ``conn`` itself)."""
+    if isinstance(conn, psycopg.Connection):
+        return conn
     return conn.connection.driver_connection  # type: ignore[return-value]
 
 
@@ -35,7 +40,7 @@ class NonFiniteWriteError(ValueError):
     """A write of NaN or an infinity into a served table, refused by the database's finite checks."""
 
 
-def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
+def copy_frame_in(conn: sa.Connection | psycopg.Connection, table: str, frame: pl.DataFrame) -> int:
     """COPY every row of ``frame`` into ``table`` (columns by name); returns the row count."""
     if frame.is_empty():
         return 0
@@ -62,7 +67,7 @@ def copy_frame_in(conn: sa.Connection, table: str, frame: pl.DataFrame) -> int:
 
 
 def copy_query_out(
-    conn: sa.Connection, query: sql.Composable, params: dict | None, schema: dict[str, pl.DataType]
+    conn: sa.Connection | psycopg.Connection, query: sql.Composable, params: dict | None, schema: dict[str, pl.DataType]
 ) -> pl.DataFrame:
     """Run ``query`` (with bound ``params``) through COPY TO and read it as a frame of ``schema``.
 
