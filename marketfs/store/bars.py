@@ -40,9 +40,11 @@ def read_bars(
     warmup_bars: int = 0,
     timeframe: str = "1m",
     shard: Shard = ALL,
+    active_since: datetime | None = None,
 ) -> pl.DataFrame:
-    """Bars in ``[start, end)`` plus, per instrument present there, its bars before ``start`` from the
-    ``warmup_bars``-th last *valid* one on (or all of them when it has fewer).
+    """Bars in ``[start, end)`` plus, per instrument present there (or, with ``active_since``, present
+    in ``[active_since, end)``), its bars before ``start`` from the ``warmup_bars``-th last *valid* one
+    on (or all of them when it has fewer).
 
     Warm-up is counted in valid bars, as the computation counts them (``valid_bar``): invalid bars
     before a day (close 0 released from quarantine) must not shorten its history, or the day's rolling
@@ -67,7 +69,7 @@ def read_bars(
         SELECT {cols} FROM {table} b WHERE b.ts >= %(start)s AND b.ts < %(end)s AND {mine}
         UNION ALL
         SELECT {warm_cols} FROM (
-            SELECT DISTINCT instrument_id FROM {table} WHERE ts >= %(start)s AND ts < %(end)s AND {mine_i}
+            SELECT DISTINCT instrument_id FROM {table} WHERE ts >= %(since)s AND ts < %(end)s AND {mine_i}
         ) i
         CROSS JOIN LATERAL (
             SELECT coalesce((
@@ -87,23 +89,35 @@ def read_bars(
         mine=shard.condition(sql.Identifier("b", "instrument_id")),
         mine_i=shard.condition(),
     )
-    frame = copy_query_out(conn, query, {**params, "warmup": warmup_bars}, STORED_BAR_SCHEMA)
+    since = start if active_since is None else min(start, active_since)
+    frame = copy_query_out(conn, query, {**params, "warmup": warmup_bars, "since": since}, STORED_BAR_SCHEMA)
     return frame.sort("instrument_id", "ts")
 
 
 def read_bars_for(
-    conn: sa.Connection, timeframe: str, start: datetime, end: datetime, warmup_bars: int, shard: Shard = ALL
+    conn: sa.Connection,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    warmup_bars: int,
+    shard: Shard = ALL,
+    active_since: datetime | None = None,
 ) -> pl.DataFrame:
     """Bars of ``timeframe`` in ``[start, end)`` with up to ``warmup_bars`` of them before ``start`` per
-    instrument: read from its table, or resampled from the minute bars (``timeframes.py``)."""
+    instrument (of those with bars in the window, or since ``active_since``): read from its table, or
+    resampled from the minute bars (``timeframes.py``)."""
     from marketfs.features.resample import resampled_with_warmup
     from marketfs.features.timeframes import timeframe as timeframe_spec
 
     spec = timeframe_spec(timeframe)
     stored = next(tf for tf, table in BAR_TABLES.items() if table == spec.bar_table)
     if not spec.resample_on_read:
-        return read_bars(conn, start, end, warmup_bars=warmup_bars, timeframe=stored, shard=shard)
+        return read_bars(
+            conn, start, end, warmup_bars=warmup_bars, timeframe=stored, shard=shard, active_since=active_since
+        )
     # Enough minute bars for warmup_bars whole intervals after the first, possibly partial, is dropped.
     read_limit = (warmup_bars + 1) * spec.minutes
-    minutes = read_bars(conn, start, end, warmup_bars=read_limit, timeframe=stored, shard=shard)
+    minutes = read_bars(
+        conn, start, end, warmup_bars=read_limit, timeframe=stored, shard=shard, active_since=active_since
+    )
     return resampled_with_warmup(minutes, timeframe, start, read_limit)

@@ -483,6 +483,36 @@ def _m013_quarantine_shard(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(14, "intraday_steps: how far each feature set has filled today, step by step")
+def _m014_intraday_steps(conn: sa.Connection, timescale: bool) -> None:
+    # One row per intraday step of a feature set, timeframe and shard: the minutes [step_start, step_end)
+    # it computed, whether they were served or quarantined, and their flag counts (the day-so-far gate
+    # adds them up). A correction recomputes from the last step boundary before it, which replaces the
+    # later rows.
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE intraday_steps (
+                feature_set_version text NOT NULL,
+                timeframe text NOT NULL,
+                shard_index integer NOT NULL,
+                shard_count integer NOT NULL,
+                day date NOT NULL,
+                step_start timestamptz NOT NULL,
+                step_end timestamptz NOT NULL,
+                status text NOT NULL CHECK (status IN ('served', 'quarantined', 'reconciled')),
+                vectors bigint NOT NULL,
+                flag_counts jsonb NOT NULL DEFAULT '{}',
+                batch_id bigint,
+                run_id text,
+                computed_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (feature_set_version, timeframe, shard_index, shard_count, day, step_end)
+            )
+            """
+        )
+    )
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

@@ -1,0 +1,466 @@
+"""Today as a partition that fills up: intraday steps over the bars that have closed.
+
+A step computes a feature set's vectors of ``[start, end)`` of today's trading day, where ``end`` is
+the newest bar boundary that has passed (a bar stamped at its open ``t`` has closed at ``t + step``)
+and ``start`` is where the previous step ended. It reads the bars with their warm-up and the
+recursion state stored at each instrument's last bar before ``start``, and calls the same
+``compute_feature_vectors`` a daily run calls: a day built in many steps equals, bit for bit, the
+day computed once after the close (the state a step stores is what a one-pass run carries at that
+bar). Each step is gated, then served (vectors and state written in one transaction), or
+quarantined (its vectors and verdict kept under a batch, nothing of its range served; its state is
+stored, so later minutes continue, and are served when their own gate passes).
+
+A bar or event that arrives for minutes already computed (a correction) makes the next step start
+at the last step boundary at or before it, where a state was stored, and recompute from there.
+Each step is a row of ``intraday_steps``; the day's last step is the end-of-day run, which
+recomputes and judges the complete day as any daily run does (``record_day_written``), and which
+can still fail the day (``retract_day``).
+
+The gate is found by entry point (group ``marketfs.gates``, name ``intraday``): the core names no
+suite library; the project registers its Great Expectations gate there (``expectations/intraday.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import polars as pl
+
+from marketfs.features.compute import FeatureComputation, compute_feature_vectors, vector_schema
+from marketfs.features.registry import FeatureSet, dataset_name
+from marketfs.features.timeframes import timeframe as timeframe_spec
+from marketfs.shards import ALL, Shard
+from marketfs.universe import active_sessions
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+GATE_ENTRY_POINTS = "marketfs.gates"
+Status = Literal["served", "quarantined", "nothing to do"]
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What a step's gate said: ``passed`` unless a critical expectation failed."""
+
+    passed: bool
+    suite: str
+    outcomes: list[dict[str, Any]]  # quality_log rows (``ExpectationOutcome.as_log_row``)
+    problems: list[str] = field(default_factory=list)  # one line per failed critical expectation
+
+
+class StepGate(Protocol):
+    def __call__(
+        self, vectors: pl.DataFrame, *, dataset: str, day: str, day_vectors: int, day_flags: dict[str, int]
+    ) -> GateVerdict:
+        """Row-level expectations on ``vectors``; day-level ones on the day so far (``day_vectors``
+        vectors, ``day_flags`` of them carrying each flag, this step's included)."""
+        ...
+
+
+@functools.cache
+def default_gate() -> StepGate:
+    """The gate the installed project registers (entry point ``marketfs.gates:intraday``)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=GATE_ENTRY_POINTS, name="intraday")
+    if not found:
+        raise RuntimeError(
+            f"no intraday gate is installed (entry point group {GATE_ENTRY_POINTS!r}, name 'intraday'). Fix: "
+            "install the project (`make install`, or `pip install -e .`), which registers expectations.intraday:gate"
+        )
+    return next(iter(found)).load()
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One step of one feature set, timeframe and shard."""
+
+    dataset: str
+    shard: Shard
+    day: str
+    start: datetime
+    end: datetime
+    status: Status
+    vectors: int = 0
+    batch_id: int | None = None
+    verdict: GateVerdict | None = None
+    note: str | None = None  # e.g. a correction before today, which a step cannot reach
+
+    def describe(self) -> str:
+        shard = "" if self.shard.is_all else f" shard {self.shard.index}"
+        span = f"{self.start:%H:%M}-{self.end:%H:%M} UTC"
+        if self.status == "nothing to do":
+            return f"{self.dataset} {self.day}{shard}: up to date through {self.end:%H:%M} UTC"
+        text = f"{self.dataset} {self.day}{shard} {span}: {self.vectors} vectors {self.status}"
+        if self.status == "quarantined":
+            text += f" (batch {self.batch_id}: {'; '.join(self.verdict.problems) if self.verdict else ''})"
+        return text + (f"; {self.note}" if self.note else "")
+
+
+class IntradayBreach(ValueError):
+    """A step's gate failed: its minutes are quarantined (everything else of the call was committed)."""
+
+    def __init__(self, outcomes: list[StepOutcome]) -> None:
+        self.outcomes = outcomes
+        failed = [o for o in outcomes if o.status == "quarantined"]
+        lines = [o.describe() for o in failed]
+        super().__init__(
+            "\n".join(lines)
+            + "\nNothing of these minutes is served; later minutes are computed and served where their gate passes. "
+            "Inspect the batch (quarantine_feature_vectors, quality_log), then correct the bars (push them again: "
+            "the step recomputes from there) or let the end-of-day run judge the whole day."
+        )
+
+
+def intraday_timeframes(fs: FeatureSet) -> list[str]:
+    """The timeframes of ``fs`` whose bars close during a session (a daily bar closes with the session)."""
+    return [tf for tf in fs.timeframes if not timeframe_spec(tf).per_session]
+
+
+def closed_end(timeframe: str, now: datetime) -> datetime:
+    """Where the bars that have closed by ``now`` end: the newest stamp known by ``now``, plus the time
+    it takes to be known (``ts + 1 minute``: a 1m bar stamped 14:39 closes at 14:40; a 5m bar, stamped at
+    its last minute 14:39, closes at 14:40 too). Every vector stamped before it is final."""
+    spec = timeframe_spec(timeframe)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    us = int((now - spec.available_after - epoch) / timedelta(microseconds=1))
+    newest = us - (us - spec.stamp_offset_us) % spec.step_us
+    return epoch + timedelta(microseconds=newest) + spec.available_after
+
+
+def trading_day_of(instant: datetime) -> str | None:
+    """The trading day (partition key) ``instant`` falls in, or None past the calendar."""
+    day = active_sessions().trading_day(pl.Series([instant], dtype=pl.Datetime("us", "UTC"))).item()
+    return None if day is None else day.isoformat()
+
+
+def _steps(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> list[Any]:
+    import sqlalchemy as sa
+
+    return conn.execute(
+        sa.text(
+            "SELECT step_start, step_end, status, vectors, flag_counts FROM intraday_steps WHERE "
+            "feature_set_version = :v AND timeframe = :tf AND shard_index = :si AND shard_count = :sc AND day = :day "
+            "ORDER BY step_end"
+        ),
+        {"v": fs.version, "tf": timeframe, "si": shard.index, "sc": shard.count, "day": date.fromisoformat(day)},
+    ).all()
+
+
+def _flag_counts(vectors: pl.DataFrame) -> dict[str, int]:
+    if vectors.is_empty():
+        return {}
+    counts = vectors.select(pl.col("quality_flags").explode().drop_nulls().value_counts()).unnest("quality_flags")
+    return {str(flag): int(n) for flag, n in counts.iter_rows()}
+
+
+def step(
+    engine: sa.Engine,
+    fs: FeatureSet,
+    timeframe: str,
+    *,
+    now: datetime,
+    shard: Shard = ALL,
+    changed_from: datetime | None = None,
+    gate: StepGate | None = None,
+    run_id: str | None = None,
+    day: str | None = None,
+) -> StepOutcome:
+    """Compute, gate and serve (or quarantine) what has closed of a trading day since its last step.
+
+    ``day`` defaults to the trading day the newest closed bar falls in; a step soon after a close
+    names the day that closed, to compute its last minutes. ``changed_from``: the earliest bar (or
+    event, less the vector lag) delivered for minutes a step already computed; the step then starts
+    at the last boundary at or before it.
+    """
+    import sqlalchemy as sa
+
+    from marketfs.store.feature_vectors import write_features
+
+    if timeframe_spec(timeframe).per_session:
+        raise ValueError(f"{timeframe} bars close with the session: the end-of-day run computes them")
+    dataset = dataset_name(fs, timeframe)
+    end = closed_end(timeframe, now)
+    day = day or trading_day_of(end - timedelta(microseconds=1))
+    if day is None:
+        raise ValueError(f"{now} is past the calendar's last session")
+    day_start, day_end = active_sessions().trading_day_window(day)
+    end = min(end, day_end)
+    with engine.begin() as conn:
+        # One step of a feature set, timeframe and shard at a time: the push path and the Dagster path
+        # may both be stepping, and each must see where the other stopped.
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtext('intraday'), hashtext(:scope))"),
+            {"scope": f"{fs.version}/{timeframe}/{shard.index}/{shard.count}"},
+        )
+        steps = _steps(conn, fs, timeframe, shard, day)
+        checkpoint = max([day_start, *(s.step_end for s in steps)])
+        start, note = checkpoint, None
+        if changed_from is not None and changed_from < checkpoint:
+            if changed_from < day_start:
+                note = (
+                    f"a change at {changed_from} is before today's trading day; recompute that day: "
+                    f"make recompute FROM={trading_day_of(changed_from)}"
+                )
+            reach = max(changed_from, day_start)
+            start = max(b for b in [day_start, *(s.step_end for s in steps)] if b <= reach)
+        if start >= end:
+            return StepOutcome(dataset, shard, day, start, end, "nothing to do", note=note)
+        computation = _compute(conn, fs, timeframe, start, end, shard)
+        vectors = computation.vectors
+        kept = [s for s in steps if s.step_end <= start]
+        day_flags = _flag_counts(vectors)
+        for s in kept:
+            for flag, n in (s.flag_counts or {}).items():
+                day_flags[flag] = day_flags.get(flag, 0) + int(n)
+        day_vectors = vectors.height + sum(int(s.vectors) for s in kept)
+        verdict = (gate or default_gate())(
+            vectors, dataset=dataset, day=day, day_vectors=day_vectors, day_flags=day_flags
+        )
+        batch_id = None
+        if verdict.passed:
+            write_features(
+                conn, computation, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=run_id, shard=shard
+            )
+        else:
+            batch_id = _quarantine(conn, fs, timeframe, shard, day, start, end, computation, verdict, run_id)
+        _log(conn, dataset, day, shard, verdict, run_id, batch_id)
+        conn.execute(
+            sa.text(
+                "DELETE FROM intraday_steps WHERE feature_set_version = :v AND timeframe = :tf AND shard_index = :si "
+                "AND shard_count = :sc AND day = :day AND step_end > :start"
+            ),
+            {
+                "v": fs.version,
+                "tf": timeframe,
+                "si": shard.index,
+                "sc": shard.count,
+                "day": date.fromisoformat(day),
+                "start": start,
+            },
+        )
+        _record(
+            conn,
+            fs,
+            timeframe,
+            shard,
+            day,
+            start,
+            end,
+            "served" if verdict.passed else "quarantined",
+            vectors.height,
+            _flag_counts(vectors),
+            batch_id,
+            run_id,
+        )
+    return StepOutcome(
+        dataset,
+        shard,
+        day,
+        start,
+        end,
+        "served" if verdict.passed else "quarantined",
+        vectors.height,
+        batch_id,
+        verdict,
+        note,
+    )
+
+
+def _compute(
+    conn: sa.Connection, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard
+) -> FeatureComputation:
+    """What a daily run computes for ``[start, end)``, read the same way (assets/features.py ``_compute``)."""
+    from marketfs.store.bars import read_bars_for
+    from marketfs.store.events import read_events
+    from marketfs.store.feature_vectors import read_state_before
+
+    from marketfs.features.flags import load_flag_config
+
+    warmup = fs.warmup_bars(timeframe)
+    # A step sees the instruments that traded earlier in the day too: one whose bar of this minute is
+    # missing still gets its MISSING_OHLCV vector, as in the day computed at once (grid times within
+    # stale_after of its last bar).
+    day_start = active_sessions().trading_day_window(trading_day_of(start))[0]
+    since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
+    bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since)
+    events = read_events(conn, start - fs.event_lookback(timeframe), end, shard=shard)
+    state = read_state_before(conn, feature_set=fs, timeframe=timeframe, start=start, shard=shard)
+    return compute_feature_vectors(
+        bars, timeframe, events=events, state=state, feature_set=fs, start=start, end=end, warmup_limit=warmup
+    )
+
+
+def _quarantine(
+    conn: sa.Connection,
+    fs: FeatureSet,
+    timeframe: str,
+    shard: Shard,
+    day: str,
+    start: datetime,
+    end: datetime,
+    computation: FeatureComputation,
+    verdict: GateVerdict,
+    run_id: str | None,
+) -> int:
+    """Keep the step's vectors under a batch, serve none of its range, and store its state for later steps."""
+    from marketfs.store import quality
+    from marketfs.store.feature_vectors import write_features
+
+    reason = f"intraday gate {verdict.suite} {start:%H:%M}-{end:%H:%M} UTC: " + "; ".join(verdict.problems)
+    batch_id = quality.open_batch(
+        conn,
+        run_id=run_id,
+        asset=dataset_name(fs, timeframe),
+        partition=_partition(day, shard),
+        start=start,
+        end=end,
+        reason=reason[:2000],
+        shard=shard,
+    )
+    quality.quarantine_rows(conn, batch_id, "feature_vectors", computation.vectors)
+    # The state is what the bars give, whatever the gate said of the vectors: later minutes continue from
+    # it. A step that served this range before is retracted (its vectors go to the history).
+    empty = pl.DataFrame(schema=vector_schema(fs, timeframe))
+    write_features(
+        conn,
+        FeatureComputation(vectors=empty, state=computation.state),
+        feature_set=fs,
+        timeframe=timeframe,
+        start=start,
+        end=end,
+        run_id=run_id,
+        shard=shard,
+    )
+    return batch_id
+
+
+def _partition(day: str, shard: Shard) -> str:
+    """The partition key as Dagster spells it (``day|shard`` when sharded)."""
+    return day if shard.is_all else f"{day}|{shard.index}"
+
+
+def _log(
+    conn: sa.Connection, dataset: str, day: str, shard: Shard, verdict: GateVerdict, run_id: str | None, batch_id
+) -> None:
+    from marketfs.store.quality import log_verdicts
+
+    log_verdicts(
+        conn,
+        run_id=run_id,
+        asset=dataset,
+        partition=_partition(day, shard),
+        suite=verdict.suite,
+        outcomes=verdict.outcomes,
+        reference="intraday step",
+        batch_id=batch_id,
+    )
+
+
+def _record(
+    conn: sa.Connection,
+    fs: FeatureSet,
+    timeframe: str,
+    shard: Shard,
+    day: str,
+    start: datetime,
+    end: datetime,
+    status: str,
+    vectors: int,
+    flags: dict[str, int],
+    batch_id: int | None,
+    run_id: str | None,
+) -> None:
+    import sqlalchemy as sa
+
+    conn.execute(
+        sa.text(
+            "INSERT INTO intraday_steps (feature_set_version, timeframe, shard_index, shard_count, day, step_start, "
+            "step_end, status, vectors, flag_counts, batch_id, run_id) VALUES (:v, :tf, :si, :sc, :day, :s, :e, "
+            ":status, :n, CAST(:flags AS jsonb), :batch, :run) ON CONFLICT (feature_set_version, timeframe, "
+            "shard_index, shard_count, day, step_end) DO UPDATE SET step_start = EXCLUDED.step_start, "
+            "status = EXCLUDED.status, vectors = EXCLUDED.vectors, flag_counts = EXCLUDED.flag_counts, "
+            "batch_id = EXCLUDED.batch_id, run_id = EXCLUDED.run_id, computed_at = now()"
+        ),
+        {
+            "v": fs.version,
+            "tf": timeframe,
+            "si": shard.index,
+            "sc": shard.count,
+            "day": date.fromisoformat(day),
+            "s": start,
+            "e": end,
+            "status": status,
+            "n": vectors,
+            "flags": json.dumps(flags),
+            "batch": batch_id,
+            "run": run_id,
+        },
+    )
+
+
+def record_day_written(
+    conn: sa.Connection,
+    fs: FeatureSet,
+    timeframe: str,
+    shard: Shard,
+    day: str,
+    vectors: pl.DataFrame,
+    run_id: str | None,
+) -> None:
+    """A daily run wrote ``day`` whole: it replaces the day's steps (its state replaced theirs). Later
+    steps of a day still in progress continue from where the bars it read ended."""
+    import sqlalchemy as sa
+
+    if timeframe_spec(timeframe).per_session:
+        return
+    day_start, day_end = active_sessions().trading_day_window(day)
+    last = vectors["ts"].max() if vectors.height else None
+    through = day_end if last is None or datetime.now(UTC) >= day_end else min(day_end, last + _step(timeframe))
+    conn.execute(
+        sa.text(
+            "DELETE FROM intraday_steps WHERE feature_set_version = :v AND timeframe = :tf AND shard_index = :si "
+            "AND shard_count = :sc AND day = :day"
+        ),
+        {"v": fs.version, "tf": timeframe, "si": shard.index, "sc": shard.count, "day": date.fromisoformat(day)},
+    )
+    _record(
+        conn,
+        fs,
+        timeframe,
+        shard,
+        day,
+        day_start,
+        through,
+        "reconciled",
+        vectors.height,
+        _flag_counts(vectors),
+        None,
+        run_id,
+    )
+
+
+def retract_day(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> int:
+    """The end-of-day run failed ``day``: nothing of it stays served (what steps served goes to the
+    history, where ``as_of`` still finds what a model saw). Returns the vectors retracted."""
+    from marketfs.store.feature_vectors import upsert_window
+
+    start, end = active_sessions().trading_day_window(day)
+    empty = pl.DataFrame(schema=vector_schema(fs, timeframe))
+    stats = upsert_window(conn, empty, feature_set=fs, timeframe=timeframe, start=start, end=end, shard=shard)
+    return int(stats.get("deleted_stale", 0))
+
+
+def _step(timeframe: str) -> timedelta:
+    return timedelta(microseconds=timeframe_spec(timeframe).step_us)
+
+
+def filled_through(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> datetime | None:
+    """Where today's steps have reached (None: no step yet)."""
+    steps = _steps(conn, fs, timeframe, shard, day)
+    return max((s.step_end for s in steps), default=None)
