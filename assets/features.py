@@ -37,6 +37,7 @@ from marketfs.features.code_version import code_version
 from marketfs.features.compute import FeatureComputation, HistoryError, compute_feature_vectors
 from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
 from marketfs.features.timeframes import timeframe as timeframe_spec
+from marketfs.intraday import record_day_written, retract_day
 from marketfs.shards import Shard
 from marketfs.store.bars import read_bars_for
 from marketfs.store.events import read_events
@@ -186,6 +187,7 @@ def _materialise_shard(
             if history is not None:
                 history = _roll(history, accepted.vectors, drift_template)
         if chunk.breaches:
+            _retract_intraday(store, context, fs, timeframe, shard, [b.day for b in chunk.breaches])
             return True  # later days continue the breaching day's state: they are held back
     return False
 
@@ -264,12 +266,31 @@ def _write_accepted(
                 run_id=context.run_id,
                 shard=shard,
             )
+            # The day is now what this run computed whole: its intraday steps are replaced by it.
+            for day in days:
+                day_vectors = _in_window(accepted.vectors, *day_window(day))
+                record_day_written(conn, fs, timeframe, shard, day, day_vectors, context.run_id)
 
     retry_on_conflict(write, f"writing {dataset_name(fs, timeframe)} {days[0]}..{days[-1]}")
     # After the commit: what the write moved out of the columnstore goes back, and the rollup follows.
     for done in settle_write(store.engine(), "feature_vectors", start, end):
         context.log.debug(done)
     return accepted
+
+
+def _retract_intraday(
+    store: FeatureStore, context: dg.AssetExecutionContext, fs: FeatureSet, timeframe: str, shard: Shard, days
+) -> None:
+    """A breached day is served by none of its vectors, including those intraday steps served before
+    the end-of-day judgement (they stay in the history, where ``as_of`` finds what a model saw)."""
+    with store.engine().begin() as conn:
+        for day in days:
+            retracted = retract_day(conn, fs, timeframe, shard, day)
+            if retracted:
+                context.log.warning(
+                    f"{dataset_name(fs, timeframe)} {day}: the end-of-day gate failed a day that intraday steps had "
+                    f"served; {retracted} served vector(s) retracted (kept in feature_vectors_history)"
+                )
 
 
 def _compute(

@@ -114,24 +114,39 @@ def _steps(
     changed: pl.DataFrame,
     now: datetime,
     gate: StepGate | None,
+    every_shard: bool = False,
+    run_id: str | None = None,
+    only: list[Shard] | None = None,
 ) -> list[StepOutcome]:
-    """A step of every intraday feature set and timeframe, for each shard ``changed`` touches."""
+    """A step of every intraday feature set and timeframe, for each shard ``changed`` touches (or every
+    shard: the minutes that closed since the last step are computed even when nothing changed)."""
     from marketfs.features.registry import FEATURE_SETS
 
     outcomes: list[StepOutcome] = []
-    for shard in shards(shard_count()):
+    today = trading_day_of(now)
+    for shard in only or shards(shard_count()):
         mine = shard.filter(changed) if not shard.is_all else changed
-        if mine.is_empty():
+        if mine.is_empty() and not every_shard:
             continue
-        changed_from = mine["ts"].min()
+        changed_from = mine["ts"].min() if mine.height else None
         # The days the rows fall in, up to today: a bar of a day that just closed finishes that day.
-        days = sorted({d for d in (trading_day_of(t) for t in mine["ts"].unique().to_list()) if d is not None})
-        today = trading_day_of(now)
+        days = {d for d in (trading_day_of(t) for t in mine["ts"].unique().to_list()) if d is not None}
+        days = sorted(days | ({today} if every_shard and today else set()))
         for day in [d for d in days if today is None or d <= today]:
             for fs in FEATURE_SETS.values():
                 for tf in intraday_timeframes(fs):
                     outcomes.append(
-                        step(engine, fs, tf, now=now, shard=shard, changed_from=changed_from, gate=gate, day=day)
+                        step(
+                            engine,
+                            fs,
+                            tf,
+                            now=now,
+                            shard=shard,
+                            changed_from=changed_from,
+                            gate=gate,
+                            day=day,
+                            run_id=run_id,
+                        )
                     )
     if any(o.status == "quarantined" for o in outcomes):
         raise IntradayBreach(outcomes)
@@ -194,6 +209,31 @@ def push_events(
     return _steps(engine, changed, now, gate)
 
 
+def step_delivered(
+    bars: pl.DataFrame,
+    events: pl.DataFrame,
+    *,
+    now: datetime,
+    dsn: str,
+    gate: StepGate | None = None,
+    run_id: str | None = None,
+    only: list[Shard] | None = None,
+) -> list[StepOutcome]:
+    """What a source has delivered of today so far (as its own files hold it: no landing copy): stored
+    like pushed rows, then one step of every shard (``only``: those), whatever changed."""
+    from marketfs.db import engine_for
+
+    _migrated(dsn)
+    engine = engine_for(dsn)
+    lag = timeframe_spec("1m").available_after
+    with engine.begin() as conn:
+        changed = _upsert_bars(conn, normalize_bars(_frame(bars, BAR_SCHEMA, "ts", "bars"))) if bars.height else None
+        fresh = _insert_events(conn, normalize_events(_frame(events, EVENT_SCHEMA, "published_at", "events")))
+    moved = fresh.select("instrument_id", (pl.col("published_at") - lag).alias("ts"))
+    everything = pl.concat([c for c in (changed, moved) if c is not None])
+    return _steps(engine, everything, now, gate, every_shard=True, run_id=run_id, only=only)
+
+
 def _upsert_bars(conn, bars: pl.DataFrame) -> pl.DataFrame:  # noqa: ANN001 - a SQLAlchemy connection
     """Insert new bars and replace changed ones; returns (instrument_id, ts) of the rows that changed."""
     from psycopg import sql
@@ -227,10 +267,8 @@ def _insert_events(conn, events: pl.DataFrame) -> pl.DataFrame:  # noqa: ANN001 
     from marketfs.store.copy import copy_frame_in, raw_connection
 
     ids = events["event_id"].to_list()
-    stored = {
-        r[0]
-        for r in raw_connection(conn).execute("SELECT event_id FROM news_event_ids WHERE event_id = ANY(%s)", (ids,))
-    }
+    known = "SELECT event_id FROM news_event_ids WHERE event_id = ANY(%s::text[])"
+    stored = {r[0] for r in raw_connection(conn).execute(known, (ids,))}
     fresh = events.filter(~pl.col("event_id").is_in(list(stored)))
     copy_frame_in(conn, "news_events", fresh.select(list(EVENT_SCHEMA)))
     copy_frame_in(

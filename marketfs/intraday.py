@@ -93,7 +93,8 @@ class StepOutcome:
 
     def describe(self) -> str:
         shard = "" if self.shard.is_all else f" shard {self.shard.index}"
-        span = f"{self.start:%H:%M}-{self.end:%H:%M} UTC"
+        begin = f"{self.start:%H:%M}" if self.start.date() == self.end.date() else f"{self.start:%Y-%m-%d %H:%M}"
+        span = f"{begin}-{self.end:%H:%M} UTC"
         if self.status == "nothing to do":
             return f"{self.dataset} {self.day}{shard}: up to date through {self.end:%H:%M} UTC"
         text = f"{self.dataset} {self.day}{shard} {span}: {self.vectors} vectors {self.status}"
@@ -276,11 +277,10 @@ def _compute(
     conn: sa.Connection, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard
 ) -> FeatureComputation:
     """What a daily run computes for ``[start, end)``, read the same way (assets/features.py ``_compute``)."""
+    from marketfs.features.flags import load_flag_config
     from marketfs.store.bars import read_bars_for
     from marketfs.store.events import read_events
     from marketfs.store.feature_vectors import read_state_before
-
-    from marketfs.features.flags import load_flag_config
 
     warmup = fs.warmup_bars(timeframe)
     # A step sees the instruments that traded earlier in the day too: one whose bar of this minute is

@@ -1,12 +1,14 @@
 """``python -m pipelines``: run the sample pipeline end to end, or open the Dagster UI on it.
 
 python -m pipelines run [--start 2024-01-02] [--end 2024-01-12] [--shard K]
+python -m pipelines run --today [--shard K]
 python -m pipelines recompute --from 2024-01-05 [--to 2024-01-12] [--shard K]
 python -m pipelines quarantine release BATCH --by NAME --note WHY
 python -m pipelines ui [--port 3000]
 
 recompute: day D's features continue day D-1's recursion state, so a changed day is recomputed
 from D through the newest materialised day (or --to), in order, in runs of up to 31 days.
+run --today: one intraday step over what has been delivered of today so far (pipelines/intraday.py).
 quarantine release: writes a held batch, records it in Dagster as a materialisation of its day
 (with the content's data version), then recomputes what was computed without it.
 
@@ -455,6 +457,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--end", default=DEFAULT_END, type=_day, help="last partition, inclusive")
     run.add_argument("--no-snapshot", action="store_true", help="skip the sample snapshot at the end")
     run.add_argument("--shard", type=int, help="only this instrument shard (0..MARKETFS_SHARDS-1)")
+    run.add_argument(
+        "--today",
+        action="store_true",
+        help="one intraday step: compute, gate and serve what has been delivered of today so far, then exit",
+    )
+    run.add_argument("--now", help=argparse.SUPPRESS)  # tests: the instant taken for the clock (ISO, with offset)
     recompute = sub.add_parser(
         "recompute",
         parents=[verbose],
@@ -496,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
             from assets.resources import bound_instance_retries
 
             bound_instance_retries()  # before the instance is created: its first connections are bounded too
+        if args.command == "run" and args.today:
+            from datetime import datetime
+
+            from pipelines.intraday import run_today
+
+            return run_today(datetime.fromisoformat(args.now) if args.now else None, args.shard)
         if args.command == "run":
             return _run(args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose, args.shard)
         if args.command == "recompute":
