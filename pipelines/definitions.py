@@ -14,6 +14,7 @@ from assets.resources import FeatureStore, market_data_from_env
 from assets.snapshots import feature_snapshots
 from marketfs.shards import shards
 from pipelines.environment import default_environment
+from pipelines.intraday import intraday_job, intraday_sensor
 from pipelines.run_health import dead_runs
 from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor, chain_tags
 
@@ -77,8 +78,8 @@ default_environment()
 
 defs = dg.Definitions(
     assets=[*ALL_ASSETS, feature_snapshots],
-    jobs=[daily_features_job, snapshot_job],
+    jobs=[daily_features_job, snapshot_job, intraday_job],
     schedules=[daily_features_schedule],
-    sensors=[landing_files_sensor, dead_runs],
+    sensors=[landing_files_sensor, dead_runs, intraday_sensor],
     resources={"store": FeatureStore(), "market_data": market_data_from_env()},
 )
