@@ -19,6 +19,7 @@ from marketfs.features.events import EVENT_SCHEMA, event_feature_names, event_fe
 from marketfs.features.flags import FlagConfig, QualityFlag, flag_if, load_flag_config
 from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet, parse_window
 from marketfs.features.timeframes import timeframe as timeframe_spec
+from marketfs.features.windows import with_helpers
 
 KEY_COLUMNS = ["instrument_id", "timeframe", "ts", "feature_set_version"]
 PRICE_COLUMNS = ("open", "high", "low", "close")
@@ -203,7 +204,8 @@ def compute_feature_vectors(
     recursions = feature_set.recursions(timeframe)
     valid = _positions(bars.filter(valid_bar()), state, start, warmup_limit, schema, recursive.seed_bars(recursions))
     valid = recursive.apply(valid, recursions)
-    valid = valid.with_columns(**{f.name: f.spec.expr(f.p) for f in market})
+    exprs = {f.name: f.spec.expr(f.p) for f in market}
+    valid = with_helpers(valid, list(exprs.values())).with_columns(**exprs)
     lookback_short = pl.any_horizontal([pl.col("_pos") + 1 < f.lookback for f in features if f.lookback > 0])
     computed = valid.filter(in_window).select(
         "instrument_id", "ts", *[f.name for f in market], lookback_short.alias("_short"), pl.lit(True).alias("_valid")
