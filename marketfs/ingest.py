@@ -27,7 +27,15 @@ import polars as pl
 
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.features.timeframes import timeframe as timeframe_spec
-from marketfs.intraday import IntradayBreach, StepGate, StepOutcome, intraday_timeframes, step, trading_day_of
+from marketfs.intraday import (
+    IntradayBreach,
+    StepGate,
+    StepOutcome,
+    active_day,
+    intraday_timeframes,
+    step,
+    trading_day_of,
+)
 from marketfs.shards import Shard, shard_count, shards
 from marketfs.sources.base import BAR_SCHEMA
 from marketfs.sources.normalize import normalize_bars, normalize_events
@@ -123,7 +131,7 @@ def _steps(
     from marketfs.features.registry import FEATURE_SETS
 
     outcomes: list[StepOutcome] = []
-    today = trading_day_of(now)
+    today = active_day(now)
     for shard in only or shards(shard_count()):
         mine = shard.filter(changed) if not shard.is_all else changed
         if mine.is_empty() and not every_shard:

@@ -134,6 +134,16 @@ def closed_end(timeframe: str, now: datetime) -> datetime:
     return epoch + timedelta(microseconds=newest) + spec.available_after
 
 
+def active_day(now: datetime) -> str | None:
+    """The trading day a step at ``now`` fills: the session that opened last, at or before ``now``.
+
+    Between a close and the next open that is the day that closed, so a step after the close
+    computes its last minutes (the end-of-day run then reconciles it)."""
+    sessions = active_sessions()
+    i = sessions.opens.search_sorted(now, side="right") - 1
+    return sessions.days[i].isoformat() if i >= 0 else None
+
+
 def trading_day_of(instant: datetime) -> str | None:
     """The trading day (partition key) ``instant`` falls in, or None past the calendar."""
     day = active_sessions().trading_day(pl.Series([instant], dtype=pl.Datetime("us", "UTC"))).item()
@@ -174,10 +184,9 @@ def step(
 ) -> StepOutcome:
     """Compute, gate and serve (or quarantine) what has closed of a trading day since its last step.
 
-    ``day`` defaults to the trading day the newest closed bar falls in; a step soon after a close
-    names the day that closed, to compute its last minutes. ``changed_from``: the earliest bar (or
-    event, less the vector lag) delivered for minutes a step already computed; the step then starts
-    at the last boundary at or before it.
+    ``day`` defaults to ``active_day(now)``: after a close, the day that closed, until the next open.
+    ``changed_from``: the earliest bar (or event, less the vector lag) delivered for minutes a step
+    already computed; the step then starts at the last boundary at or before it.
     """
     import sqlalchemy as sa
 
@@ -187,7 +196,7 @@ def step(
         raise ValueError(f"{timeframe} bars close with the session: the end-of-day run computes them")
     dataset = dataset_name(fs, timeframe)
     end = closed_end(timeframe, now)
-    day = day or trading_day_of(end - timedelta(microseconds=1))
+    day = day or active_day(now)
     if day is None:
         raise ValueError(f"{now} is past the calendar's last session")
     day_start, day_end = active_sessions().trading_day_window(day)
@@ -446,10 +455,16 @@ def record_day_written(
 
 
 def retract_day(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> int:
-    """The end-of-day run failed ``day``: nothing of it stays served (what steps served goes to the
-    history, where ``as_of`` still finds what a model saw). Returns the vectors retracted."""
+    """The end-of-day run failed ``day``, which only intraday steps had served: nothing of it stays
+    served (it goes to the history, where ``as_of`` still finds what a model saw). A day a daily run
+    already wrote whole keeps what it wrote, as any re-run that breaches does. Returns the vectors
+    retracted."""
     from marketfs.store.feature_vectors import upsert_window
 
+    if timeframe_spec(timeframe).per_session or not any(
+        s.status != "reconciled" for s in _steps(conn, fs, timeframe, shard, day)
+    ):
+        return 0
     start, end = active_sessions().trading_day_window(day)
     empty = pl.DataFrame(schema=vector_schema(fs, timeframe))
     stats = upsert_window(conn, empty, feature_set=fs, timeframe=timeframe, start=start, end=end, shard=shard)

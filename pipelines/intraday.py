@@ -29,18 +29,20 @@ from pipelines.environment import prepare_environment
 
 INTRADAY_TAG = "marketfs/intraday"
 INTERVAL_SECONDS = int(os.environ.get("MARKETFS_INTRADAY_INTERVAL", "30"))
+# Steps go on this long after a close: the session's last minutes, and bars the feed delivers late.
+AFTER_CLOSE = timedelta(minutes=10)
 
 
 def _delivered(now: datetime, source=None):  # noqa: ANN001, ANN202 - a MarketData; (bars, events) frames
     """Today's bars and events so far, from the configured source."""
     from assets.resources import MARKET_DATA_ENV, MarketData
-    from marketfs.intraday import closed_end, trading_day_of
+    from marketfs.intraday import active_day, closed_end
     from marketfs.universe import active_sessions
 
     if source is None:
         config = {field: os.environ.get(var, default) for field, (var, default) in MARKET_DATA_ENV.items()}
         source = MarketData(**config)
-    day = trading_day_of(closed_end("1m", now) - timedelta(microseconds=1))
+    day = active_day(now)
     start, _ = active_sessions().trading_day_window(day)
     end = closed_end("1m", now)
     bars = source.bar_source().bars(start, end)
@@ -171,19 +173,22 @@ def intraday_sensor(context: dg.SensorEvaluationContext):  # noqa: ANN201
 def intraday_requests(instance: dg.DagsterInstance, now: datetime) -> list[dg.RunRequest] | dg.SkipReason:
     """The sensor's decision at ``now``: a run per shard whose previous step has finished, once per closed minute."""
     from assets.partitions import SHARD_COUNT
-    from marketfs.intraday import closed_end, trading_day_of
+    from marketfs.intraday import active_day, closed_end
     from marketfs.shards import shards
     from marketfs.universe import active_sessions
     from pipelines.sensors import chain_tags
 
     end = closed_end("1m", now)
-    day = trading_day_of(end - timedelta(microseconds=1))
+    day = active_day(now)
     if day is None:
-        return dg.SkipReason("past the calendar's last session")
+        return dg.SkipReason("before the calendar's first session")
     sessions = active_sessions()
-    opens = sessions.opens[sessions.position(day)]
+    i = sessions.position(day)
+    opens, closes = sessions.opens[i], sessions.closes[i]
     if end <= opens:
         return dg.SkipReason(f"no minute of {day}'s session has closed yet (it opens at {opens:%H:%M} UTC)")
+    if end > closes + AFTER_CLOSE:
+        return dg.SkipReason(f"{day}'s session closed at {closes:%H:%M} UTC: its end-of-day run reconciles it")
     requests = []
     for shard in shards(SHARD_COUNT):
         tags = {**chain_tags(shard), INTRADAY_TAG: "step"}

@@ -89,9 +89,9 @@ def test_a_day_built_in_steps_equals_the_day_computed_once(dsn: str) -> None:
     with engine.connect() as conn:
         steps = conn.execute(sa.text("SELECT count(*) FROM intraday_steps WHERE day = :d"), {"d": TODAY}).scalar()
     assert steps == sum(o.status == "served" for o in done) >= len(minutes) * len(_datasets()) - 3
-    # Later, today has nothing left to do; a step without a day is tomorrow's (no bars yet).
+    # Later, today has nothing left to do (until the next open, a step fills the day that closed).
     fs = feature_set("fs_v1")
-    assert step(engine, fs, "1m", now=OPEN + timedelta(hours=8), day=TODAY).status == "nothing to do"
+    assert step(engine, fs, "1m", now=OPEN + timedelta(hours=8)).status == "nothing to do"
     for fs, tf in _datasets():
         once = _complete(engine, fs, tf)
         served = _served(engine, fs, tf)

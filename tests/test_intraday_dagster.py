@@ -10,6 +10,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
+from polars.testing import assert_frame_equal
 from test_intraday import OPEN, _served, _store_history
 
 from assets.resources import FeatureStore, MarketData
@@ -62,14 +64,7 @@ def test_an_intraday_breach_fails_the_step_run_and_names_the_minutes(
     dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _store_history(engine_for(dsn), through_today=None)
-    suites = tmp_path / "suites"
-    shutil.copytree(SUITES_DIR, suites)
-    path = suites / "feature_vectors_fs_v1_1m.json"
-    suite = json.loads(path.read_text())
-    for expectation in suite["expectations"]:
-        if expectation["kwargs"].get("column") == "ret_1":
-            expectation["kwargs"].update(min_value=-1e-6, max_value=1e-6)  # every real return breaches
-    path.write_text(json.dumps(suite))
+    suites = _tightened_suites(tmp_path)
     monkeypatch.setenv("MARKETFS_SUITES_DIR", str(suites))
     with dg.DagsterInstance.ephemeral() as instance:
         result = _step(instance, dsn, OPEN + timedelta(minutes=5, seconds=30))
@@ -84,9 +79,62 @@ def test_an_intraday_breach_fails_the_step_run_and_names_the_minutes(
 def test_the_sensor_asks_one_step_per_shard_and_closed_minute_during_a_session() -> None:
     with dg.DagsterInstance.ephemeral() as instance:
         before = intraday_requests(instance, datetime(2024, 1, 3, 14, 0, tzinfo=UTC))
-        assert isinstance(before, dg.SkipReason) and "opens at 14:30 UTC" in before.skip_message
+        assert isinstance(before, dg.SkipReason) and "2024-01-02's session closed" in before.skip_message
+        after = intraday_requests(instance, datetime(2024, 1, 3, 21, 20, tzinfo=UTC))
+        assert isinstance(after, dg.SkipReason) and "end-of-day run" in after.skip_message
         requests = intraday_requests(instance, datetime(2024, 1, 3, 15, 0, 40, tzinfo=UTC))
         assert [r.run_key for r in requests] == ["2024-01-03-1500-shard0"]
         config = requests[0].run_config["ops"]["intraday_step"]["config"]
         assert config == {"shard": 0, "now": "2024-01-03T15:00:40+00:00"}
         assert requests[0].tags["marketfs/state_chain"] == "daily"  # never beside the shard's daily runs
+
+
+def _tightened_suites(tmp_path: Path) -> Path:
+    suites = tmp_path / "suites"
+    shutil.copytree(SUITES_DIR, suites)
+    path = suites / "feature_vectors_fs_v1_1m.json"
+    suite = json.loads(path.read_text())
+    for expectation in suite["expectations"]:
+        if expectation["kwargs"].get("column") == "ret_1":
+            expectation["kwargs"].update(min_value=-1e-6, max_value=1e-6)  # every real return breaches
+    path.write_text(json.dumps(suite))
+    return suites
+
+
+@pytest.mark.parametrize("end_of_day", ["passes", "fails"])
+def test_the_end_of_day_run_reconciles_a_day_built_intraday(
+    dsn: str, end_of_day: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagster_helpers import ALL, materialize_range
+
+    engine = engine_for(dsn)
+    fs = feature_set("fs_v1")
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert materialize_range(dsn, "2024-01-02", instruments=4, instance=instance, assets=ALL).success  # yesterday
+        for minutes in (10, 200, 391):  # the last one after the close: the whole session
+            assert _step(instance, dsn, OPEN + timedelta(minutes=minutes, seconds=30)).success
+        intraday = _served(engine, fs, "1m")
+        assert intraday["ts"].max() == OPEN + timedelta(minutes=389)
+        if end_of_day == "fails":
+            monkeypatch.setenv("MARKETFS_SUITES_DIR", str(_tightened_suites(tmp_path)))
+        result = materialize_range(dsn, "2024-01-03", instruments=4, instance=instance, assets=ALL)
+        with engine.connect() as conn:
+            steps = conn.execute(
+                sa.text("SELECT status FROM intraday_steps WHERE day = '2024-01-03' AND timeframe = '1m'")
+            ).scalars()
+            superseded = conn.execute(
+                sa.text("SELECT count(*) FROM feature_vectors_history WHERE ts >= :t AND timeframe = '1m'"),
+                {"t": OPEN - timedelta(hours=18)},
+            ).scalar()
+        if end_of_day == "passes":
+            assert result.success
+            # The day computed once is the day the steps served: nothing superseded, every written_at kept.
+            assert_frame_equal(_served(engine, fs, "1m"), intraday, check_exact=True)
+            assert superseded == 0
+            assert set(steps) == {"reconciled"}
+            assert "2024-01-03" in instance.get_materialized_partitions(ASSET)
+        else:
+            assert not result.success
+            assert _served(engine, fs, "1m").is_empty()  # nothing of a failed day stays served
+            assert superseded == intraday.height  # what the steps served stays readable with as_of
+            assert "2024-01-03" not in instance.get_materialized_partitions(ASSET)
