@@ -422,15 +422,16 @@ def record_day_written(
     vectors: pl.DataFrame,
     run_id: str | None,
 ) -> None:
-    """A daily run wrote ``day`` whole: it replaces the day's steps (its state replaced theirs). Later
-    steps of a day still in progress continue from where the bars it read ended."""
+    """A daily run wrote ``day`` whole: it replaces the day's steps (its state replaced theirs). A day
+    still in progress (today run by hand, or by a backfill) continues in steps from the bars that had
+    closed when it ran: it computed those from the bars stored then, and a bar stored later for them is
+    a correction, which a step recomputes."""
     import sqlalchemy as sa
 
     if timeframe_spec(timeframe).per_session:
         return
     day_start, day_end = active_sessions().trading_day_window(day)
-    last = vectors["ts"].max() if vectors.height else None
-    through = day_end if last is None or datetime.now(UTC) >= day_end else min(day_end, last + _step(timeframe))
+    through = max(day_start, min(day_end, closed_end(timeframe, datetime.now(UTC))))
     conn.execute(
         sa.text(
             "DELETE FROM intraday_steps WHERE feature_set_version = :v AND timeframe = :tf AND shard_index = :si "
@@ -469,10 +470,6 @@ def retract_day(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shar
     empty = pl.DataFrame(schema=vector_schema(fs, timeframe))
     stats = upsert_window(conn, empty, feature_set=fs, timeframe=timeframe, start=start, end=end, shard=shard)
     return int(stats.get("deleted_stale", 0))
-
-
-def _step(timeframe: str) -> timedelta:
-    return timedelta(microseconds=timeframe_spec(timeframe).step_us)
 
 
 def filled_through(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> datetime | None:
