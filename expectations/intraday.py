@@ -14,6 +14,7 @@ Registered as the entry point ``marketfs.gates:intraday``, which ``marketfs.intr
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import polars as pl
@@ -48,7 +49,19 @@ def widened(expectation: dict[str, Any], n: int, z: float) -> dict[str, Any]:
     return {**expectation, "kwargs": kwargs}
 
 
+# One validation at a time per process: the GX context of the process (its data sources) is shared, and
+# not safe to change from two threads; steps of several feature sets run side by side up to their gate.
+_GX_LOCK = threading.Lock()
+
+
 def gate(vectors: pl.DataFrame, *, dataset: str, day: str, day_vectors: int, day_flags: dict[str, int]) -> GateVerdict:
+    with _GX_LOCK:
+        return _judge(vectors, dataset=dataset, day=day, day_vectors=day_vectors, day_flags=day_flags)
+
+
+def _judge(
+    vectors: pl.DataFrame, *, dataset: str, day: str, day_vectors: int, day_flags: dict[str, int]
+) -> GateVerdict:
     from expectations.derived import for_validation
 
     path = suite_path(dataset)

@@ -19,6 +19,7 @@ as the landing source resolves re-delivered bars.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -117,6 +118,10 @@ def _landing_dir(landing_dir: str | Path | None) -> Path | None:
     return None
 
 
+# Steps at once per push: the machine's cores, at most 4 (each holds a database connection meanwhile).
+STEP_THREADS = min(os.cpu_count() or 1, 4)
+
+
 def _steps(
     engine,  # noqa: ANN001 - a SQLAlchemy engine
     changed: pl.DataFrame,
@@ -141,21 +146,18 @@ def _steps(
         days = {d for d in (trading_day_of(t) for t in mine["ts"].unique().to_list()) if d is not None}
         days = sorted(days | ({today} if every_shard and today else set()))
         for day in [d for d in days if today is None or d <= today]:
-            for fs in FEATURE_SETS.values():
-                for tf in intraday_timeframes(fs):
-                    outcomes.append(
-                        step(
-                            engine,
-                            fs,
-                            tf,
-                            now=now,
-                            shard=shard,
-                            changed_from=changed_from,
-                            gate=gate,
-                            day=day,
-                            run_id=run_id,
-                        )
-                    )
+            datasets = [(fs, tf) for fs in FEATURE_SETS.values() for tf in intraday_timeframes(fs)]
+
+            def one(dataset: tuple, day: str = day, shard: Shard = shard, changed_from=changed_from) -> StepOutcome:  # noqa: ANN001
+                fs, tf = dataset
+                return step(
+                    engine, fs, tf, now=now, shard=shard, changed_from=changed_from, gate=gate, day=day, run_id=run_id
+                )
+
+            # The feature sets' steps are independent (each its own state, lock and transaction): side by
+            # side, one's reads and polars work overlap another's gate (0.8 s -> 0.6 s a push here).
+            with ThreadPoolExecutor(max_workers=min(len(datasets), STEP_THREADS)) as pool:
+                outcomes.extend(pool.map(one, datasets))
     if any(o.status == "quarantined" for o in outcomes):
         raise IntradayBreach(outcomes)
     return outcomes

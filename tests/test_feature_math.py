@@ -99,3 +99,26 @@ def test_non_finite_result_is_null_and_flagged() -> None:
     assert "COMPUTATION_ERROR" in out["quality_flags"][24]
     assert out["bb_upper"][24] == pytest.approx(100.0)
     assert not any(isinstance(v, float) and math.isinf(v) for v in out["ret_1"].to_list())
+
+
+def test_event_windows_found_in_one_search_equal_a_search_per_instrument() -> None:
+    from marketfs.features import events as ev
+    from marketfs.sources.synthetic import SyntheticEvents
+
+    start = datetime(2024, 1, 2, tzinfo=UTC)
+    names = tuple(f"SYN{i:03d}" for i in range(7))
+    events = SyntheticEvents(instruments=names).events(start, start + timedelta(days=2))
+    ordered = events.sort("instrument_id", "published_at", "event_id").with_row_index("_e")
+    keys = pl.DataFrame(
+        {
+            "instrument_id": [names[i % 7] for i in range(300)] + ["NOEVENTS"],
+            "ts": [start + timedelta(minutes=13 * i) for i in range(300)] + [start],
+        }
+    ).with_row_index("_k")
+    window = int(timedelta(hours=1) / timedelta(microseconds=1))
+    packed = ev._spans(keys, ordered, window)
+    # An instant 60 years away makes the range too wide to pack: the search per instrument runs.
+    far = pl.DataFrame({"_k": [999], "instrument_id": [names[0]], "ts": [start + timedelta(days=365 * 60)]})
+    looped = ev._spans(pl.concat([keys, far.cast(keys.schema)]), ordered, window).filter(pl.col("_k") != 999)
+    assert packed.sort("_k").equals(looped.sort("_k"))
+    assert (packed["_hi"] > packed["_lo"]).sum() > 50  # windows that hold events

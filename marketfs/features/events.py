@@ -28,6 +28,40 @@ def event_feature_names(suffix: str) -> list[str]:
     return [f"{stat}_{suffix}" for stat in EVENT_STATS]
 
 
+def _spans(keys: pl.DataFrame, ordered: pl.DataFrame, window_us: int) -> pl.DataFrame:
+    """For each key row ``_k``: the rows ``[_lo, _hi)`` of ``ordered`` (events sorted by instrument and
+    time) of its instrument published in ``[ts - window, ts)``.
+
+    One binary search over all instruments at once, on (instrument rank, microseconds) packed into one
+    sorted int64: the same indices a search per instrument finds (that loop cost 0.2 s for one minute of
+    500 instruments). Ranges too wide to pack fall back to the loop."""
+    instruments = pl.concat([keys["instrument_id"], ordered["instrument_id"]]).unique().sort()
+    rank = {name: i for i, name in enumerate(instruments.to_list())}
+    times = ordered["published_at"].dt.epoch("us").to_numpy()
+    ts = keys["ts"].dt.epoch("us").to_numpy()
+    lowest = min([int(ts.min()) - window_us, *([int(times.min())] if times.size else [])])
+    highest = max([int(ts.max()), *([int(times.max())] if times.size else [])])
+    bits = 42  # ~50 days of microseconds per instrument; 2**21 instruments
+    if highest - lowest < 2**bits and len(rank) < 2**21:
+        e_rank = ordered["instrument_id"].replace_strict(rank, return_dtype=pl.Int64).to_numpy()
+        k_rank = keys["instrument_id"].replace_strict(rank, return_dtype=pl.Int64).to_numpy()
+        packed = (e_rank << bits) | (times - lowest)
+        hi = np.searchsorted(packed, (k_rank << bits) | (ts - lowest), side="left")
+        lo = np.searchsorted(packed, (k_rank << bits) | (ts - window_us - lowest), side="left")
+        return pl.DataFrame({"_k": keys["_k"], "_lo": lo.astype(np.uint32), "_hi": hi.astype(np.uint32)})
+    by_instrument = {key: frame for (key,), frame in ordered.partition_by("instrument_id", as_dict=True).items()}
+    pieces = []
+    for (instrument,), group in keys.group_by("instrument_id", maintain_order=True):
+        mine = by_instrument.get(instrument, ordered.clear())
+        mine_times = mine["published_at"].dt.epoch("us").to_numpy()
+        group_ts = group["ts"].dt.epoch("us").to_numpy()
+        first = mine["_e"][0] if mine.height else 0
+        hi = np.searchsorted(mine_times, group_ts, side="left") + first
+        lo = np.searchsorted(mine_times, group_ts - window_us, side="left") + first
+        pieces.append(pl.DataFrame({"_k": group["_k"], "_lo": lo, "_hi": hi}))
+    return pl.concat(pieces).with_columns(pl.col("_lo").cast(pl.UInt32), pl.col("_hi").cast(pl.UInt32))
+
+
 def event_features(keys: pl.DataFrame, events: pl.DataFrame, window: timedelta, suffix: str) -> pl.DataFrame:
     """``keys`` (instrument_id, ts) with the five event statistics of each window appended.
 
@@ -39,19 +73,9 @@ def event_features(keys: pl.DataFrame, events: pl.DataFrame, window: timedelta, 
     names = event_feature_names(suffix)
     ordered = events.sort("instrument_id", "published_at", "event_id").with_row_index("_e")
     window_us = int(window / timedelta(microseconds=1))
-    by_instrument = {key: frame for (key,), frame in ordered.partition_by("instrument_id", as_dict=True).items()}
-    pieces = []
-    for (instrument,), group in keys.with_row_index("_k").group_by("instrument_id", maintain_order=True):
-        mine = by_instrument.get(instrument, ordered.clear())
-        times = mine["published_at"].dt.epoch("us").to_numpy()
-        ts = group["ts"].dt.epoch("us").to_numpy()
-        first = mine["_e"][0] if mine.height else 0
-        hi = np.searchsorted(times, ts, side="left") + first
-        lo = np.searchsorted(times, ts - window_us, side="left") + first
-        pieces.append(pl.DataFrame({"_k": group["_k"], "_lo": lo, "_hi": hi}))
-    if not pieces:
+    if keys.is_empty():
         return keys.with_columns([pl.lit(None, pl.Float64).alias(n) for n in names])
-    spans = pl.concat(pieces).with_columns(pl.col("_lo").cast(pl.UInt32), pl.col("_hi").cast(pl.UInt32))
+    spans = _spans(keys.with_row_index("_k"), ordered, window_us)
     members = (
         spans.with_columns(pl.int_ranges("_lo", "_hi", dtype=pl.UInt32).alias("_e"))
         .explode("_e")

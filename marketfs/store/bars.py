@@ -76,6 +76,9 @@ def read_bars(
                 SELECT v.ts FROM {table} v WHERE v.instrument_id = i.instrument_id AND v.ts < %(start)s AND {valid}
                 ORDER BY v.ts DESC OFFSET %(warmup)s - 1 LIMIT 1
             ), '-infinity') AS since
+            -- OFFSET 0 keeps this a subquery evaluated once per instrument: flattened, the planner ran the
+            -- look-up once per stored bar (195,534 times, 2.2 s, for one minute of 500 instruments).
+            OFFSET 0
         ) f
         CROSS JOIN LATERAL (
             SELECT * FROM {table} b WHERE b.instrument_id = i.instrument_id AND b.ts < %(start)s AND b.ts >= f.since
