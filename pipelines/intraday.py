@@ -111,7 +111,7 @@ class IntradayStepConfig(dg.Config):
     now: str = ""  # the instant taken for the clock (ISO 8601 with an offset): replays and tests; empty: the clock
 
 
-@dg.op(name="intraday_step", description="One intraday step of every feature set and timeframe of a shard.")
+@dg.op(name="step_today", description="One intraday step of every feature set and timeframe of a shard.")
 def intraday_step_op(
     context: dg.OpExecutionContext, config: IntradayStepConfig, store: FeatureStore, market_data: MarketData
 ):  # noqa: ANN201 - yields Dagster events
@@ -205,7 +205,7 @@ def intraday_requests(instance: dg.DagsterInstance, now: datetime) -> list[dg.Ru
         requests.append(
             dg.RunRequest(
                 run_key=f"{day}-{end:%H%M}-shard{shard.index}",
-                run_config={"ops": {"intraday_step": {"config": {"shard": shard.index, "now": now.isoformat()}}}},
+                run_config={"ops": {"step_today": {"config": {"shard": shard.index, "now": now.isoformat()}}}},
                 tags=tags,
             )
         )

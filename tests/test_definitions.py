@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,8 @@ def test_definitions_hold_assets_job_and_schedule() -> None:
     assert {"raw_ohlcv", "feature_vectors_fs_v1_1m"} <= keys
     assert defs.resolve_job_def("daily_features") is not None
     assert defs.resolve_schedule_def("daily_features_schedule") is not None
+    assert defs.resolve_job_def("intraday_step") is not None
+    assert defs.resolve_sensor_def("intraday_sensor").default_status == dg.DefaultSensorStatus.STOPPED
 
 
 def test_code_location_does_not_import_great_expectations() -> None:

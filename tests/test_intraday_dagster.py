@@ -26,7 +26,7 @@ ASSET = dg.AssetKey("feature_vectors_fs_v1_1m")
 def _step(instance: dg.DagsterInstance, dsn: str, now: datetime) -> dg.ExecuteInProcessResult:
     return intraday_job.execute_in_process(
         instance=instance,
-        run_config={"ops": {"intraday_step": {"config": {"shard": 0, "now": now.isoformat()}}}},
+        run_config={"ops": {"step_today": {"config": {"shard": 0, "now": now.isoformat()}}}},
         resources={
             "store": FeatureStore(dsn=dsn),
             "market_data": MarketData(source="synthetic", synthetic_instruments=4),
@@ -69,7 +69,7 @@ def test_an_intraday_breach_fails_the_step_run_and_names_the_minutes(
     with dg.DagsterInstance.ephemeral() as instance:
         result = _step(instance, dsn, OPEN + timedelta(minutes=5, seconds=30))
         assert not result.success
-        failure = result.failure_data_for_node("intraday_step").error.message
+        failure = result.failure_data_for_node("step_today").error.message
         assert "feature_vectors_fs_v1_1m 2024-01-03" in failure and "quarantined" in failure and "ret_1" in failure
         observed = _observations(instance)
         assert observed[-1].metadata["status"].value == "quarantined"
@@ -84,7 +84,7 @@ def test_the_sensor_asks_one_step_per_shard_and_closed_minute_during_a_session()
         assert isinstance(after, dg.SkipReason) and "end-of-day run" in after.skip_message
         requests = intraday_requests(instance, datetime(2024, 1, 3, 15, 0, 40, tzinfo=UTC))
         assert [r.run_key for r in requests] == ["2024-01-03-1500-shard0"]
-        config = requests[0].run_config["ops"]["intraday_step"]["config"]
+        config = requests[0].run_config["ops"]["step_today"]["config"]
         assert config == {"shard": 0, "now": "2024-01-03T15:00:40+00:00"}
         assert requests[0].tags["marketfs/state_chain"] == "daily"  # never beside the shard's daily runs
 
