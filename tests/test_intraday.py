@@ -14,6 +14,7 @@ from marketfs.features.compute import FeatureComputation
 from marketfs.features.registry import FEATURE_SETS, feature_set
 from marketfs.ingest import PushError, push_bars, push_events
 from marketfs.intraday import IntradayBreach, _compute, intraday_timeframes, retract_day, step
+from marketfs.retrieval import training_frame
 from marketfs.shards import ALL
 from marketfs.sources import SyntheticBars
 from marketfs.sources.synthetic import SyntheticEvents
@@ -152,6 +153,8 @@ def test_pushed_bars_are_served_at_once_and_a_late_bar_recomputes_from_its_step(
     t = OPEN + timedelta(minutes=10)
     row = today_bars.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t))
     corrected = row.with_columns((pl.col(c) * 1.01).alias(c) for c in ("open", "high", "low", "close"))
+    served_before = datetime.now(UTC)  # the steps' vectors carry the real instant they were written
+    before = _served(engine, fs, "1m").filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t))
     outcomes = push_bars(corrected, now=OPEN + timedelta(minutes=20, seconds=2), dsn=dsn)
     first = next(o for o in outcomes if o.dataset == "feature_vectors_fs_v1_1m")
     assert first.start == t and first.end == OPEN + timedelta(minutes=20)
@@ -166,7 +169,12 @@ def test_pushed_bars_are_served_at_once_and_a_late_bar_recomputes_from_its_step(
             ),
             {"t": t},
         ).scalar()
-    assert superseded >= 1  # the values served before the correction stay readable with as_of
+    assert superseded >= 1
+    # What a model saw before the correction, and what it sees now (the entity row at the bar's close).
+    entity = pl.DataFrame({"instrument_id": ["SYN001"], "ts": [t + timedelta(minutes=1)]})
+    then = training_frame(entity, ["ret_1"], None, dsn=dsn, as_of=served_before)
+    now = training_frame(entity, ["ret_1"], None, dsn=dsn)
+    assert then["ret_1"].to_list() == before["ret_1"].to_list() != now["ret_1"].to_list()
     # A bar that does not change anything recomputes nothing.
     again = push_bars(corrected, now=OPEN + timedelta(minutes=20, seconds=30), dsn=dsn)
     assert all(o.status == "nothing to do" for o in again)
