@@ -243,3 +243,17 @@ def test_a_pushed_frame_that_cannot_be_stored_is_refused_whole(dsn: str) -> None
         push_bars(_bar("SYN000", OPEN, 1.0).with_columns(pl.col("ts").dt.replace_time_zone(None)), dsn=dsn)
     with engine_for(dsn).connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM ohlcv_1m")).scalar() == 0
+
+
+def test_pushed_bars_land_as_files_the_end_of_day_run_reads(dsn: str, tmp_path) -> None:
+    from marketfs.sources.landing import LandingFolderBars
+
+    engine = engine_for(dsn)
+    today_bars, _ = _store_history(engine, through_today=None)
+    pushed = today_bars.filter(pl.col("ts") < OPEN + timedelta(minutes=2))
+    push_bars(pushed, now=OPEN + timedelta(minutes=2, seconds=1), dsn=dsn, landing_dir=tmp_path)
+    files = sorted((tmp_path / "bars" / "pushed" / TODAY).glob("*.parquet"))
+    assert len(files) == 1 and not list((tmp_path / "bars").rglob("*.partial"))
+    start, end = _window(TODAY)
+    landed = LandingFolderBars(tmp_path / "bars", index_path=tmp_path / "index.json").bars(start, end)
+    assert_frame_equal(landed.select(pushed.columns).sort("instrument_id", "ts"), pushed.sort("instrument_id", "ts"))
