@@ -34,16 +34,14 @@ from expectations.gate import GateResult, suite_path
 from marketfs.catalog import catalog_table
 from marketfs.db import retry_on_conflict
 from marketfs.features.code_version import code_version
-from marketfs.features.compute import FeatureComputation, HistoryError, compute_feature_vectors
+from marketfs.features.compute import FeatureComputation, HistoryError
 from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
 from marketfs.features.timeframes import timeframe as timeframe_spec
 from marketfs.intraday import record_day_written, retract_day
 from marketfs.shards import Shard
-from marketfs.store.bars import read_bars_for
-from marketfs.store.events import read_events
 from marketfs.store.feature_vectors import (
+    compute_stored,
     read_recent_partitions,
-    read_state_before,
     read_vectors,
     vector_schema,
     write_features,
@@ -296,15 +294,9 @@ def _retract_intraday(
 def _compute(
     store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard
 ) -> FeatureComputation:
-    warmup = fs.warmup_bars(timeframe)
-    with store.engine().connect() as conn:
-        bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard)
-        events = read_events(conn, start - fs.event_lookback(timeframe), end, shard=shard)
-        state = read_state_before(conn, feature_set=fs, timeframe=timeframe, start=start, shard=shard)
     try:
-        return compute_feature_vectors(
-            bars, timeframe, events=events, state=state, feature_set=fs, start=start, end=end, warmup_limit=warmup
-        )
+        with store.engine().connect() as conn:
+            return compute_stored(conn, fs, timeframe, start, end, shard)
     except HistoryError as exc:
         raise dg.Failure(description=f"{start:%Y-%m-%d}: {exc}", allow_retries=False) from exc
 

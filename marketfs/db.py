@@ -34,6 +34,10 @@ def sqlalchemy_url(dsn: str) -> sa.URL:
     return url.set(drivername="postgresql+psycopg")
 
 
+# Every bulk connection: sessions in UTC, a bounded wait for the server, no automatic server-side prepares.
+CONNECT_ARGS = {"options": "-c timezone=UTC", "connect_timeout": 10, "prepare_threshold": None}
+
+
 @lru_cache(maxsize=16)
 def engine_for(dsn: str) -> sa.Engine:
     """One pooled engine per DSN and process; every session runs in UTC.
@@ -48,7 +52,7 @@ def engine_for(dsn: str) -> sa.Engine:
     return sa.create_engine(
         sqlalchemy_url(dsn),
         pool_pre_ping=True,
-        connect_args={"options": "-c timezone=UTC", "connect_timeout": 10, "prepare_threshold": None},
+        connect_args=CONNECT_ARGS,
     )
 
 

@@ -21,25 +21,19 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import polars as pl
 
 from marketfs.features.events import EVENT_SCHEMA
 from marketfs.features.timeframes import timeframe as timeframe_spec
-from marketfs.intraday import (
-    IntradayBreach,
-    StepGate,
-    StepOutcome,
-    active_day,
-    intraday_timeframes,
-    step,
-    trading_day_of,
-)
+from marketfs.intraday import IntradayBreach, StepGate, StepOutcome, active_day, intraday_timeframes, step, trading_days
 from marketfs.shards import Shard, shard_count, shards
 from marketfs.sources.base import BAR_SCHEMA
 from marketfs.sources.normalize import normalize_bars, normalize_events
+from marketfs.store.bars import upsert_bars
+from marketfs.store.events import insert_new_events
 
 
 class PushError(ValueError):
@@ -88,19 +82,26 @@ def _migrated(dsn: str) -> None:
     migrate(dsn)
 
 
+def _engine(dsn: str | None):  # noqa: ANN202 - a SQLAlchemy engine
+    """The store's engine, its schema brought up to date once per process."""
+    from marketfs.db import engine_for, resolve_dsn
+
+    dsn = dsn or resolve_dsn()
+    _migrated(dsn)
+    return engine_for(dsn)
+
+
+def _changed_by_events(fresh: pl.DataFrame) -> pl.DataFrame:
+    """The first vector each new event counts for: published at p, it is known after p, stamped p - lag."""
+    lag = timeframe_spec("1m").available_after
+    return fresh.select("instrument_id", (pl.col("published_at") - lag).alias("ts"))
+
+
 def _land(frame: pl.DataFrame, kind: str, ts: str, landing_dir: Path | None, pushed_at: datetime) -> None:
     """The pushed rows as a landing file of each trading day they hold (see the module's docstring)."""
     if landing_dir is None:
         return
-    from marketfs.intraday import trading_day_of
-
-    days = frame.with_columns(
-        pl.col(ts)
-        .map_batches(
-            lambda s: pl.Series([trading_day_of(t) for t in s.to_list()], dtype=pl.String), return_dtype=pl.String
-        )
-        .alias("_day")
-    )
+    days = frame.with_columns(trading_days(frame[ts]).alias("_day"))
     for (day,), rows in days.partition_by("_day", as_dict=True).items():
         folder = landing_dir / kind / "pushed" / str(day)
         folder.mkdir(parents=True, exist_ok=True)
@@ -138,26 +139,22 @@ def _steps(
     outcomes: list[StepOutcome] = []
     today = active_day(now)
     for shard in only or shards(shard_count()):
-        mine = shard.filter(changed) if not shard.is_all else changed
+        mine = shard.filter(changed)
         if mine.is_empty() and not every_shard:
             continue
         changed_from = mine["ts"].min() if mine.height else None
         # The days the rows fall in, up to today: a bar of a day that just closed finishes that day.
-        days = {d for d in (trading_day_of(t) for t in mine["ts"].unique().to_list()) if d is not None}
+        days = set(trading_days(mine["ts"]).drop_nulls().unique().to_list())
         days = sorted(days | ({today} if every_shard and today else set()))
+        datasets = [(fs, tf) for fs in FEATURE_SETS.values() for tf in intraday_timeframes(fs)]
         for day in [d for d in days if today is None or d <= today]:
-            datasets = [(fs, tf) for fs in FEATURE_SETS.values() for tf in intraday_timeframes(fs)]
-
-            def one(dataset: tuple, day: str = day, shard: Shard = shard, changed_from=changed_from) -> StepOutcome:  # noqa: ANN001
-                fs, tf = dataset
-                return step(
-                    engine, fs, tf, now=now, shard=shard, changed_from=changed_from, gate=gate, day=day, run_id=run_id
-                )
-
             # The feature sets' steps are independent (each its own state, lock and transaction): side by
             # side, one's reads and polars work overlap another's gate (0.8 s -> 0.6 s a push here).
             with ThreadPoolExecutor(max_workers=min(len(datasets), STEP_THREADS)) as pool:
-                outcomes.extend(pool.map(one, datasets))
+                one = partial(
+                    step, engine, now=now, shard=shard, changed_from=changed_from, gate=gate, day=day, run_id=run_id
+                )
+                outcomes.extend(pool.map(one, *zip(*datasets, strict=True)))
     if any(o.status == "quarantined" for o in outcomes):
         raise IntradayBreach(outcomes)
     return outcomes
@@ -178,16 +175,12 @@ def push_bars(
     step's gate failed (its minutes quarantined, the rest committed), ``PushError`` for a frame that
     cannot be stored (nothing stored).
     """
-    from marketfs.db import engine_for, resolve_dsn
-
     now = now or datetime.now(UTC)
     bars = normalize_bars(_frame(frame, BAR_SCHEMA, "ts", "bars"))
-    dsn = dsn or resolve_dsn()
-    _migrated(dsn)
-    engine = engine_for(dsn)
+    engine = _engine(dsn)
     _land(bars.drop("source_flags"), "bars", "ts", _landing_dir(landing_dir), now)
     with engine.begin() as conn:
-        changed = _upsert_bars(conn, bars)
+        changed = upsert_bars(conn, bars)
     return _steps(engine, changed, now, gate)
 
 
@@ -203,20 +196,13 @@ def push_events(
 
     An event_id already stored is kept as it was (the first delivery wins, as in the landing source).
     """
-    from marketfs.db import engine_for, resolve_dsn
-
     now = now or datetime.now(UTC)
     events = normalize_events(_frame(frame, EVENT_SCHEMA, "published_at", "events"))
-    dsn = dsn or resolve_dsn()
-    _migrated(dsn)
-    engine = engine_for(dsn)
+    engine = _engine(dsn)
     _land(events, "events", "published_at", _landing_dir(landing_dir), now)
     with engine.begin() as conn:
-        fresh = _insert_events(conn, events)
-    # An event published at p counts for the vectors known after it, the first stamped p - lag.
-    lag = timeframe_spec("1m").available_after
-    changed = fresh.select("instrument_id", (pl.col("published_at") - lag).alias("ts"))
-    return _steps(engine, changed, now, gate)
+        fresh = insert_new_events(conn, events)
+    return _steps(engine, _changed_by_events(fresh), now, gate)
 
 
 def step_delivered(
@@ -231,62 +217,12 @@ def step_delivered(
 ) -> list[StepOutcome]:
     """What a source has delivered of today so far (as its own files hold it: no landing copy): stored
     like pushed rows, then one step of every shard (``only``: those), whatever changed."""
-    from marketfs.db import engine_for
-
-    _migrated(dsn)
-    engine = engine_for(dsn)
-    lag = timeframe_spec("1m").available_after
+    engine = _engine(dsn)
     with engine.begin() as conn:
-        changed = _upsert_bars(conn, normalize_bars(_frame(bars, BAR_SCHEMA, "ts", "bars"))) if bars.height else None
-        fresh = _insert_events(conn, normalize_events(_frame(events, EVENT_SCHEMA, "published_at", "events")))
-    moved = fresh.select("instrument_id", (pl.col("published_at") - lag).alias("ts"))
-    everything = pl.concat([c for c in (changed, moved) if c is not None])
-    return _steps(engine, everything, now, gate, every_shard=True, run_id=run_id, only=only)
+        changed = upsert_bars(conn, normalize_bars(_frame(bars, BAR_SCHEMA, "ts", "bars")))
+        fresh = insert_new_events(conn, normalize_events(_frame(events, EVENT_SCHEMA, "published_at", "events")))
+    changed = pl.concat([changed, _changed_by_events(fresh)])
+    return _steps(engine, changed, now, gate, every_shard=True, run_id=run_id, only=only)
 
 
-def _upsert_bars(conn, bars: pl.DataFrame) -> pl.DataFrame:  # noqa: ANN001 - a SQLAlchemy connection
-    """Insert new bars and replace changed ones; returns (instrument_id, ts) of the rows that changed."""
-    from psycopg import sql
-
-    from marketfs.store.bars import STORED_BAR_SCHEMA
-    from marketfs.store.copy import copy_frame_in, raw_connection
-
-    columns = list(STORED_BAR_SCHEMA)
-    values = [c for c in columns if c not in ("instrument_id", "ts")]
-    raw = raw_connection(conn)
-    raw.execute("CREATE TEMP TABLE IF NOT EXISTS pushed_bars (LIKE ohlcv_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-    copy_frame_in(conn, "pushed_bars", bars.select(columns))
-    ident = sql.Identifier
-    statement = sql.SQL(
-        "INSERT INTO ohlcv_1m AS b ({cols}) SELECT {cols} FROM pushed_bars ON CONFLICT (instrument_id, ts) DO UPDATE "
-        "SET {sets}, ingested_at = now() WHERE ({old}) IS DISTINCT FROM ({new}) RETURNING b.instrument_id, "
-        "(extract(epoch from b.ts) * 1000000)::bigint"
-    ).format(
-        cols=sql.SQL(", ").join(map(ident, columns)),
-        sets=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in values),
-        old=sql.SQL(", ").join(sql.Identifier("b", c) for c in values),
-        new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(ident(c)) for c in values),
-    )
-    rows = raw.execute(statement).fetchall()
-    changed = pl.DataFrame(rows, schema={"instrument_id": pl.String, "ts": pl.Int64}, orient="row")
-    return changed.with_columns(pl.col("ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC"))
-
-
-def _insert_events(conn, events: pl.DataFrame) -> pl.DataFrame:  # noqa: ANN001 - a SQLAlchemy connection
-    """Store the events whose event_id is new; returns them."""
-    from marketfs.store.copy import copy_frame_in, raw_connection
-
-    ids = events["event_id"].to_list()
-    known = "SELECT event_id FROM news_event_ids WHERE event_id = ANY(%s::text[])"
-    stored = {r[0] for r in raw_connection(conn).execute(known, (ids,))}
-    fresh = events.filter(~pl.col("event_id").is_in(list(stored)))
-    copy_frame_in(conn, "news_events", fresh.select(list(EVENT_SCHEMA)))
-    copy_frame_in(
-        conn,
-        "news_event_ids",
-        fresh.group_by("event_id").agg(pl.col("published_at").min()).select("event_id", "published_at"),
-    )
-    return fresh
-
-
-__all__ = ["IntradayBreach", "PushError", "Shard", "push_bars", "push_events"]
+__all__ = ["IntradayBreach", "PushError", "push_bars", "push_events", "step_delivered"]

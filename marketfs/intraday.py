@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import polars as pl
 
-from marketfs.features.compute import FeatureComputation, compute_feature_vectors, vector_schema
+from marketfs.features.compute import FeatureComputation, vector_schema
 from marketfs.features.registry import FeatureSet, dataset_name
 from marketfs.features.timeframes import timeframe as timeframe_spec
 from marketfs.shards import ALL, Shard
@@ -144,10 +144,22 @@ def active_day(now: datetime) -> str | None:
     return sessions.days[i].isoformat() if i >= 0 else None
 
 
+def trading_days(instants: pl.Series) -> pl.Series:
+    """The trading day (partition key, YYYY-MM-DD) each instant falls in; null past the calendar."""
+    return active_sessions().trading_day(instants).dt.strftime("%Y-%m-%d")
+
+
 def trading_day_of(instant: datetime) -> str | None:
-    """The trading day (partition key) ``instant`` falls in, or None past the calendar."""
-    day = active_sessions().trading_day(pl.Series([instant], dtype=pl.Datetime("us", "UTC"))).item()
-    return None if day is None else day.isoformat()
+    """``trading_days`` of one instant."""
+    return trading_days(pl.Series([instant], dtype=pl.Datetime("us", "UTC"))).item()
+
+
+# The rows of intraday_steps of one feature set, timeframe, shard and day (parameters of ``_scope``).
+_SCOPE = "feature_set_version = :v AND timeframe = :tf AND shard_index = :si AND shard_count = :sc AND day = :day"
+
+
+def _scope(fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> dict[str, Any]:
+    return {"v": fs.version, "tf": timeframe, "si": shard.index, "sc": shard.count, "day": date.fromisoformat(day)}
 
 
 def _steps(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> list[Any]:
@@ -155,12 +167,23 @@ def _steps(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, da
 
     return conn.execute(
         sa.text(
-            "SELECT step_start, step_end, status, vectors, flag_counts FROM intraday_steps WHERE "
-            "feature_set_version = :v AND timeframe = :tf AND shard_index = :si AND shard_count = :sc AND day = :day "
+            f"SELECT step_start, step_end, status, vectors, flag_counts FROM intraday_steps WHERE {_SCOPE} "
             "ORDER BY step_end"
         ),
-        {"v": fs.version, "tf": timeframe, "si": shard.index, "sc": shard.count, "day": date.fromisoformat(day)},
+        _scope(fs, timeframe, shard, day),
     ).all()
+
+
+def _forget_steps(
+    conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str, after: datetime | None = None
+) -> None:
+    """Drop the day's step rows (those ending after ``after``): what a recomputation replaces."""
+    import sqlalchemy as sa
+
+    conn.execute(
+        sa.text(f"DELETE FROM intraday_steps WHERE {_SCOPE} AND step_end > :after"),
+        {**_scope(fs, timeframe, shard, day), "after": after or datetime.min.replace(tzinfo=UTC)},
+    )
 
 
 def _flag_counts(vectors: pl.DataFrame) -> dict[str, int]:
@@ -190,7 +213,7 @@ def step(
     """
     import sqlalchemy as sa
 
-    from marketfs.store.feature_vectors import write_features
+    from marketfs.store.feature_vectors import compute_stored, write_features
 
     if timeframe_spec(timeframe).per_session:
         raise ValueError(f"{timeframe} bars close with the session: the end-of-day run computes them")
@@ -209,22 +232,23 @@ def step(
             {"scope": f"{fs.version}/{timeframe}/{shard.index}/{shard.count}"},
         )
         steps = _steps(conn, fs, timeframe, shard, day)
-        checkpoint = max([day_start, *(s.step_end for s in steps)])
-        start, note = checkpoint, None
-        if changed_from is not None and changed_from < checkpoint:
+        boundaries = [day_start, *(s.step_end for s in steps)]
+        start, note = max(boundaries), None
+        if changed_from is not None and changed_from < start:
             if changed_from < day_start:
                 note = (
                     f"a change at {changed_from} is before today's trading day; recompute that day: "
                     f"make recompute FROM={trading_day_of(changed_from)}"
                 )
             reach = max(changed_from, day_start)
-            start = max(b for b in [day_start, *(s.step_end for s in steps)] if b <= reach)
+            start = max(b for b in boundaries if b <= reach)
         if start >= end:
             return StepOutcome(dataset, shard, day, start, end, "nothing to do", note=note)
-        computation = _compute(conn, fs, timeframe, start, end, shard)
+        computation = compute_stored(conn, fs, timeframe, start, end, shard)
         vectors = computation.vectors
         kept = [s for s in steps if s.step_end <= start]
-        day_flags = _flag_counts(vectors)
+        step_flags = _flag_counts(vectors)
+        day_flags = dict(step_flags)
         for s in kept:
             for flag, n in (s.flag_counts or {}).items():
                 day_flags[flag] = day_flags.get(flag, 0) + int(n)
@@ -240,20 +264,7 @@ def step(
         else:
             batch_id = _quarantine(conn, fs, timeframe, shard, day, start, end, computation, verdict, run_id)
         _log(conn, dataset, day, shard, verdict, run_id, batch_id)
-        conn.execute(
-            sa.text(
-                "DELETE FROM intraday_steps WHERE feature_set_version = :v AND timeframe = :tf AND shard_index = :si "
-                "AND shard_count = :sc AND day = :day AND step_end > :start"
-            ),
-            {
-                "v": fs.version,
-                "tf": timeframe,
-                "si": shard.index,
-                "sc": shard.count,
-                "day": date.fromisoformat(day),
-                "start": start,
-            },
-        )
+        _forget_steps(conn, fs, timeframe, shard, day, after=start)
         _record(
             conn,
             fs,
@@ -264,7 +275,7 @@ def step(
             end,
             "served" if verdict.passed else "quarantined",
             vectors.height,
-            _flag_counts(vectors),
+            step_flags,
             batch_id,
             run_id,
         )
@@ -279,29 +290,6 @@ def step(
         batch_id,
         verdict,
         note,
-    )
-
-
-def _compute(
-    conn: sa.Connection, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard
-) -> FeatureComputation:
-    """What a daily run computes for ``[start, end)``, read the same way (assets/features.py ``_compute``)."""
-    from marketfs.features.flags import load_flag_config
-    from marketfs.store.bars import read_bars_for
-    from marketfs.store.events import read_events
-    from marketfs.store.feature_vectors import read_state_before
-
-    warmup = fs.warmup_bars(timeframe)
-    # A step sees the instruments that traded earlier in the day too: one whose bar of this minute is
-    # missing still gets its MISSING_OHLCV vector, as in the day computed at once (grid times within
-    # stale_after of its last bar).
-    day_start = active_sessions().trading_day_window(trading_day_of(start))[0]
-    since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
-    bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since)
-    events = read_events(conn, start - fs.event_lookback(timeframe), end, shard=shard)
-    state = read_state_before(conn, feature_set=fs, timeframe=timeframe, start=start, shard=shard)
-    return compute_feature_vectors(
-        bars, timeframe, events=events, state=state, feature_set=fs, start=start, end=end, warmup_limit=warmup
     )
 
 
@@ -326,7 +314,7 @@ def _quarantine(
         conn,
         run_id=run_id,
         asset=dataset_name(fs, timeframe),
-        partition=_partition(day, shard),
+        partition=shard.partition_key(day),
         start=start,
         end=end,
         reason=reason[:2000],
@@ -349,11 +337,6 @@ def _quarantine(
     return batch_id
 
 
-def _partition(day: str, shard: Shard) -> str:
-    """The partition key as Dagster spells it (``day|shard`` when sharded)."""
-    return day if shard.is_all else f"{day}|{shard.index}"
-
-
 def _log(
     conn: sa.Connection, dataset: str, day: str, shard: Shard, verdict: GateVerdict, run_id: str | None, batch_id
 ) -> None:
@@ -363,7 +346,7 @@ def _log(
         conn,
         run_id=run_id,
         asset=dataset,
-        partition=_partition(day, shard),
+        partition=shard.partition_key(day),
         suite=verdict.suite,
         outcomes=verdict.outcomes,
         reference="intraday step",
@@ -397,11 +380,7 @@ def _record(
             "batch_id = EXCLUDED.batch_id, run_id = EXCLUDED.run_id, computed_at = now()"
         ),
         {
-            "v": fs.version,
-            "tf": timeframe,
-            "si": shard.index,
-            "sc": shard.count,
-            "day": date.fromisoformat(day),
+            **_scope(fs, timeframe, shard, day),
             "s": start,
             "e": end,
             "status": status,
@@ -426,19 +405,12 @@ def record_day_written(
     still in progress (today run by hand, or by a backfill) continues in steps from the bars that had
     closed when it ran: it computed those from the bars stored then, and a bar stored later for them is
     a correction, which a step recomputes."""
-    import sqlalchemy as sa
 
     if timeframe_spec(timeframe).per_session:
         return
     day_start, day_end = active_sessions().trading_day_window(day)
     through = max(day_start, min(day_end, closed_end(timeframe, datetime.now(UTC))))
-    conn.execute(
-        sa.text(
-            "DELETE FROM intraday_steps WHERE feature_set_version = :v AND timeframe = :tf AND shard_index = :si "
-            "AND shard_count = :sc AND day = :day"
-        ),
-        {"v": fs.version, "tf": timeframe, "si": shard.index, "sc": shard.count, "day": date.fromisoformat(day)},
-    )
+    _forget_steps(conn, fs, timeframe, shard, day)
     _record(
         conn,
         fs,
@@ -470,9 +442,3 @@ def retract_day(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shar
     empty = pl.DataFrame(schema=vector_schema(fs, timeframe))
     stats = upsert_window(conn, empty, feature_set=fs, timeframe=timeframe, start=start, end=end, shard=shard)
     return int(stats.get("deleted_stale", 0))
-
-
-def filled_through(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> datetime | None:
-    """Where today's steps have reached (None: no step yet)."""
-    steps = _steps(conn, fs, timeframe, shard, day)
-    return max((s.step_end for s in steps), default=None)

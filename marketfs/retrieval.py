@@ -29,7 +29,7 @@ import polars as pl
 import psycopg
 from psycopg import sql
 
-from marketfs.db import resolve_dsn
+from marketfs.db import CONNECT_ARGS, resolve_dsn
 from marketfs.features.registry import DEFAULT_FEATURE_SET, feature_set
 from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
 
@@ -211,7 +211,7 @@ def training_frame(
 
 def _connect(dsn: str) -> psycopg.Connection:
     """A connection for one bulk read, in UTC, with no server-side prepares (as ``engine_for``'s)."""
-    return psycopg.connect(dsn, options="-c timezone=UTC", connect_timeout=10, prepare_threshold=None)
+    return psycopg.connect(dsn, **CONNECT_ARGS)
 
 
 # Entity rows below which one connection does it all (a connection and a temp table cost ~5 ms).

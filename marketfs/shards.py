@@ -79,6 +79,10 @@ class Shard:
         held = instrument_ids.is_in(mine)
         return held.fill_null(self.index == 0) if instrument_ids.null_count() else held
 
+    def partition_key(self, day: str) -> str:
+        """The partition key of ``day`` in this shard as Dagster spells it: the day, or ``day|shard``."""
+        return day if self.is_all else f"{day}|{self.index}"
+
     def filter(self, frame: pl.DataFrame, column: str = "instrument_id") -> pl.DataFrame:
         """The rows of ``frame`` whose instrument this shard holds."""
         if self.is_all or column not in frame.columns or frame.is_empty():

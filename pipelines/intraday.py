@@ -35,7 +35,7 @@ AFTER_CLOSE = timedelta(minutes=10)
 
 def _delivered(now: datetime, source=None):  # noqa: ANN001, ANN202 - a MarketData; (bars, events) frames
     """Today's bars and events so far, from the configured source."""
-    from assets.resources import MARKET_DATA_ENV, MarketData
+    from assets.resources import MARKET_DATA_ENV
     from marketfs.intraday import active_day, closed_end
     from marketfs.universe import active_sessions
 
@@ -74,27 +74,31 @@ def step_events(outcome) -> list:  # noqa: ANN001 - a StepOutcome
     ]
 
 
-def run_today(now: datetime | None = None, shard: int | None = None) -> int:
-    prepare_environment()
+def _step_today(now: datetime, source: MarketData | None, dsn: str, shard: int | None, run_id: str | None = None):  # noqa: ANN202
+    """Today's delivery so far, stepped (every shard, or ``shard``): the outcomes, and the breach if a gate failed."""
     from assets.partitions import SHARD_COUNT
-    from marketfs.db import resolve_dsn
     from marketfs.ingest import step_delivered
     from marketfs.intraday import IntradayBreach
     from marketfs.shards import Shard
+
+    bars, events = _delivered(now, source)
+    only = None if shard is None else [Shard(shard, SHARD_COUNT)]
+    try:
+        return step_delivered(bars, events, now=now, dsn=dsn, only=only, run_id=run_id), None
+    except IntradayBreach as exc:
+        return exc.outcomes, exc
+
+
+def run_today(now: datetime | None = None, shard: int | None = None) -> int:
+    prepare_environment()
+    from marketfs.db import resolve_dsn
     from marketfs.sources import SourceFileError
 
-    now = now or datetime.now(UTC)
     try:
-        bars, events = _delivered(now)
+        outcomes, breach = _step_today(now or datetime.now(UTC), None, resolve_dsn(), shard)
     except SourceFileError as exc:
         print(f"today's delivery cannot be read: {exc}", file=sys.stderr)
         return 1
-    only = None if shard is None else [Shard(shard, SHARD_COUNT)]
-    breach = None
-    try:
-        outcomes = step_delivered(bars, events, now=now, dsn=resolve_dsn(), only=only)
-    except IntradayBreach as exc:
-        outcomes, breach = exc.outcomes, exc
     instance = dg.DagsterInstance.get()
     for outcome in outcomes:
         print(outcome.describe())
@@ -115,27 +119,10 @@ class IntradayStepConfig(dg.Config):
 def intraday_step_op(
     context: dg.OpExecutionContext, config: IntradayStepConfig, store: FeatureStore, market_data: MarketData
 ):  # noqa: ANN201 - yields Dagster events
-    from assets.partitions import SHARD_COUNT
-    from marketfs.ingest import step_delivered
-    from marketfs.intraday import IntradayBreach
-    from marketfs.shards import Shard
+    from marketfs.db import resolve_dsn
 
     now = datetime.fromisoformat(config.now) if config.now else datetime.now(UTC)
-    bars, events = _delivered(now, market_data)
-    try:
-        outcomes, breach = (
-            step_delivered(
-                bars,
-                events,
-                now=now,
-                dsn=store.dsn or resolve_dsn(),
-                only=[Shard(config.shard, SHARD_COUNT)],
-                run_id=context.run_id,
-            ),
-            None,
-        )
-    except IntradayBreach as exc:
-        outcomes, breach = exc.outcomes, exc
+    outcomes, breach = _step_today(now, market_data, store.dsn or resolve_dsn(), config.shard, context.run_id)
     for outcome in outcomes:
         context.log.info(outcome.describe())
         yield from step_events(outcome)
@@ -152,12 +139,6 @@ def intraday_step_op(
 )
 def intraday_job() -> None:
     intraday_step_op()
-
-
-def resolve_dsn() -> str:
-    from marketfs.db import resolve_dsn as resolve
-
-    return resolve()
 
 
 @dg.sensor(

@@ -13,14 +13,14 @@ from marketfs.db import engine_for
 from marketfs.features.compute import FeatureComputation
 from marketfs.features.registry import FEATURE_SETS, feature_set
 from marketfs.ingest import PushError, push_bars, push_events
-from marketfs.intraday import IntradayBreach, _compute, intraday_timeframes, retract_day, step
+from marketfs.intraday import IntradayBreach, intraday_timeframes, retract_day, step
 from marketfs.retrieval import training_frame
 from marketfs.shards import ALL
 from marketfs.sources import SyntheticBars
 from marketfs.sources.synthetic import SyntheticEvents
 from marketfs.store.bars import replace_bars
 from marketfs.store.events import replace_events
-from marketfs.store.feature_vectors import read_vectors, write_features
+from marketfs.store.feature_vectors import compute_stored, read_vectors, write_features
 from marketfs.universe import active_sessions
 
 INSTRUMENTS = ("SYN000", "SYN001", "SYN002", "SYN003")
@@ -48,7 +48,7 @@ def _store_history(engine: sa.Engine, through_today: datetime | None) -> tuple[p
         replace_bars(conn, bars.filter(pl.col("ts") < y_end), start, y_end)
         replace_events(conn, events.filter(pl.col("published_at") < y_end), start, y_end)
         for fs, tf in [(s, t) for s in FEATURE_SETS.values() for t in s.timeframes if t != "1d"]:
-            computation = _compute(conn, fs, tf, y_start, y_end, ALL)
+            computation = compute_stored(conn, fs, tf, y_start, y_end, ALL)
             write_features(conn, computation, feature_set=fs, timeframe=tf, start=y_start, end=y_end)
         if through_today is not None:
             replace_bars(conn, bars.filter((pl.col("ts") >= y_end) & (pl.col("ts") < through_today)), y_end, end)
@@ -71,7 +71,7 @@ def _complete(engine: sa.Engine, fs, tf: str, through: datetime | None = None) -
     """The day computed once, from yesterday's state (what the end-of-day run computes)."""
     start, end = _window(TODAY)
     with engine.connect() as conn:
-        computation = _compute(conn, fs, tf, start, through or end, ALL)
+        computation = compute_stored(conn, fs, tf, start, through or end, ALL)
     return computation
 
 

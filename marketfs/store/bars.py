@@ -124,3 +124,30 @@ def read_bars_for(
         conn, start, end, warmup_bars=read_limit, timeframe=stored, shard=shard, active_since=active_since
     )
     return resampled_with_warmup(minutes, timeframe, start, read_limit)
+
+
+def upsert_bars(conn: sa.Connection, bars: pl.DataFrame) -> pl.DataFrame:
+    """Insert new minute bars and replace changed ones, leaving unchanged ones as they are (their
+    ``ingested_at`` too); returns (instrument_id, ts) of the rows that changed. For bars delivered
+    piece by piece (a push, today's delivery so far): ``replace_bars`` owns whole windows."""
+    from marketfs.store.copy import copy_frame_in, raw_connection
+
+    columns = list(STORED_BAR_SCHEMA)
+    values = [c for c in columns if c not in ("instrument_id", "ts")]
+    raw = raw_connection(conn)
+    raw.execute("CREATE TEMP TABLE IF NOT EXISTS pushed_bars (LIKE ohlcv_1m INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+    copy_frame_in(conn, "pushed_bars", bars.select(columns))
+    ident = sql.Identifier
+    statement = sql.SQL(
+        "INSERT INTO ohlcv_1m AS b ({cols}) SELECT {cols} FROM pushed_bars ON CONFLICT (instrument_id, ts) DO UPDATE "
+        "SET {sets}, ingested_at = now() WHERE ({old}) IS DISTINCT FROM ({new}) RETURNING b.instrument_id, "
+        "(extract(epoch from b.ts) * 1000000)::bigint"
+    ).format(
+        cols=sql.SQL(", ").join(map(ident, columns)),
+        sets=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in values),
+        old=sql.SQL(", ").join(sql.Identifier("b", c) for c in values),
+        new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(ident(c)) for c in values),
+    )
+    rows = raw.execute(statement).fetchall()
+    changed = pl.DataFrame(rows, schema={"instrument_id": pl.String, "ts": pl.Int64}, orient="row")
+    return changed.with_columns(pl.col("ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC"))

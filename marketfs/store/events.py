@@ -52,3 +52,21 @@ def replace_events(
 def read_events(conn: sa.Connection, start: datetime, end: datetime, shard: Shard = ALL) -> pl.DataFrame:
     order = ("instrument_id", "published_at", "event_id")
     return tables.read_window(conn, "news_events", EVENT_SCHEMA, "published_at", start, end, order, shard=shard)
+
+
+def insert_new_events(conn: sa.Connection, events: pl.DataFrame) -> pl.DataFrame:
+    """Store the events whose event_id is not stored yet (the first delivery wins, as ``replace_events``
+    keeps it); returns them. For events delivered piece by piece: ``replace_events`` owns whole windows."""
+    from marketfs.store.copy import raw_connection
+
+    ids = events["event_id"].to_list()
+    known = "SELECT event_id FROM news_event_ids WHERE event_id = ANY(%s::text[])"
+    stored = {r[0] for r in raw_connection(conn).execute(known, (ids,))}
+    fresh = events.filter(~pl.col("event_id").is_in(list(stored)))
+    copy_frame_in(conn, "news_events", fresh.select(list(EVENT_SCHEMA)))
+    copy_frame_in(
+        conn,
+        "news_event_ids",
+        fresh.group_by("event_id").agg(pl.col("published_at").min()).select("event_id", "published_at"),
+    )
+    return fresh

@@ -267,6 +267,42 @@ def read_recent_partitions(
     )
 
 
+def compute_stored(
+    conn: sa.Connection, feature_set: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard = ALL
+) -> FeatureComputation:
+    """The vectors of ``[start, end)`` from the stored bars (with their warm-up), events and recursion state:
+    what a daily run and an intraday step both compute. Raises ``HistoryError`` when the state is missing.
+
+    The instruments are those with bars in the window or earlier in its trading day within
+    ``stale_after``: a step of one minute still gives an instrument whose bar of that minute is missing
+    its MISSING_OHLCV vector, as the day computed at once does (for a whole day the two are the same).
+    """
+    from marketfs.features.compute import compute_feature_vectors
+    from marketfs.features.flags import load_flag_config
+    from marketfs.store.bars import read_bars_for
+    from marketfs.store.events import read_events
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
+    day = sessions.trading_day(pl.Series([start], dtype=pl.Datetime("us", "UTC"))).item()
+    day_start = sessions.trading_day_window(day)[0] if day is not None else start
+    since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
+    warmup = feature_set.warmup_bars(timeframe)
+    bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since)
+    events = read_events(conn, start - feature_set.event_lookback(timeframe), end, shard=shard)
+    state = read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
+    return compute_feature_vectors(
+        bars,
+        timeframe,
+        events=events,
+        state=state,
+        feature_set=feature_set,
+        start=start,
+        end=end,
+        warmup_limit=warmup,
+    )
+
+
 HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"
 
 
