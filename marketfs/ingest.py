@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache, partial
 from pathlib import Path
 
@@ -92,9 +92,13 @@ def _engine(dsn: str | None):  # noqa: ANN202 - a SQLAlchemy engine
 
 
 def _changed_by_events(fresh: pl.DataFrame) -> pl.DataFrame:
-    """The first vector each new event counts for: published at p, it is known after p, stamped p - lag."""
+    """The first vector each new event counts for. A vector stamped ts counts the events published before
+    ts + lag (its bar's close), so an event published at p counts from the first minute stamp after p - lag.
+    That stamp, not p - lag itself: an event of the minute after the last step would otherwise reach
+    back before that step's end, and the step, finding no stored state there, would recompute the day."""
     lag = timeframe_spec("1m").available_after
-    return fresh.select("instrument_id", (pl.col("published_at") - lag).alias("ts"))
+    first = (pl.col("published_at") - lag).dt.truncate("1m") + timedelta(minutes=1)
+    return fresh.select("instrument_id", first.alias("ts"))
 
 
 def _land(frame: pl.DataFrame, kind: str, ts: str, landing_dir: Path | None, pushed_at: datetime) -> None:

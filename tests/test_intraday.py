@@ -180,6 +180,38 @@ def test_pushed_bars_are_served_at_once_and_a_late_bar_recomputes_from_its_step(
     assert all(o.status == "nothing to do" for o in again)
 
 
+def test_an_event_of_the_minute_after_the_last_step_recomputes_nothing_served(dsn: str) -> None:
+    """The first vector an event counts for is the one of its own minute: an event published during the
+    minute after a step does not reach back into that step (which, holding the whole day so far, would
+    have recomputed the day from its start at every later step)."""
+    engine = engine_for(dsn)
+    t = OPEN + timedelta(minutes=60)
+    today_bars, _ = _store_history(engine, through_today=t)
+    for fs, tf in _datasets():  # the session so far in one step, as a first fill does
+        assert step(engine, fs, tf, now=t + timedelta(seconds=5)).start == _window(TODAY)[0]
+    event = pl.DataFrame(
+        {
+            "event_id": ["late-1"],
+            "instrument_id": ["SYN001"],
+            "published_at": [t + timedelta(seconds=30)],
+            "sentiment": [0.8],
+            "confidence": [0.9],
+            "source": ["test"],
+        }
+    )
+    assert all(o.status == "nothing to do" for o in push_events(event, now=t + timedelta(seconds=40), dsn=dsn))
+    outcomes = push_bars(today_bars.filter(pl.col("ts") == t), now=t + timedelta(minutes=1, seconds=2), dsn=dsn)
+    one_minute = [o for o in outcomes if o.dataset.endswith("_1m")]
+    assert one_minute and all((o.start, o.vectors) == (t, len(INSTRUMENTS)) for o in one_minute)
+    fs = feature_set("fs_v1")
+    once = _complete(engine, fs, "1m", through=t + timedelta(minutes=1))
+    served = _served(engine, fs, "1m")
+    assert_frame_equal(served, once.vectors, check_exact=True)
+    counted = served.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t))
+    before = served.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t - timedelta(minutes=1)))
+    assert counted["event_count_1h"][0] == before["event_count_1h"][0] + 1  # the event counts from its minute
+
+
 def test_an_intraday_breach_quarantines_its_minutes_and_later_minutes_are_still_served(dsn: str) -> None:
     engine = engine_for(dsn)
     today_bars, _ = _store_history(engine, through_today=None)
