@@ -1,8 +1,9 @@
 """Intraday through Dagster, live: ``intraday_sensor`` and its ``intraday_step`` runs during a real session.
 
-    .venv/bin/python benchmarks/intraday_live.py [--instruments 500] [--minutes 10]
+    .venv/bin/python benchmarks/intraday_live.py [--instruments 500] [--minutes 10] [--calendar XNYS]
 
-Run it while the universe's session is open (NYSE: 14:30-21:00 UTC in winter). It materialises the
+Run it while a session of ``--calendar`` is open (XNYS, the default: 14:30-21:00 UTC in winter; XNZE:
+21:00-03:45 UTC; any exchange_calendars name, declared as a universe of its own for the run). It materialises the
 previous session with ``python -m pipelines run`` (synthetic data), starts ``dagster dev`` (webserver,
 daemon, code server) on fresh databases, turns the sensor on, and polls ``latest()`` for one
 instrument every 0.5 s. The synthetic source delivers a minute's bars the moment the minute closes,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -55,7 +57,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--instruments", type=int, default=500)
     parser.add_argument("--minutes", type=int, default=10, help="minutes measured after the first run")
+    parser.add_argument("--calendar", default="XNYS", help="the exchange whose session is live (exchange_calendars)")
     args = parser.parse_args()
+    universes = Path(tempfile.mkdtemp()) / "universes.toml"
+    universes.write_text(f'[bench]\ncalendar = "{args.calendar}"\n')
+    os.environ.update(MARKETFS_UNIVERSE="bench", MARKETFS_UNIVERSES=str(universes))
     from marketfs.intraday import active_day
     from marketfs.retrieval import OnlineReader
     from marketfs.universe import active_sessions
@@ -65,7 +71,10 @@ def main() -> int:
     day = active_day(now)
     i = sessions.position(day)
     if not sessions.opens[i] <= now < sessions.closes[i] - timedelta(minutes=args.minutes + 5):
-        print(f"the session of {day} is not open for another {args.minutes + 5} minutes; run this during a session")
+        print(
+            f"the {args.calendar} session of {day} is not open for another {args.minutes + 5} minutes; "
+            "run this during a session"
+        )
         return 2
     yesterday = sessions.days[i - 1].isoformat()
     with (
@@ -131,7 +140,10 @@ def main() -> int:
     statuses = {r["status"] for r in runs}
     q = statistics.quantiles(latencies, n=20, method="inclusive")
     print(f"# intraday live benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
-    print(f"# {args.instruments} instruments; sensor every 30 s; first run filled {day} so far in {first_fill:.0f} s")
+    print(
+        f"# {args.instruments} instruments, {args.calendar} session of {day} (opened {sessions.opens[i]:%H:%M} UTC); "
+        f"sensor every 30 s; first run filled it so far in {first_fill:.0f} s"
+    )
     print("| path | p50 | p95 | max |")
     print("|---|---|---|---|")
     print(

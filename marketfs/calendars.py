@@ -189,9 +189,9 @@ def _from_frame(name: str, frame: pl.DataFrame) -> Sessions:
 
 def _store(path: Path, built: Sessions) -> None:
     """Written whole or not at all (another process may read it meanwhile); older builds removed."""
-    frame = pl.DataFrame(
-        {"session": built.days, "open": built.opens, "close": built.closes}
-    ).with_columns(pl.lit(built.weekmask).alias("weekmask"))
+    frame = pl.DataFrame({"session": built.days, "open": built.opens, "close": built.closes}).with_columns(
+        pl.lit(built.weekmask).alias("weekmask")
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for old in path.parent.glob(f"{path.name.split('-')[0]}-*.parquet"):

@@ -171,10 +171,14 @@ def test_daemon_fires_the_sensor_and_the_schedule(
     from marketfs.db import engine_for
 
     with engine_for(dsn).connect() as conn:
-        verdict = conn.execute(
-            sa.text("SELECT success FROM quality_log WHERE asset = 'bars_1d' AND partition = :p AND suite = :s"),
-            {"p": schedule_run["partition"], "s": "expected_data"},
-        ).scalars().all()
+        verdict = (
+            conn.execute(
+                sa.text("SELECT success FROM quality_log WHERE asset = 'bars_1d' AND partition = :p AND suite = :s"),
+                {"p": schedule_run["partition"], "s": "expected_data"},
+            )
+            .scalars()
+            .all()
+        )
     assert verdict == [False]
 
     with engine_for(dsn).connect() as conn:

@@ -295,7 +295,11 @@ def test_a_run_of_non_sessions_says_so_and_runs_nothing(empty_dsn: str, tmp_path
     env = dagster_process_env(empty_dsn, empty_dsn, tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "pipelines", "run", "--start", "2024-01-13", "--end", "2024-01-15", "--no-snapshot"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2024-01-13 is no XNYS session (Saturday, a weekend)" in out.stdout

@@ -73,7 +73,11 @@ def read_bars(
         ) i
         CROSS JOIN LATERAL (
             SELECT coalesce((
-                SELECT v.ts FROM {table} v WHERE v.instrument_id = i.instrument_id AND v.ts < %(start)s AND {valid}
+                -- IS TRUE: the planner cannot multiply the eleven conditions' selectivities into "one row", which,
+            -- on statistics older than the morning's bars, made it read and sort every bar of the instrument
+            -- (0.15 ms each) instead of walking the index back to the warmup-th valid one (0.02 ms).
+            SELECT v.ts FROM {table} v
+                WHERE v.instrument_id = i.instrument_id AND v.ts < %(start)s AND ({valid}) IS TRUE
                 ORDER BY v.ts DESC OFFSET %(warmup)s - 1 LIMIT 1
             ), '-infinity') AS since
             -- OFFSET 0 keeps this a subquery evaluated once per instrument: flattened, the planner ran the
@@ -81,7 +85,10 @@ def read_bars(
             OFFSET 0
         ) f
         CROSS JOIN LATERAL (
+            -- OFFSET 0 again: flattened, this was a hash join of every stored bar before start (203,490 rows
+            -- for 500 instruments' 40 each), filtered afterwards; fenced, one index range per instrument.
             SELECT * FROM {table} b WHERE b.instrument_id = i.instrument_id AND b.ts < %(start)s AND b.ts >= f.since
+            OFFSET 0
         ) w
         """
     ).format(
