@@ -59,8 +59,9 @@ def main() -> int:
     parser.add_argument("--minutes", type=int, default=10, help="minutes measured after the first run")
     parser.add_argument("--calendar", default="XNYS", help="the exchange whose session is live (exchange_calendars)")
     args = parser.parse_args()
-    universes = Path(tempfile.mkdtemp()) / "universes.toml"
-    universes.write_text(f'[bench]\ncalendar = "{args.calendar}"\n')
+    declared = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    universes = Path(declared.name) / "universes.toml"
+    universes.write_text(f"[bench]\ncalendar = {json.dumps(args.calendar)}\n")
     os.environ.update(MARKETFS_UNIVERSE="bench", MARKETFS_UNIVERSES=str(universes))
     from marketfs.intraday import active_day
     from marketfs.retrieval import OnlineReader

@@ -74,9 +74,9 @@ def read_bars(
         CROSS JOIN LATERAL (
             SELECT coalesce((
                 -- IS TRUE: the planner cannot multiply the eleven conditions' selectivities into "one row", which,
-            -- on statistics older than the morning's bars, made it read and sort every bar of the instrument
-            -- (0.15 ms each) instead of walking the index back to the warmup-th valid one (0.02 ms).
-            SELECT v.ts FROM {table} v
+                -- on statistics older than the morning's bars, made it read and sort every bar of the instrument
+                -- (0.15 ms each) instead of walking the index back to the warmup-th valid one (0.02 ms).
+                SELECT v.ts FROM {table} v
                 WHERE v.instrument_id = i.instrument_id AND v.ts < %(start)s AND ({valid}) IS TRUE
                 ORDER BY v.ts DESC OFFSET %(warmup)s - 1 LIMIT 1
             ), '-infinity') AS since
