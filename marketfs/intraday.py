@@ -2,11 +2,12 @@
 
 A step computes a feature set's vectors of ``[start, end)`` of today's trading day, where ``end`` is
 the newest bar boundary that has passed (a bar stamped at its open ``t`` has closed at ``t + step``)
-and ``start`` is where the previous step ended. It reads the bars with their warm-up and the
-recursion state stored at each instrument's last bar before ``start``, and calls the same
-``compute_feature_vectors`` a daily run calls: a day built in many steps equals, bit for bit, the
-day computed once after the close (the state a step stores is what a one-pass run carries at that
-bar). Each step is gated, then served (vectors and state written in one transaction), or
+and whose bars have come (at least one instrument's: the others' vectors of it are MISSING_OHLCV,
+and corrected if their bars come later), and ``start`` is where the previous step ended. It reads
+the bars with their warm-up and the recursion state stored at each instrument's last bar before
+``start``, and calls the same ``compute_feature_vectors`` a daily run calls: a day built in many
+steps equals, bit for bit, the day computed once after the close (the state a step stores is what
+a one-pass run carries at that bar). Each step is gated, then served (vectors and state written in one transaction), or
 quarantined (its vectors and verdict kept under a batch, nothing of its range served; its state is
 stored, so later minutes continue, and are served when their own gate passes).
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
 
 GATE_ENTRY_POINTS = "marketfs.gates"
+# A stored minute bar (stamped at its open) is whole when its minute closes.
+BAR_CLOSES_AFTER = timeframe_spec("1m").available_after
 Status = Literal["served", "quarantined", "nothing to do"]
 
 
@@ -213,6 +216,7 @@ def step(
     """
     import sqlalchemy as sa
 
+    from marketfs.store.bars import newest_bar
     from marketfs.store.feature_vectors import compute_stored, write_features
 
     if timeframe_spec(timeframe).per_session:
@@ -242,8 +246,14 @@ def step(
                 )
             reach = max(changed_from, day_start)
             start = max(b for b in boundaries if b <= reach)
+        # Through the newest minute bar stored, not the newest that has closed: a step run before a minute's
+        # bars came (an events push, a timer) would serve that minute as MISSING_OHLCV for every instrument,
+        # and the bars' own push would then recompute it and the minutes before it back to a boundary, as a
+        # correction (five minutes of three data sets, at every events push before a bar push).
+        delivered = newest_bar(conn, start, end, shard)
+        end = start if delivered is None else min(end, closed_end(timeframe, delivered + BAR_CLOSES_AFTER))
         if start >= end:
-            return StepOutcome(dataset, shard, day, start, end, "nothing to do", note=note)
+            return StepOutcome(dataset, shard, day, start, max(start, end), "nothing to do", note=note)
         computation = compute_stored(conn, fs, timeframe, start, end, shard)
         vectors = computation.vectors
         kept = [s for s in steps if s.step_end <= start]

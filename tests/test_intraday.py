@@ -180,6 +180,20 @@ def test_pushed_bars_are_served_at_once_and_a_late_bar_recomputes_from_its_step(
     assert all(o.status == "nothing to do" for o in again)
 
 
+def _one_event(event_id: str, published_at: datetime) -> pl.DataFrame:
+    """One positive news event of SYN001."""
+    return pl.DataFrame(
+        {
+            "event_id": [event_id],
+            "instrument_id": ["SYN001"],
+            "published_at": [published_at],
+            "sentiment": [0.8],
+            "confidence": [0.9],
+            "source": ["test"],
+        }
+    )
+
+
 def test_an_event_of_the_minute_after_the_last_step_recomputes_nothing_served(dsn: str) -> None:
     """The first vector an event counts for is the one of its own minute: an event published during the
     minute after a step does not reach back into that step (which, holding the whole day so far, would
@@ -189,16 +203,7 @@ def test_an_event_of_the_minute_after_the_last_step_recomputes_nothing_served(ds
     today_bars, _ = _store_history(engine, through_today=t)
     for fs, tf in _datasets():  # the session so far in one step, as a first fill does
         assert step(engine, fs, tf, now=t + timedelta(seconds=5)).start == _window(TODAY)[0]
-    event = pl.DataFrame(
-        {
-            "event_id": ["late-1"],
-            "instrument_id": ["SYN001"],
-            "published_at": [t + timedelta(seconds=30)],
-            "sentiment": [0.8],
-            "confidence": [0.9],
-            "source": ["test"],
-        }
-    )
+    event = _one_event("late-1", t + timedelta(seconds=30))
     assert all(o.status == "nothing to do" for o in push_events(event, now=t + timedelta(seconds=40), dsn=dsn))
     outcomes = push_bars(today_bars.filter(pl.col("ts") == t), now=t + timedelta(minutes=1, seconds=2), dsn=dsn)
     one_minute = [o for o in outcomes if o.dataset.endswith("_1m")]
@@ -210,6 +215,39 @@ def test_an_event_of_the_minute_after_the_last_step_recomputes_nothing_served(ds
     counted = served.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t))
     before = served.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t - timedelta(minutes=1)))
     assert counted["event_count_1h"][0] == before["event_count_1h"][0] + 1  # the event counts from its minute
+
+
+def test_a_minute_is_computed_when_its_bars_come_not_when_it_closes(dsn: str) -> None:
+    """A step after a minute closed but before its bars came (an events push, a timer) serves nothing of
+    it; the bars' push then computes it once, as the next step, not as a correction of MISSING_OHLCV
+    vectors (which recomputed back to the last boundary and sent every vector of it to the history)."""
+    engine = engine_for(dsn)
+    t = OPEN + timedelta(minutes=30)
+    today_bars, _ = _store_history(engine, through_today=t)
+    for fs, tf in _datasets():
+        step(engine, fs, tf, now=t + timedelta(seconds=5))
+    now = t + timedelta(minutes=1, seconds=2)  # the minute stamped t has closed; none of its bars is stored
+    event = _one_event("early-1", t + timedelta(seconds=20))
+    waiting = [o for o in push_events(event, now=now, dsn=dsn) if o.dataset.endswith("_1m")]
+    assert waiting and all((o.status, o.end) == ("nothing to do", t) for o in waiting), [o.describe() for o in waiting]
+    fs = feature_set("fs_v1")
+    assert _served(engine, fs, "1m")["ts"].max() == t - timedelta(minutes=1)
+    # One instrument's bar of the minute is enough: the others' vectors of it say their bar is missing.
+    first = today_bars.filter((pl.col("ts") == t) & (pl.col("instrument_id") != "SYN003"))
+    outcomes = [o for o in push_bars(first, now=now, dsn=dsn) if o.dataset.endswith("_1m")]
+    assert outcomes and all((o.start, o.end, o.vectors) == (t, t + timedelta(minutes=1), 4) for o in outcomes)
+    served = _served(engine, fs, "1m")
+    assert_frame_equal(served, _complete(engine, fs, "1m", through=t + timedelta(minutes=1)).vectors, check_exact=True)
+    late = served.filter((pl.col("instrument_id") == "SYN003") & (pl.col("ts") == t))
+    assert "MISSING_OHLCV" in late["quality_flags"][0]
+    with engine.connect() as conn:
+        superseded = conn.execute(
+            sa.text("SELECT count(*) FROM feature_vectors_history WHERE ts >= :t"), {"t": t - timedelta(hours=1)}
+        ).scalar()
+    assert superseded == 0  # nothing served was replaced
+    counted = served.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t))
+    before = served.filter((pl.col("instrument_id") == "SYN001") & (pl.col("ts") == t - timedelta(minutes=1)))
+    assert counted["event_count_1h"][0] == before["event_count_1h"][0] + 1
 
 
 def test_an_intraday_breach_quarantines_its_minutes_and_later_minutes_are_still_served(dsn: str) -> None:

@@ -104,6 +104,15 @@ def read_bars(
     return frame.sort("instrument_id", "ts")
 
 
+def newest_bar(conn: sa.Connection, start: datetime, end: datetime, shard: Shard = ALL) -> datetime | None:
+    """The newest stamp among the stored minute bars in ``[start, end)`` of ``shard``'s instruments: how
+    far the feed has delivered (None: nothing of the window yet)."""
+    return conn.execute(
+        sa.text(f"SELECT max(ts) FROM ohlcv_1m WHERE ts >= :start AND ts < :end AND {shard.text_condition()}"),
+        {"start": start, "end": end, **shard.params},
+    ).scalar()
+
+
 def read_bars_for(
     conn: sa.Connection,
     timeframe: str,
