@@ -51,13 +51,17 @@ def session_verdicts(
     expected: set[str],
     source: str,
     learnt: bool = True,
+    held: dict[str, set[str]] | None = None,
 ) -> dict[str, GateResult]:
     """One verdict per session: did its daily bars cover enough of the expected instruments?
 
-    ``learnt``: the list came from stored bars, not from a declaration.
+    ``learnt``: the list came from stored bars, not from a declaration. ``held``: per day, instruments whose
+    bars of it are held in quarantine; they are known, not missing, and not expected of that day.
     """
     verdicts = {}
+    all_expected = expected
     for day in days:
+        expected = all_expected - (held or {}).get(day, set())
         bars = bars_by_day.get(day)
         present = set(bars["instrument_id"].unique().to_list()) if bars is not None and bars.height else set()
         # Nothing expected at all is "nothing learnt yet": some bar must come. A shard that a declared list

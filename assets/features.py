@@ -27,6 +27,7 @@ from assets.partitions import (
     day_dependency,
     day_window,
     run_scopes,
+    split_key,
     with_day,
 )
 from assets.resources import FeatureStore, translate_database_errors
@@ -37,6 +38,7 @@ from marketfs.features.code_version import code_version
 from marketfs.features.compute import FeatureComputation, HistoryError
 from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
 from marketfs.features.timeframes import timeframe as timeframe_spec
+from marketfs.holds import Holds
 from marketfs.intraday import record_day_written, retract_day
 from marketfs.shards import Shard
 from marketfs.store.feature_vectors import (
@@ -46,6 +48,7 @@ from marketfs.store.feature_vectors import (
     vector_schema,
     write_features,
 )
+from marketfs.store.holds import batch_evidence, feature_holds, read_holds, resolve_superseded
 from marketfs.store.timescale import settle_write
 
 if TYPE_CHECKING:
@@ -148,7 +151,42 @@ def _materialise(
                 break
     except dg.Failure as exc:  # a bad file or missing history in a later chunk: written days are recorded
         failure = exc
+    if failure is None and not judgement.breaches:
+        failure = _held_upstream_failure(store, context, fs, timeframe, judgement)
     yield from report_run(context, provenance, materializations, judgement, chained=True, failure=failure)
+
+
+def _held_upstream_failure(
+    store: FeatureStore, context: dg.AssetExecutionContext, fs: FeatureSet, timeframe: str, judgement: Judgement
+) -> dg.Failure | None:
+    """The run's failure when a step before this one held instruments (a bad print of theirs): the other
+    instruments' vectors are written, and the run still fails, so a breach is never green."""
+    name = dataset_name(fs, timeframe)
+    upstream = tuple(a for a in feature_holds(name, timeframe) if a != name)
+    days = [split_key(k)[0] for k in context.partition_keys]
+    if not days:
+        return None
+    held = Holds()
+    with store.engine().connect() as conn:
+        for scope in run_scopes(context.partition_keys):
+            held = held.merged(read_holds(conn, upstream, day_window(max(days))[1], scope.shard, context.run_id))
+        if not held:
+            return None
+        batches = sorted({h.batch_id for h in held.held.values()})
+        evidence = batch_evidence(conn, batches)
+    first = min(h.day for h in held.held.values())
+    why = " ".join(f"Batch {b}: {evidence[b]}." for b in batches if b in evidence)
+    written = f" Written without them: {judgement.accepted[0]}..{judgement.accepted[-1]}." if judgement.accepted else ""
+    return dg.Failure(
+        description=(
+            f"{name}: {len(held)} instrument(s) held since {first}, by the gates of this run: {held.describe()}. "
+            f"{why} Their vectors from that day on are not computed; the other instruments' are served.{written} "
+            f"Fix the held day (re-deliver its file, or release or discard the batch: marketfs quarantine list), "
+            f"then recompute from {first}: make recompute FROM={first}."
+        ),
+        metadata={"held_instruments": dg.MetadataValue.text(held.describe(50))},
+        allow_retries=False,
+    )
 
 
 def _materialise_shard(
@@ -162,7 +200,12 @@ def _materialise_shard(
     judgement: Judgement,
     materializations: list[tuple],
 ) -> bool:
-    """One shard's days in order, in chunks; whether a day breached (the days after it are held back)."""
+    """One shard's days in order, in chunks; whether a whole day breached (the days after it are held back).
+
+    An instrument-day that breaches holds that instrument from that day on (its later days in the chunk
+    continue its state, so they go too); the other instruments' days are written.
+    """
+    name = dataset_name(fs, timeframe)
     shard = scope.shard
     plan = DayChunks(scope.days)
     history = None  # the drift reference, read once and carried from chunk to chunk
@@ -177,15 +220,34 @@ def _materialise_shard(
         chunk = gate.judge(store, scope, days, computation, vectors, by_day, history, fs, timeframe)
         judgement.extend(chunk)
         if chunk.accepted:
-            accepted = _write_accepted(store, context, fs, timeframe, computation, chunk.accepted, shard)
+            held_here = Holds()
+            for day in chunk.accepted:
+                held_here = held_here.merged(chunk.holds_on(day, name))
+            held = computation.holds.merged(held_here)
+            kept = FeatureComputation(
+                vectors=held_here.filter(computation.vectors), state=held_here.filter(computation.state), holds=held
+            )
+            accepted = _write_accepted(store, context, fs, timeframe, kept, chunk.accepted, shard)
             empty = vectors.clear().drop(DAY)
             for day in chunk.accepted:
-                rows = by_day.get(day, empty)
-                materializations.append((context.asset_key, scope.key(day), _day_metadata(rows), content_version(rows)))
+                rows = held_here.filter(by_day.get(day, empty))
+                metadata = _day_metadata(rows)
+                on_day = held.at(day_window(day)[1])
+                if on_day:
+                    metadata["held_instruments"] = dg.MetadataValue.text(
+                        Holds({h.instrument_id: h for h in on_day}).describe()
+                    )
+                materializations.append((context.asset_key, scope.key(day), metadata, content_version(rows)))
+            if computation.holds:
+                context.log.warning(
+                    f"{name} {days[0]}..{days[-1]}{'' if shard.is_all else f' ({shard})'}: "
+                    f"{len(computation.holds)} instrument(s) held, not computed: {computation.holds.describe()} "
+                    "(marketfs quarantine list)"
+                )
             if history is not None:
                 history = _roll(history, accepted.vectors, drift_template)
-        if chunk.breaches:
-            _retract_intraday(store, context, fs, timeframe, shard, [b.day for b in chunk.breaches])
+        if chunk.day_breaches:
+            _retract_intraday(store, context, fs, timeframe, shard, [b.day for b in chunk.day_breaches])
             return True  # later days continue the breaching day's state: they are held back
     return False
 
@@ -249,8 +311,11 @@ def _write_accepted(
     """The days before the first breach, with their state, in one transaction (the shard's instruments)."""
     start, end = day_window(days[0])[0], day_window(days[-1])[1]
     accepted = FeatureComputation(
-        vectors=_in_window(computation.vectors, start, end), state=_in_window(computation.state, start, end)
+        vectors=_in_window(computation.vectors, start, end),
+        state=_in_window(computation.state, start, end),
+        holds=computation.holds,
     )
+    name = dataset_name(fs, timeframe)
 
     def write() -> None:
         with store.engine().begin() as conn:
@@ -263,11 +328,13 @@ def _write_accepted(
                 end=end,
                 run_id=context.run_id,
                 shard=shard,
+                protect=accepted.holds,
             )
             # The day is now what this run computed whole: its intraday steps are replaced by it.
             for day in days:
                 day_vectors = _in_window(accepted.vectors, *day_window(day))
                 record_day_written(conn, fs, timeframe, shard, day, day_vectors, context.run_id)
+                resolve_superseded(conn, asset=name, partition=shard.partition_key(day), run_id=context.run_id)
 
     retry_on_conflict(write, f"writing {dataset_name(fs, timeframe)} {days[0]}..{days[-1]}")
     # After the commit: what the write moved out of the columnstore goes back, and the rollup follows.

@@ -20,6 +20,7 @@ from assets.metadata import gate_metadata
 from assets.partitions import RunScope, day_window, split_key
 from assets.resources import FeatureStore
 from expectations.gate import GateResult
+from marketfs.holds import HeldInstrument, Holds
 from marketfs.store.quality import log_verdicts, open_batch, quarantine_rows
 
 # The check names every gated asset reports per day.
@@ -33,11 +34,18 @@ class Breach:
     batch_id: int
     failed: dict[str, GateResult] = field(default_factory=dict)  # check name -> its failed verdict
     scope: RunScope | None = None
+    # The instruments whose day is held (row-level breaches of theirs alone); None: the whole day is held.
+    instruments: tuple[str, ...] | None = None
 
     @property
     def where(self) -> str:
-        """The day, and its shard when there are several."""
-        return self.day if self.scope is None or self.scope.shard.is_all else f"{self.day} ({self.scope.shard})"
+        """The day (and its instruments when only they are held), and its shard when there are several."""
+        day = self.day if self.scope is None or self.scope.shard.is_all else f"{self.day} ({self.scope.shard})"
+        return day if self.instruments is None else f"{day} of {_listed(self.instruments)}"
+
+    @property
+    def whole_day(self) -> bool:
+        return self.instruments is None
 
     def describe(self) -> str:
         """The failed expectations with their day, instruments and an example row each."""
@@ -71,6 +79,35 @@ class Judgement:
         self.breaches.extend(other.breaches)
         self.checks.extend(other.checks)
 
+    @property
+    def day_breaches(self) -> list[Breach]:
+        return [b for b in self.breaches if b.whole_day]
+
+    def held_on(self, day: str) -> tuple[str, ...]:
+        """The instruments this judgement held on ``day`` (an accepted day's rows are written without them)."""
+        return tuple(sorted({i for b in self.breaches if b.day == day and b.instruments for i in b.instruments}))
+
+    def holds_on(self, day: str, asset: str) -> Holds:
+        """``held_on(day)`` as holds from the day's start: what a write of the day leaves alone."""
+        start = day_window(day)[0]
+        return Holds(
+            {
+                i: HeldInstrument(i, start, day, asset, b.batch_id)
+                for b in self.breaches
+                if b.day == day and b.instruments
+                for i in b.instruments
+            }
+        )
+
+
+def features_in_run(context: dg.AssetExecutionContext) -> bool:
+    """Whether this run materialises a feature asset: it then fails for the instruments a raw step held,
+    after serving the others (see ``report_run``)."""
+    selection = context.dagster_run.asset_selection
+    if not selection:  # None or empty: the job's every asset
+        return True
+    return any(key.to_user_string().startswith("feature_vectors_") for key in selection)
+
 
 def judge_days(
     context: dg.AssetExecutionContext,
@@ -88,14 +125,17 @@ def judge_days(
     ``checks`` maps a check name to its verdict per day (days without rows have none);
     ``rows_of_day(day)`` gives the rows the day would write, per served table, for quarantine;
     ``publish(check, day, gate)`` renders a Data Docs page for a failed verdict and returns its URL.
-    ``chained``: days after the first breach are not judged (they would continue its state).
+    ``chained``: days after the first whole-day breach are not judged (they would continue its state).
     ``scope``: the shard the days belong to; verdicts, batches and checks are recorded under its keys.
+
+    A day whose every blocking failure is row-level and names its instruments holds only those
+    instruments' rows (a batch of that instrument-day): the day is accepted, to be written without them.
     """
     asset = context.asset_key.to_user_string()
     judgement = Judgement()
     with store.engine().begin() as conn:
         for day in days:
-            if chained and judgement.breaches:
+            if chained and judgement.day_breaches:
                 break
             verdicts = {name: by_day[day] for name, by_day in checks.items() if day in by_day}
             failed = {name: gate for name, gate in verdicts.items() if not gate.passed}
@@ -105,9 +145,12 @@ def judge_days(
                     failed = {name: _with_page(publish, context, name, day, gate) for name, gate in failed.items()}
                     verdicts.update(failed)
                 start, end = day_window(day)
+                instruments = _breaching_instruments(failed)
                 reason = "; ".join(
                     f"{g.suite}: {', '.join(o.label for o in g.blocking_failures)}" for g in failed.values()
                 )
+                if instruments is not None:
+                    reason = f"{_listed(instruments)}: {reason}"
                 batch_id = open_batch(
                     conn,
                     run_id=context.run_id,
@@ -117,10 +160,17 @@ def judge_days(
                     end=end,
                     reason=reason,
                     shard=scope.shard,
+                    instruments=list(instruments) if instruments is not None else None,
                 )
                 for table, frame in rows_of_day(day).items():
+                    if instruments is not None:
+                        frame = frame.filter(pl.col("instrument_id").is_in(list(instruments)))
                     quarantine_rows(conn, batch_id, table, frame)
-                judgement.breaches.append(Breach(day=day, batch_id=batch_id, failed=failed, scope=scope))
+                judgement.breaches.append(
+                    Breach(day=day, batch_id=batch_id, failed=failed, scope=scope, instruments=instruments)
+                )
+                if instruments is not None:
+                    judgement.accepted.append(day)
             else:
                 judgement.accepted.append(day)
             for name, gate in verdicts.items():
@@ -138,6 +188,10 @@ def judge_days(
                 metadata = gate_metadata(gate)
                 if batch_id is not None:
                     metadata["quarantine_batch"] = dg.MetadataValue.int(batch_id)
+                    held = judgement.breaches[-1].instruments
+                    metadata["held"] = dg.MetadataValue.text(
+                        "the whole day" if held is None else f"instruments {', '.join(held)}; the others are served"
+                    )
                 severity = dg.AssetCheckSeverity.WARN if gate.passed else dg.AssetCheckSeverity.ERROR
                 judgement.checks.append(
                     DayCheck(
@@ -155,6 +209,7 @@ def report_run(
     *,
     chained: bool,
     failure: dg.Failure | None = None,
+    held_fails_later: bool = False,
 ) -> Iterator:
     """Everything a run records, in the order Dagster needs it; then the run's failure, if any.
 
@@ -163,8 +218,13 @@ def report_run(
     day's materialisation, which is then the latest of its partition, then the check results, which
     target those. A run that stopped (``failure``: a bad file or missing history in a later chunk)
     or had a breach records the days it wrote and fails.
+
+    ``held_fails_later``: a step of this run downstream fails for the instruments held here, so breaches
+    that held instruments alone (their days were written without them) let the downstream steps run,
+    which serve the other instruments; the run fails there, never green.
     """
-    if failure is None and not judgement.breaches:
+    deferred = held_fails_later and not judgement.day_breaches
+    if failure is None and (not judgement.breaches or deferred):
         yield dg.MaterializeResult(
             asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(judgement.accepted))}
         )
@@ -172,7 +232,9 @@ def report_run(
     yield from _check_results(context, judgement.checks)
     if failure is not None:
         raise failure
-    if judgement.breaches:
+    if judgement.breaches and deferred:
+        context.log.error(breach_failure(context, judgement, chained=chained).description)
+    elif judgement.breaches:
         raise breach_failure(context, judgement, chained=chained)
 
 
@@ -220,31 +282,46 @@ def _with_page(publish, context: dg.AssetExecutionContext, check: str, day: str,
 
 
 def breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, chained: bool) -> dg.Failure:
-    """The run's failure: which days breached (with instrument and ts), which were written, what to do."""
+    """The run's failure: which days (or instrument-days) breached, with instrument and ts; what was
+    written; the one command that fixes it."""
     asset = context.asset_key.to_user_string()
-    lines = [
-        f"{asset} {breach.where} breached its gate; nothing of {breach.where} was written. The rows are in "
-        f"quarantine batch {breach.batch_id} (marketfs quarantine show {breach.batch_id}). {breach.describe()}"
-        for breach in judgement.breaches
-    ]
+    lines = []
+    for breach in judgement.breaches:
+        if breach.whole_day:
+            lines.append(
+                f"{asset} {breach.where} breached its gate; nothing of {breach.where} was written. The rows are in "
+                f"quarantine batch {breach.batch_id} (marketfs quarantine show {breach.batch_id}). {breach.describe()}"
+            )
+        else:
+            lines.append(
+                f"{asset} {breach.where} breached its gate: those rows are held in quarantine batch "
+                f"{breach.batch_id} (marketfs quarantine show {breach.batch_id}), the other instruments of "
+                f"{breach.day} were written, and the held instruments' later days wait for this one. "
+                f"{breach.describe()}"
+            )
     first = judgement.breaches[0]
     if judgement.accepted:
         lines.append(f"Written: {_days(judgement.accepted)}.")
     shard = first.scope.shard if first.scope is not None else None
+    day_breaches = judgement.day_breaches
     held_back = []
-    if chained:
+    if chained and day_breaches:
         for key in context.partition_keys:
             day, of = split_key(key)
-            if day > first.day and (shard is None or of == shard):
+            if day > day_breaches[0].day and (shard is None or of == shard):
                 held_back.append(day)
     if held_back:
+        stop = day_breaches[0]
         lines.append(
-            f"Not written: {_days(held_back)}, which continue {first.day}'s feature state. Fix {first.day} "
-            f"first (re-deliver its data, or release or discard batch {first.batch_id}), then "
+            f"Not written: {_days(held_back)}, which continue {stop.day}'s feature state. Fix {stop.day} "
+            f"first (re-deliver its data, or release or discard batch {stop.batch_id}), then "
             f"recompute from {first.day}: make recompute FROM={first.day}."
         )
     else:
-        lines.append(f"Fix {first.day} first, then recompute from {first.day}: make recompute FROM={first.day}.")
+        lines.append(
+            f"Fix {first.day} first (re-deliver its data, or release or discard batch {first.batch_id}), then "
+            f"recompute from {first.day}: make recompute FROM={first.day}."
+        )
     return dg.Failure(
         description="\n".join(lines)[:6000],
         metadata={
@@ -253,6 +330,23 @@ def breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, c
         },
         allow_retries=False,  # the same rows would breach the same gate again
     )
+
+
+def _breaching_instruments(failed: dict[str, GateResult]) -> tuple[str, ...] | None:
+    """The instruments that alone breach every failed verdict of a day, or None when any breach is the day's."""
+    found: set[str] = set()
+    for gate in failed.values():
+        instruments = gate.breaching_instruments
+        if instruments is None:
+            return None
+        found.update(instruments)
+    return tuple(sorted(found)) if found else None
+
+
+def _listed(instruments: tuple[str, ...] | list[str], limit: int = 10) -> str:
+    shown = ", ".join(instruments[:limit])
+    more = f" and {len(instruments) - limit} more" if len(instruments) > limit else ""
+    return f"instrument{'s' if len(instruments) > 1 else ''} {shown}{more}"
 
 
 def _days(days: list[str]) -> str:

@@ -13,7 +13,15 @@ import polars as pl
 
 from assets.data_versions import InputProvenance, content_version
 from assets.expected_data import EXPECTED_CHECK, expected_instruments, session_verdicts
-from assets.gates import GATE_CHECK, DayCheck, Judgement, breach_failure, judge_days, report_run
+from assets.gates import (
+    GATE_CHECK,
+    DayCheck,
+    Judgement,
+    breach_failure,
+    features_in_run,
+    judge_days,
+    report_run,
+)
 from assets.metadata import frame_summary
 from assets.partitions import (
     DAY,
@@ -30,11 +38,13 @@ from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.db import retry_on_conflict
 from marketfs.features.flags import QualityFlag
 from marketfs.features.resample import daily_bars
+from marketfs.holds import HeldInstrument, Holds
 from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.events import replace_events
+from marketfs.store.holds import held_instrument_days, resolve_superseded
 from marketfs.store.timescale import settle_write
 from marketfs.universe import active_universe
 
@@ -123,6 +133,10 @@ def _write_days(
         with store.engine().begin() as conn:
             for day in days:
                 metadata, stored = write_day(conn, day)
+                # This run's verdict on the day replaces the batches earlier runs held it in.
+                resolved = resolve_superseded(conn, asset=asset, partition=scope.key(day), run_id=context.run_id)
+                if resolved:
+                    metadata["resolved_batches"] = dg.MetadataValue.text(", ".join(map(str, resolved)))
                 written.append((context.asset_key, scope.key(day), metadata, content_version(stored)))
         return written
 
@@ -131,6 +145,13 @@ def _write_days(
     for done in settle_write(store.engine(), table, day_window(days[0])[0], day_window(days[-1])[1]):
         context.log.debug(done)
     return written
+
+
+def _held_metadata(metadata: dict[str, dg.MetadataValue], held: Holds) -> dict[str, dg.MetadataValue]:
+    """A written day's metadata, naming the instruments whose rows of it are held in quarantine."""
+    if held:
+        metadata["held_instruments"] = dg.MetadataValue.text(held.describe())
+    return metadata
 
 
 @dataclasses.dataclass
@@ -174,7 +195,13 @@ class _Ingestion:
         if failure is None and self.bad_days:
             failure = _file_failure(self.context, self.bad_days, self.judged)
         yield from report_run(
-            self.context, provenance, self.materializations, self.judged, chained=False, failure=failure
+            self.context,
+            provenance,
+            self.materializations,
+            self.judged,
+            chained=False,
+            failure=failure,
+            held_fails_later=features_in_run(self.context),
         )
 
 
@@ -228,10 +255,13 @@ def _ingest(
             )
             run.judged.extend(judgement)
 
-            def write_day(conn, day: str, by_day: dict = by_day, empty=empty, scope=scope) -> tuple[dict, pl.DataFrame]:
-                rows = by_day.get(day, empty)
-                stored = write(conn, rows, *day_window(day), scope.shard)
-                return summarise(rows, stored), stored
+            def write_day(
+                conn, day: str, by_day: dict = by_day, empty=empty, scope=scope, judgement=judgement
+            ) -> tuple[dict, pl.DataFrame]:
+                held = judgement.holds_on(day, asset)
+                rows = held.filter(by_day.get(day, empty), ts_column) if held else by_day.get(day, empty)
+                stored = write(conn, rows, *day_window(day), scope.shard, held)
+                return _held_metadata(summarise(rows, stored), held), stored
 
             run.materializations += _write_days(context, store, scope, judgement.accepted, table, write_day)
     except dg.Failure as exc:  # a folder that cannot be read in a later chunk: the days already written are recorded
@@ -249,9 +279,9 @@ def _ingest(
 )
 @translate_database_errors
 def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
-    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime, shard) -> pl.DataFrame:
+    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime, shard, held: Holds) -> pl.DataFrame:
         bars = normalize_bars(delivered)
-        replace_bars(conn, bars, start, end, shard=shard)
+        replace_bars(conn, bars, start, end, shard=shard, protect=held)
         return bars
 
     def summarise(delivered: pl.DataFrame, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:
@@ -281,9 +311,9 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
 )
 @translate_database_errors
 def raw_events(context: dg.AssetExecutionContext, store: FeatureStore, market_data: MarketData):
-    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime, shard) -> pl.DataFrame:
+    def write(conn, delivered: pl.DataFrame, start: datetime, end: datetime, shard, held: Holds) -> pl.DataFrame:
         events = normalize_events(delivered)
-        replace_events(conn, events, start, end, shard=shard)
+        replace_events(conn, events, start, end, shard=shard, protect=held)
         return events
 
     def summarise(delivered: pl.DataFrame, events: pl.DataFrame) -> dict[str, dg.MetadataValue]:
@@ -354,7 +384,17 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 expected, source = expected_instruments(
                     conn, universe, market_data.declared_instruments(), start, shard=scope.shard
                 )
+                # An instrument whose minute bars of a session are held has no daily bar of it until they are
+                # fixed: it is neither built from what is left nor counted as missing from the delivery.
+                minute_held = held_instrument_days(conn, "raw_ohlcv", start, end, scope.shard)
             daily = with_day(_combined_daily(built, delivery.rows))
+            if minute_held:
+                held_rows = pl.DataFrame(
+                    [(d, i) for d, ids in minute_held.items() for i in ids],
+                    schema={DAY: daily.schema[DAY], "instrument_id": pl.String},
+                    orient="row",
+                )
+                daily = daily.join(held_rows, on=[DAY, "instrument_id"], how="anti", maintain_order="left")
             by_day = {key: rows.drop(DAY) for (key,), rows in daily.partition_by(DAY, as_dict=True).items()}
             plan.saw(daily.height, len(by_day))
             empty = daily.clear().drop(DAY)
@@ -378,6 +418,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                         expected,
                         source,
                         learnt=not market_data.declared_instruments() and not universe.instruments,
+                        held=minute_held,
                     ),
                 },
                 rows_of_day=lambda day, by_day=by_day, empty=empty: {"ohlcv_1d": by_day.get(day, empty)},
@@ -387,10 +428,22 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
             )
             run.judged.extend(judgement)
 
-            def write_day(conn, day: str, by_day: dict = by_day, empty=empty, scope=scope) -> tuple[dict, pl.DataFrame]:
-                rows = by_day.get(day, empty)
-                replace_bars(conn, rows, *day_window(day), timeframe="1d", shard=scope.shard)
-                return _daily_summary(day, rows), rows
+            def write_day(
+                conn,
+                day: str,
+                by_day: dict = by_day,
+                empty=empty,
+                scope=scope,
+                judgement=judgement,
+                minute_held=minute_held,
+            ) -> tuple[dict, pl.DataFrame]:
+                held = judgement.holds_on(day, "bars_1d")
+                start = day_window(day)[0]
+                for instrument in minute_held.get(day, ()):
+                    held = held.merged(Holds({instrument: HeldInstrument(instrument, start, day, "raw_ohlcv", 0)}))
+                rows = held.filter(by_day.get(day, empty))
+                replace_bars(conn, rows, *day_window(day), timeframe="1d", shard=scope.shard, protect=held)
+                return _held_metadata(_daily_summary(day, rows), held), rows
 
             run.materializations += _write_days(context, store, scope, judgement.accepted, "ohlcv_1d", write_day)
     except dg.Failure as exc:

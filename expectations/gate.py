@@ -38,6 +38,9 @@ class ExpectationOutcome:
     partial_unexpected: list[Any] = field(default_factory=list)
     bounds: str | None = None
     unexpected_percent: float | None = None
+    # Row scope: the instruments of every unexpected row (empty when the failure is the day's as a whole,
+    # or a row names no instrument). What an instrument-day quarantine holds.
+    instruments: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -59,6 +62,9 @@ class ExpectationOutcome:
         observed = self.observed_value
         if observed is None and self.unexpected_count is not None:
             observed = {"unexpected_percent": self.unexpected_percent, "partial_unexpected": self.partial_unexpected}
+        elif isinstance(observed, dict) and self.partial_unexpected and "partial_unexpected" not in observed:
+            # The rows themselves (instrument ts value), so the log names them as the run's failure did.
+            observed = {**observed, "partial_unexpected": self.partial_unexpected}
         return {
             "expectation": self.expectation,
             "column": self.column,
@@ -92,6 +98,17 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return not self.blocking_failures
+
+    @property
+    def breaching_instruments(self) -> tuple[str, ...] | None:
+        """The instruments whose rows alone breach the suite, or None when the breach is the day's (a
+        day-scope expectation, a failure no row names): what a quarantine may hold short of the whole day."""
+        found: set[str] = set()
+        for outcome in self.blocking_failures:
+            if not outcome.instruments:
+                return None
+            found.update(outcome.instruments)
+        return tuple(sorted(found)) if found else None
 
 
 def suite_path(name: str) -> Path:
@@ -313,9 +330,21 @@ def _per_day_outcomes(
                     partial_unexpected=[_example(r, examples) for r in (unexpected or [])[:10]],
                     bounds=_bounds(config.kwargs),
                     unexpected_percent=(100.0 * count / rows) if count is not None and rows else None,
+                    instruments=_instruments_of(unexpected),
                 )
             )
     return outcomes
+
+
+def _instruments_of(unexpected: list[dict[str, Any]] | None) -> tuple[str, ...]:
+    """The instruments of a day's unexpected rows; empty when any row names none (the day as a whole is
+    then what failed)."""
+    if not unexpected:
+        return ()
+    ids = [row.get("instrument_id") for row in unexpected]
+    if any(not isinstance(i, str) or not i for i in ids):
+        return ()
+    return tuple(sorted(set(ids)))
 
 
 def with_day_relative_prices(rows: pl.DataFrame, suite_name: str) -> pl.DataFrame:

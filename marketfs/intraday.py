@@ -269,7 +269,15 @@ def step(
         batch_id = None
         if verdict.passed:
             write_features(
-                conn, computation, feature_set=fs, timeframe=timeframe, start=start, end=end, run_id=run_id, shard=shard
+                conn,
+                computation,
+                feature_set=fs,
+                timeframe=timeframe,
+                start=start,
+                end=end,
+                run_id=run_id,
+                shard=shard,
+                protect=computation.holds,
             )
         else:
             batch_id = _quarantine(conn, fs, timeframe, shard, day, start, end, computation, verdict, run_id)

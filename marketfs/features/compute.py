@@ -20,6 +20,7 @@ from marketfs.features.flags import FlagConfig, QualityFlag, flag_if, load_flag_
 from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet, parse_window
 from marketfs.features.timeframes import timeframe as timeframe_spec
 from marketfs.features.windows import with_helpers
+from marketfs.holds import NO_HOLDS, Holds
 
 KEY_COLUMNS = ["instrument_id", "timeframe", "ts", "feature_set_version"]
 PRICE_COLUMNS = ("open", "high", "low", "close")
@@ -55,6 +56,8 @@ class HistoryError(ValueError):
 class FeatureComputation:
     vectors: pl.DataFrame
     state: pl.DataFrame  # state_schema rows: the state at each instrument's last valid bar of each UTC day
+    # Instruments left out from a held instrument-day on (their rows are in neither frame).
+    holds: Holds = NO_HOLDS
 
 
 def available_after(timeframe: str) -> timedelta:

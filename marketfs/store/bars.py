@@ -8,6 +8,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
+from marketfs.holds import NO_HOLDS, Holds
 from marketfs.shards import ALL, Shard
 from marketfs.sources.base import BAR_SCHEMA
 from marketfs.store.copy import copy_query_out
@@ -24,13 +25,17 @@ def replace_bars(
     end: datetime,
     timeframe: str = "1m",
     shard: Shard = ALL,
+    protect: Holds = NO_HOLDS,
+    only: list[str] | None = None,
 ) -> int:
     """Make the bar table of ``timeframe`` hold exactly ``bars`` for ``[start, end)`` and the instruments of
-    ``shard``, in the caller's transaction."""
+    ``shard`` (``protect``, ``only``: see ``replace_window``), in the caller's transaction."""
     if "source_flags" not in bars.columns:
         bars = bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
     table = BAR_TABLES[timeframe]
-    return replace_window(conn, table, bars.select(list(STORED_BAR_SCHEMA)), "ts", start, end, shard=shard)
+    return replace_window(
+        conn, table, bars.select(list(STORED_BAR_SCHEMA)), "ts", start, end, shard=shard, protect=protect, only=only
+    )
 
 
 def read_bars(

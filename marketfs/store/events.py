@@ -8,13 +8,20 @@ import polars as pl
 import sqlalchemy as sa
 
 from marketfs.features.events import EVENT_SCHEMA
+from marketfs.holds import NO_HOLDS, Holds
 from marketfs.shards import ALL, Shard
 from marketfs.store import tables
 from marketfs.store.copy import copy_frame_in
 
 
 def replace_events(
-    conn: sa.Connection, events: pl.DataFrame, start: datetime, end: datetime, shard: Shard = ALL
+    conn: sa.Connection,
+    events: pl.DataFrame,
+    start: datetime,
+    end: datetime,
+    shard: Shard = ALL,
+    protect: Holds = NO_HOLDS,
+    only: list[str] | None = None,
 ) -> int:
     """Make ``news_events`` hold exactly ``events`` for publication times in ``[start, end)`` and the
     instruments of ``shard``.
@@ -32,7 +39,15 @@ def replace_events(
     ).scalars()
     fresh = events.filter(~pl.col("event_id").is_in(list(existing)))
     written = tables.replace_window(
-        conn, "news_events", fresh.select(list(EVENT_SCHEMA)), "published_at", start, end, shard=shard
+        conn,
+        "news_events",
+        fresh.select(list(EVENT_SCHEMA)),
+        "published_at",
+        start,
+        end,
+        shard=shard,
+        protect=protect,
+        only=only,
     )
     # news_event_ids has no instrument column: of the window's ids, those of the events just written are
     # renewed, and those whose event the window no longer holds (in any shard) go; other shards' stay.

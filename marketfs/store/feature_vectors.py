@@ -17,6 +17,7 @@ from psycopg import sql
 
 from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, state_schema, vector_schema
 from marketfs.features.registry import FeatureSet
+from marketfs.holds import NO_HOLDS, Holds
 from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
@@ -35,9 +36,12 @@ def write_features(
     end: datetime,
     run_id: str | None = None,
     shard: Shard = ALL,
+    protect: Holds = NO_HOLDS,
+    only: list[str] | None = None,
 ) -> dict[str, int]:
     """Vectors and state of ``[start, end)`` for the instruments of ``shard``, written together (in the
-    caller's transaction)."""
+    caller's transaction). ``protect``: held instruments, whose served rows stay; ``only``: these
+    instruments alone (see ``replace_window``)."""
     stats = upsert_window(
         conn,
         computation.vectors,
@@ -47,6 +51,8 @@ def write_features(
         end=end,
         run_id=run_id,
         shard=shard,
+        protect=protect,
+        only=only,
     )
     state = computation.state.with_columns(
         pl.lit(timeframe).alias("timeframe"), pl.lit(feature_set.version).alias("feature_set_version")
@@ -60,6 +66,8 @@ def write_features(
         end,
         scope={"timeframe": timeframe, "feature_set_version": feature_set.version},
         shard=shard,
+        protect=protect,
+        only=only,
     )
     return stats
 
@@ -74,9 +82,12 @@ def upsert_window(
     end: datetime,
     run_id: str | None = None,
     shard: Shard = ALL,
+    protect: Holds = NO_HOLDS,
+    only: list[str] | None = None,
 ) -> dict[str, int]:
     """Make the table hold exactly ``vectors`` for this version, timeframe, ``[start, end)`` and the
-    instruments of ``shard`` (other shards' vectors of the window are not touched)."""
+    instruments of ``shard`` (other shards' vectors of the window are not touched; nor, with ``protect``,
+    held instruments' from their hold on; with ``only``, any but those instruments')."""
     columns = list(vector_schema(feature_set, timeframe))
     stray = vectors.filter(
         (pl.col("ts") < start)
@@ -86,6 +97,20 @@ def upsert_window(
     )
     if stray.height or shard.filter(vectors).height != vectors.height:
         raise ValueError("vector(s) fall outside the window, version or shard being written")
+    if protect.filter(vectors).height != vectors.height:
+        raise ValueError("vector(s) of held instruments given to a write")
+    if only is not None and vectors.filter(~pl.col("instrument_id").is_in(only)).height:
+        raise ValueError(f"vector(s) outside the instruments {only} being written")
+    # Rows of the window a write may replace: the shard's, less held instruments', or only those named.
+    mine = sql.SQL(" AND ").join(
+        [
+            shard.condition(sql.Identifier("f", "instrument_id")),
+            protect.condition(),
+            sql.SQL("f.instrument_id = ANY(%(only)s)") if only is not None else sql.SQL("TRUE"),
+        ]
+    )
+    mine_params = {**shard.params, **protect.params, **({"only": only} if only is not None else {})}
+    partial = bool(protect) or only is not None
     staged = vectors.select(columns).with_columns(pl.lit(run_id, pl.String).alias("run_id"))
     # Writers of one version, timeframe and shard take turns: overlapping windows (a backfill and a
     # scheduled run, or the same partition twice) then see each other's committed rows. Shards write
@@ -109,7 +134,8 @@ def upsert_window(
     # built, a re-run that changes nothing) is read back and compared rather than staged and upserted:
     # one COPY out instead of a COPY in, three joins and an anti-join (measured in benchmarks/intraday.py).
     stored = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end, shard=shard)
-    if stored.height == vectors.height and stored.equals(vectors.select(columns).sort("instrument_id", "ts")):
+    unchanged = stored.height == vectors.height and stored.equals(vectors.select(columns).sort("instrument_id", "ts"))
+    if unchanged and not partial:
         return {"upserted": 0, "deleted_stale": 0, "superseded": 0}
 
     conn.execute(
@@ -164,7 +190,7 @@ def upsert_window(
         "AND f.timeframe = %(timeframe)s AND f.ts >= %(start)s AND f.ts < %(end)s AND {mine} AND NOT EXISTS ("
         "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts) RETURNING {kept}) "
         "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {kept}, now() FROM gone"
-    ).format(staging=ident(STAGING), kept=kept, mine=shard.condition(sql.Identifier("f", "instrument_id")))
+    ).format(staging=ident(STAGING), kept=kept, mine=mine)
     with conn.connection.driver_connection.cursor() as cur:
         cur.execute(supersede)
         superseded = cur.rowcount
@@ -176,7 +202,7 @@ def upsert_window(
         cur.execute("SET LOCAL enable_nestloop = off")
         cur.execute(
             delete_stale,
-            {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end, **shard.params},
+            {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end, **mine_params},
         )
         deleted = cur.rowcount
         cur.execute("SET LOCAL enable_nestloop = on")
@@ -268,7 +294,13 @@ def read_recent_partitions(
 
 
 def compute_stored(
-    conn: sa.Connection, feature_set: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard = ALL
+    conn: sa.Connection,
+    feature_set: FeatureSet,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    shard: Shard = ALL,
+    holds: Holds | None = None,
 ) -> FeatureComputation:
     """The vectors of ``[start, end)`` from the stored bars (with their warm-up), events and recursion state:
     what a daily run and an intraday step both compute. Raises ``HistoryError`` when the state is missing.
@@ -276,22 +308,32 @@ def compute_stored(
     The instruments are those with bars in the window or earlier in its trading day within
     ``stale_after``: a step of one minute still gives an instrument whose bar of that minute is missing
     its MISSING_OHLCV vector, as the day computed at once does (for a whole day the two are the same).
+
+    Instruments held by a quarantined instrument-day (``holds``; by default the open holds of the
+    dataset's bars, events and its own vectors) are computed only up to their hold: their bars from it on
+    are not read, so nothing continues from a day that is missing, and the result says who was left out.
     """
     from marketfs.features.compute import compute_feature_vectors
     from marketfs.features.flags import load_flag_config
+    from marketfs.features.registry import dataset_name
     from marketfs.store.bars import read_bars_for
     from marketfs.store.events import read_events
+    from marketfs.store.holds import feature_holds, read_holds
     from marketfs.universe import active_sessions
 
+    if holds is None:
+        holds = read_holds(conn, feature_holds(dataset_name(feature_set, timeframe), timeframe), end, shard)
     sessions = active_sessions()
     day = sessions.trading_day(pl.Series([start], dtype=pl.Datetime("us", "UTC"))).item()
     day_start = sessions.trading_day_window(day)[0] if day is not None else start
     since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
     warmup = feature_set.warmup_bars(timeframe)
-    bars = read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since)
+    bars = holds.filter(read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since))
     events = read_events(conn, start - feature_set.event_lookback(timeframe), end, shard=shard)
-    state = read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
-    return compute_feature_vectors(
+    state = holds.filter(
+        read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
+    )
+    computed = compute_feature_vectors(
         bars,
         timeframe,
         events=events,
@@ -301,6 +343,7 @@ def compute_stored(
         end=end,
         warmup_limit=warmup,
     )
+    return FeatureComputation(vectors=holds.filter(computed.vectors), state=holds.filter(computed.state), holds=holds)
 
 
 HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"

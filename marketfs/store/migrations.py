@@ -513,6 +513,29 @@ def _m014_intraday_steps(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(
+    15, "quarantine batches of an instrument-day: the instruments they hold; 'resolved' when a later delivery is served"
+)
+def _m015_instrument_batches(conn: sa.Connection, timescale: bool) -> None:
+    # NULL instruments: the batch holds the whole day (of its shard), as every batch did before. A list: only
+    # those instruments' rows of the day are held, and those instruments' later days with them (their state
+    # chain), while the other instruments of the day are served.
+    conn.execute(sa.text("ALTER TABLE quarantine_batches ADD COLUMN instruments text[]"))
+    conn.execute(sa.text("ALTER TABLE quarantine_batches DROP CONSTRAINT IF EXISTS quarantine_batches_status_check"))
+    conn.execute(
+        sa.text(
+            "ALTER TABLE quarantine_batches ADD CONSTRAINT quarantine_batches_status_check "
+            "CHECK (status IN ('held', 'released', 'discarded', 'resolved'))"
+        )
+    )
+    # The open holds are what every feature computation asks for: a partial index keeps that read to them.
+    conn.execute(
+        sa.text(
+            "CREATE INDEX quarantine_batches_held ON quarantine_batches (asset, window_start) WHERE status = 'held'"
+        )
+    )
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

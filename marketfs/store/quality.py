@@ -87,12 +87,15 @@ def open_batch(
     end: datetime,
     reason: str,
     shard: Shard = ALL,
+    instruments: list[str] | None = None,
 ) -> int:
+    """A new held batch: the whole day of ``shard`` (``instruments`` None), or those instruments' rows of it."""
     return int(
         conn.execute(
             sa.text(
                 "INSERT INTO quarantine_batches (run_id, asset, partition, window_start, window_end, reason, "
-                "shard_index, shard_count) VALUES (:r, :a, :p, :s, :e, :why, :si, :sc) RETURNING batch_id"
+                "shard_index, shard_count, instruments) VALUES (:r, :a, :p, :s, :e, :why, :si, :sc, :inst) "
+                "RETURNING batch_id"
             ),
             {
                 "r": run_id,
@@ -103,6 +106,7 @@ def open_batch(
                 "why": reason,
                 "si": shard.index,
                 "sc": shard.count,
+                "inst": sorted(instruments) if instruments is not None else None,
             },
         ).scalar_one()
     )
@@ -215,17 +219,19 @@ def release(
         )
     start, end, asset = batch["window_start"], batch["window_end"], batch["asset"]
     shard = Shard(batch["shard_index"], batch["shard_count"])
+    # An instrument-day batch replaces its instruments' rows of the day alone; the others were served.
+    only = batch.get("instruments")
     if asset == "raw_ohlcv":
         bars = read_quarantined(conn, batch_id, "ohlcv_1m", BAR_SCHEMA)
         _refuse_non_finite(batch_id, bars)
-        written = replace_bars(conn, normalize_bars(bars), start, end, shard=shard)
+        written = replace_bars(conn, normalize_bars(bars), start, end, shard=shard, only=only)
     elif asset == "bars_1d":
         bars = read_quarantined(conn, batch_id, "ohlcv_1d", STORED_BAR_SCHEMA)
         _refuse_non_finite(batch_id, bars)
-        written = replace_bars(conn, bars, start, end, timeframe="1d", shard=shard)
+        written = replace_bars(conn, bars, start, end, timeframe="1d", shard=shard, only=only)
     elif asset == "raw_events":
         events = normalize_events(read_quarantined(conn, batch_id, "news_events", EVENT_SCHEMA))
-        written = replace_events(conn, events, start, end, shard=shard)
+        written = replace_events(conn, events, start, end, shard=shard, only=only)
     elif (dataset := _feature_dataset(asset)) is not None:
         feature_set, timeframe = dataset
         vectors = read_quarantined(conn, batch_id, "feature_vectors", vector_schema(feature_set, timeframe))
@@ -239,6 +245,7 @@ def release(
             end=end,
             run_id=batch["run_id"],
             shard=shard,
+            only=only,
         )
         written = stats["upserted"]
     else:

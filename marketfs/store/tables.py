@@ -8,6 +8,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
+from marketfs.holds import NO_HOLDS, Holds
 from marketfs.shards import ALL, Shard
 from marketfs.store.copy import EPOCH_US, copy_frame_in, copy_query_out
 from marketfs.store.timescale import lift_decompression_limit
@@ -33,9 +34,14 @@ def replace_window(
     end: datetime,
     scope: dict[str, str] | None = None,
     shard: Shard = ALL,
+    protect: Holds = NO_HOLDS,
+    only: list[str] | None = None,
 ) -> int:
     """Make ``table`` hold exactly ``frame`` for ``start <= ts_column < end`` (and ``scope`` equalities),
     for the instruments of ``shard``: the other shards' rows of the window are not touched.
+
+    ``protect``: held instruments, whose served rows from their hold on stay as they are (``frame`` must not
+    hold them). ``only``: replace these instruments' rows alone (a released instrument-day batch).
 
     Runs in the caller's transaction: a failure before commit leaves the table as it was.
     """
@@ -50,6 +56,16 @@ def replace_window(
     ]
     params: dict = {"start": start, "end": end, **shard.params}
     conditions.append(shard.condition())
+    if protect:
+        if protect.filter(frame, ts_column).height != frame.height:
+            raise ValueError(f"rows of held instruments were given to a write of {table}")
+        conditions.append(protect.condition(ts=ts_column))
+        params.update(protect.params)
+    if only is not None:
+        if frame.filter(~pl.col("instrument_id").is_in(only)).height:
+            raise ValueError(f"rows of {table} outside the instruments {only} being replaced")
+        conditions.append(sql.SQL("instrument_id = ANY(%(only)s)"))
+        params["only"] = only
     for i, (column, value) in enumerate((scope or {}).items()):
         conditions.append(sql.SQL("{} = %(s{})s").format(sql.Identifier(column), sql.SQL(str(i))))
         params[f"s{i}"] = value

@@ -1,0 +1,136 @@
+"""The instrument-day is the unit of quarantine for row-level breaches: one bad print holds one instrument.
+
+Three landing days of six instruments, one impossible bar (close = low = -5) of one instrument on the middle
+day: the run fails; that instrument's rows and vectors of the middle day are held, and its later days with
+them (its own state chain); the other five instruments are served on the middle day and the day after;
+fixing the file and running the command the failure printed serves the held instrument too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import re
+from collections.abc import Callable
+
+import polars as pl
+import sqlalchemy as sa
+from dagster_helpers import dagster_process_env
+from test_recompute import new_database  # noqa: F401  (fixture: fresh databases for stores and instances)
+
+from marketfs.db import engine_for
+from marketfs.sources import SyntheticBars, SyntheticEvents
+
+ROOT = Path(__file__).resolve().parents[1]
+
+INSTRUMENTS = ("AAA", "BBB", "CCC", "DDD", "EEE", "FFF")
+DAYS = ["2024-04-02", "2024-04-03", "2024-04-04"]
+BAD_DAY = DAYS[1]
+
+
+def _start(day: str) -> datetime:
+    return datetime.fromisoformat(day).replace(tzinfo=UTC)
+
+
+def _bars(day: str) -> pl.DataFrame:
+    return SyntheticBars(instruments=INSTRUMENTS).bars(_start(day), _start(day) + timedelta(days=1))
+
+
+def land(folder: Path, spoil: bool) -> tuple[str, datetime]:
+    """The three days' files; with ``spoil`` one bar of one instrument on the middle day is impossible.
+    Returns that bar's instrument and ts."""
+    (folder / "bars").mkdir(parents=True, exist_ok=True)
+    (folder / "events").mkdir(parents=True, exist_ok=True)
+    bad = _bars(BAD_DAY).filter(pl.col("instrument_id") == "CCC")[150]
+    for day in DAYS:
+        bars = _bars(day)
+        if spoil and day == BAD_DAY:
+            hit = (pl.col("instrument_id") == "CCC") & (pl.col("ts") == bad["ts"][0])
+            bars = bars.with_columns(
+                pl.when(hit).then(-5.0).otherwise(pl.col("close")).alias("close"),
+                pl.when(hit).then(-5.0).otherwise(pl.col("low")).alias("low"),
+            )
+        bars.write_parquet(folder / "bars" / f"{day}.parquet")
+        start = _start(day)
+        SyntheticEvents(instruments=INSTRUMENTS).events(start, start + timedelta(days=1)).write_parquet(
+            folder / "events" / f"{day}.parquet"
+        )
+    return "CCC", bad["ts"][0]
+
+
+def served(engine: sa.Engine, timeframe: str = "1m") -> dict[tuple[str, str], int]:
+    """Served vectors per (day, instrument)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT to_char(ts, 'YYYY-MM-DD'), instrument_id, count(*) FROM feature_vectors "
+                "WHERE timeframe = :tf AND feature_set_version = 'fs_v1' GROUP BY 1, 2"
+            ),
+            {"tf": timeframe},
+        )
+        return {(day, instrument): n for day, instrument, n in rows}
+
+
+def test_one_bad_print_holds_one_instrument_and_the_printed_fix_serves_it(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    held, ts = land(landing, spoil=True)
+    env = dagster_process_env(
+        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
+    )
+    engine = engine_for(env["MARKETFS_DSN"])
+    run = pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot")
+    assert run.returncode == 1, run.stdout + run.stderr
+
+    # The batch holds the instrument's rows of the day only; the others' bars of the day are stored.
+    with engine.connect() as conn:
+        [(batch_id, instruments, status)] = conn.execute(
+            sa.text("SELECT batch_id, instruments, status FROM quarantine_batches")
+        ).all()
+        quarantined = conn.execute(
+            sa.text("SELECT DISTINCT instrument_id FROM quarantine_ohlcv_1m WHERE batch_id = :b"), {"b": batch_id}
+        ).scalars()
+        assert instruments == [held] and status == "held" and list(quarantined) == [held]
+        stored = conn.execute(
+            sa.text("SELECT DISTINCT instrument_id FROM ohlcv_1m WHERE ts >= :s AND ts < :e ORDER BY 1"),
+            {"s": _start(BAD_DAY), "e": _start(DAYS[2])},
+        ).scalars()
+        assert set(stored) == set(INSTRUMENTS) - {held}
+    # The failure names the instrument, the day, the ts and the value, and the one command that fixes it.
+    assert f"{held} {ts}" in run.stderr and "close=-5.0" in run.stderr, run.stderr
+    assert f"instrument(s) held since {BAD_DAY}" in run.stderr and f"{held} since {BAD_DAY}" in run.stderr
+    [command] = set(re.findall(r"make recompute FROM=\S+?(?=[.\s]|$)", run.stderr))
+    assert command == f"make recompute FROM={BAD_DAY}"
+
+    for timeframe in ("1m", "1d"):
+        vectors = served(engine, timeframe)
+        # The held instrument: served the day before, not the bad day, not the day after (its state chain).
+        assert vectors.get((DAYS[0], held)), timeframe
+        assert (BAD_DAY, held) not in vectors and (DAYS[2], held) not in vectors, timeframe
+        # The five others: served on every day.
+        for instrument in set(INSTRUMENTS) - {held}:
+            assert all(vectors.get((day, instrument)) for day in DAYS), (timeframe, instrument)
+    listed = subprocess.run(
+        [str(Path(sys.executable).with_name("marketfs")), "quarantine", "list"], env=env, capture_output=True, text=True
+    )
+    assert held in listed.stdout and "held" in listed.stdout, listed.stdout + listed.stderr
+
+    # The fix: the vendor re-sends the day; then the printed command (make's recipe, run as make runs it).
+    land(landing, spoil=False)
+    fixed = pipelines(env, "recompute", "--from", command.split("=")[1])
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    for timeframe in ("1m", "1d"):
+        vectors = served(engine, timeframe)
+        assert all(vectors.get((day, i)) for day in DAYS for i in INSTRUMENTS), timeframe
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM quarantine_batches")).scalars().all() == ["resolved"]
+
+
+def pipelines(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
