@@ -8,13 +8,12 @@ fixing the file and running the command the failure printed serves the held inst
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import re
-from collections.abc import Callable
 
 import polars as pl
 import sqlalchemy as sa
@@ -75,7 +74,8 @@ def served(engine: sa.Engine, timeframe: str = "1m") -> dict[tuple[str, str], in
 
 
 def test_one_bad_print_holds_one_instrument_and_the_printed_fix_serves_it(
-    new_database: Callable[[], str], tmp_path: Path
+    new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
 ) -> None:
     landing = tmp_path / "landing"
     held, ts = land(landing, spoil=True)
