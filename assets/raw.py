@@ -183,6 +183,10 @@ class _Ingestion:
                     if error not in self._warned:
                         self._warned.add(error)
                         self.context.log.warning(f"landing file skipped, no day of it is ingested: {error}")
+                for error in map(str, delivery.set_aside):
+                    if error not in self._warned:
+                        self._warned.add(error)
+                        self.context.log.warning(f"landing file rows set aside: {error}")
                 spoiled = {day: delivery.day_errors[day] for day in days if day in delivery.day_errors}
                 self.bad_days.update({scope.key(day): error for day, error in spoiled.items()})
                 self.judged.checks.extend(_file_check(scope.key(day), error) for day, error in spoiled.items())

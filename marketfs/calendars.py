@@ -43,6 +43,7 @@ class Sessions:
     opens: pl.Series  # UTC_US
     closes: pl.Series  # UTC_US
     weekmask: str  # "1111100": which weekdays (Monday first) can hold a session
+    tz: str = "UTC"  # the exchange's time zone: what its calendar dates are dates in
 
     @functools.cached_property
     def _index(self) -> dict[date, int]:
@@ -120,6 +121,20 @@ class Sessions:
         """
         return self.days.gather(self.session_index(ts)).alias(ts.name or "day")
 
+    def on_closed_day(self, ts: pl.Series) -> pl.Series:
+        """Whether each instant falls on a day the exchange is closed (a weekend, a holiday), in its own time
+        zone, outside every session: bars stamped there were never traded on this calendar.
+
+        An after-hours print of a session's evening keeps the session's local date, and an instant inside a
+        session that opens the evening before (CME Globex on Sunday) is inside that session: neither is closed.
+        """
+        ts = ts.cast(UTC_US)
+        local_day = ts.dt.convert_time_zone(self.tz).dt.date()
+        at = self.session_index(ts)
+        opens = self.opens.gather(at.fill_null(0))
+        inside = at.is_not_null() & (ts >= opens)
+        return (~local_day.is_in(self.days.implode()) & ~inside & ts.is_not_null()).alias("closed_day")
+
     def excluded_weekdays(self) -> list[date]:
         """Days of the weekmask's weekdays that hold no session (holidays), over the calendar's range."""
         every = pl.date_range(self.first, self.last, "1d", eager=True)
@@ -184,13 +199,14 @@ def _from_frame(name: str, frame: pl.DataFrame) -> Sessions:
         opens=frame["open"],
         closes=frame["close"],
         weekmask=frame["weekmask"][0],
+        tz=frame["tz"][0],  # a file written before the column existed is built again (ColumnNotFoundError)
     )
 
 
 def _store(path: Path, built: Sessions) -> None:
     """Written whole or not at all (another process may read it meanwhile); older builds removed."""
     frame = pl.DataFrame({"session": built.days, "open": built.opens, "close": built.closes}).with_columns(
-        pl.lit(built.weekmask).alias("weekmask")
+        pl.lit(built.weekmask).alias("weekmask"), pl.lit(built.tz).alias("tz")
     )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,4 +238,5 @@ def _build(name: str) -> Sessions:
         opens=pl.from_pandas(schedule["open"]).cast(UTC_US).rename("open"),
         closes=pl.from_pandas(schedule["close"]).cast(UTC_US).rename("close"),
         weekmask=str(calendar.weekmask),
+        tz=str(calendar.tz),
     )

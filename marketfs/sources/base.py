@@ -60,3 +60,5 @@ class Delivery:
     rows: pl.DataFrame
     day_errors: dict[str, SourceFileError] = field(default_factory=dict)
     unplaced: list[SourceFileError] = field(default_factory=list)
+    # Rows set aside because they are stamped on a day the calendar is closed (one verdict per file).
+    set_aside: list[SourceFileError] = field(default_factory=list)

@@ -82,9 +82,10 @@ def deliver(root: Path, kind: LandingKind, start: datetime, end: datetime, index
         for day, error in scan.day_errors.items():
             if day in wanted:
                 day_errors.setdefault(day, error)
+    set_aside = [scan.closed_day for scan in ordered if scan.closed_day is not None]
     frames = [scan.rows.with_columns(pl.lit(rank).alias("_file")) for rank, scan in enumerate(ordered)]
     if not frames:
-        return Delivery(pl.DataFrame(schema=kind.schema), day_errors, index.unplaced())
+        return Delivery(pl.DataFrame(schema=kind.schema), day_errors, index.unplaced(), set_aside)
     ts = pl.col(kind.ts_column)
     rows = pl.concat(frames).filter((ts >= start) & (ts < end))
     if day_errors:
@@ -94,7 +95,7 @@ def deliver(root: Path, kind: LandingKind, start: datetime, end: datetime, index
         rows = rows.unique(subset=list(kind.schema), keep="first", maintain_order=True).sort(
             [*kind.conflict_key, "_file"], maintain_order=True
         )
-    return Delivery(rows.drop("_file"), day_errors, index.unplaced())
+    return Delivery(rows.drop("_file"), day_errors, index.unplaced(), set_aside)
 
 
 def _first_error(delivery: Delivery) -> pl.DataFrame:

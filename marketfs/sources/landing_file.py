@@ -63,6 +63,8 @@ class FileScan:
     days: list[str] = field(default_factory=list)
     day_errors: dict[str, SourceFileError] = field(default_factory=dict)
     error: SourceFileError | None = None  # the file cannot say which days it holds
+    # Bars stamped on a day the calendar is closed: set aside (never served), reported by every run that reads them.
+    closed_day: SourceFileError | None = None
 
 
 def scan_landing_file(path: Path, kind: LandingKind) -> FileScan:
@@ -96,12 +98,18 @@ def scan_landing_file(path: Path, kind: LandingKind) -> FileScan:
         ts = _parse_ts(raw[ts_column]) + kind.ts_shift
         day = sessions.trading_day(ts)
         expected_ts = "an ISO 8601 timestamp such as 2024-01-02T14:30:00Z"
+    closed_day = None
+    if kind.conflict_key and not kind.session_bars:  # minute bars: a closed day's bars were never traded
+        closed = sessions.on_closed_day(ts)
+        if closed.any():
+            closed_day = _closed_day(path, raw.filter(closed), ts.filter(closed), sessions)
+            raw, ts, day = raw.filter(~closed), ts.filter(~closed), day.filter(~closed)
     raw = raw.with_columns(day.dt.strftime("%Y-%m-%d").alias(_DAY))
     days = sorted(d for d in raw[_DAY].unique().to_list() if d is not None)
     bad_ts = raw.filter(ts.is_null())
     ts_problem = _problem(bad_ts, ts_column, expected_ts)
     if not days:
-        error = ts_problem(path) if bad_ts.height else None
+        error = ts_problem(path) if bad_ts.height else closed_day
         return FileScan(path, empty, error=error)
     if missing_error is not None:
         return FileScan(path, empty, days=days, day_errors=dict.fromkeys(days, missing_error))
@@ -123,7 +131,23 @@ def scan_landing_file(path: Path, kind: LandingKind) -> FileScan:
         for day, offenders in conflicts.group_by(_DAY, maintain_order=True):
             errors.setdefault(day[0], _conflict(path, offenders, kind.conflict_key))
         rows = rows.filter(~pl.col(_DAY).is_in(list(errors)))
-    return FileScan(path, rows.select(list(schema)).cast(schema), days=days, day_errors=errors)
+    return FileScan(path, rows.select(list(schema)).cast(schema), days=days, day_errors=errors, closed_day=closed_day)
+
+
+def _closed_day(path: Path, rows: pl.DataFrame, ts: pl.Series, sessions) -> SourceFileError:
+    """The verdict on a file's bars stamped on closed days: how many, the first line, and which day."""
+    first = rows.row(0, named=True)
+    local = ts.dt.convert_time_zone(sessions.tz).dt.date()
+    days = sorted(set(local.to_list()))
+    named = ", ".join(f"{d} ({sessions.not_a_session(d).split('(')[1].split(')')[0]})" for d in days[:5])
+    return SourceFileError(
+        path,
+        f"{rows.height} bar(s) stamped on a day the {sessions.name} calendar is closed: {named} "
+        f"(first: {first.get('instrument_id')} {ts[0]}); they are set aside, not ingested or served",
+        "correct their timestamps if they are another session's bars, or remove them from the file "
+        f"(the universe's calendar is {sessions.name}: MARKETFS_UNIVERSE)",
+        line=int(first[_LINE]),
+    )
 
 
 def read_landing_file(path: Path, schema: dict[str, pl.DataType], ts_column: str) -> pl.DataFrame:
