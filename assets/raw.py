@@ -43,6 +43,7 @@ from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
+from marketfs.store.coverage import hole_before
 from marketfs.store.events import replace_events
 from marketfs.store.holds import held_instrument_days, resolve_superseded
 from marketfs.store.timescale import settle_write
@@ -98,6 +99,22 @@ def _file_failure(
         },
         allow_retries=False,  # the same file would fail the same way
     )
+
+
+def refuse_holes(context: dg.AssetExecutionContext, store: FeatureStore, timeframe: str) -> None:
+    """Refuse, before anything is written, a run whose first day follows sessions the store holds no bar of:
+    its windows would read across them. Names the sessions and the command that fills them."""
+    asset = context.asset_key.to_user_string()
+    last = max(split_key(k)[0] for k in context.partition_keys)
+    with store.engine().connect() as conn:
+        for scope in run_scopes(context.partition_keys):
+            hole = hole_before(conn, scope.days[0], timeframe, scope.shard)
+            if hole is not None:
+                raise dg.Failure(
+                    description=f"{asset}: refused, nothing of this run was written. {hole.describe(end=last)}",
+                    metadata={"missing_sessions": dg.MetadataValue.text(", ".join(map(str, hole.missing)))},
+                    allow_retries=False,
+                )
 
 
 def _file_check(day: str, error: SourceFileError) -> DayCheck:
@@ -218,6 +235,7 @@ def _ingest(
     table: str,
     write: Callable,
     summarise: Callable[[pl.DataFrame, pl.DataFrame], dict[str, dg.MetadataValue]],
+    hole_timeframe: str | None = None,
 ) -> Iterator:
     """Fetch, gate per day, write the passing days; one materialisation per written day.
 
@@ -229,6 +247,8 @@ def _ingest(
     from expectations.gate import load_suite_json, publish_day, suite_path, validate_days
 
     asset = context.asset_key.to_user_string()
+    if hole_timeframe is not None:
+        refuse_holes(context, store, hole_timeframe)
     provenance = InputProvenance.capture(context)
     suite = load_suite_json(suite_path(asset))
     docs = DataDocs.default()
@@ -302,6 +322,7 @@ def raw_ohlcv(context: dg.AssetExecutionContext, store: FeatureStore, market_dat
         table="ohlcv_1m",
         write=write,
         summarise=summarise,
+        hole_timeframe="1m",
     )
 
 
@@ -373,6 +394,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
     from expectations.gate import load_suite_json, publish_day, suite_path, validate_days
 
     universe = active_universe()
+    refuse_holes(context, store, "1d")
     provenance = InputProvenance.capture(context)
     suite = load_suite_json(suite_path("raw_ohlcv"))
     docs = DataDocs.default()

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import sqlalchemy as sa
-from dagster_helpers import materialize_range
+from dagster_helpers import dagster_process_env, materialize_range
+from test_recompute import new_database  # noqa: F401  (fixture: fresh databases for stores and instances)
 
+from marketfs.db import engine_for
 from marketfs.sources import SyntheticBars, SyntheticEvents
+
+ROOT = Path(__file__).resolve().parents[1]
 
 INSTRUMENTS = ("AAA", "BBB")
 
@@ -52,3 +60,41 @@ def test_a_holidays_minute_bars_are_set_aside_and_nothing_stamped_on_it_is_serve
         entry.user_message for entry in instance.all_logs(result.run_id) if "set aside" in entry.user_message
     )
     assert "2024-03-29.parquet, line 1:" in logged and "XNYS calendar is closed: 2024-03-29" in logged, logged
+
+
+def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_the_printed_command_fills_them(
+    new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    env = dagster_process_env(new_database(), new_database(), tmp_path, MARKETFS_SYNTHETIC_INSTRUMENTS="2")
+    first = pipelines(env, "run", "--start", "2024-01-08", "--end", "2024-01-12", "--no-snapshot")
+    assert first.returncode == 0, first.stdout + first.stderr
+    engine = engine_for(env["MARKETFS_DSN"])
+    feb = {"s": datetime(2024, 1, 13, tzinfo=UTC)}
+
+    refused = pipelines(env, "run", "--start", "2024-02-01", "--end", "2024-02-02", "--no-snapshot")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "holds no bar of the 12 session(s) 2024-01-16..2024-01-31" in refused.stderr, refused.stderr
+    [command] = set(re.findall(r"python -m pipelines run --start \S+ --end \S+", refused.stderr))
+    assert command == "python -m pipelines run --start 2024-01-16 --end 2024-02-02"
+    with engine.connect() as conn:
+        for table in ("ohlcv_1m", "ohlcv_1d", "feature_vectors"):
+            assert conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE ts >= :s"), feb).scalar() == 0, table
+
+    filled = pipelines(env, *command.split()[3:], "--no-snapshot")
+    assert filled.returncode == 0, filled.stdout + filled.stderr
+    with engine.connect() as conn:
+        # Every 1m and 1d ret_1 of 02-01 now follows the session before it, 01-31.
+        served = conn.execute(
+            sa.text(
+                "SELECT timeframe, count(*) FROM feature_vectors WHERE ts >= '2024-02-01' AND ts < '2024-02-02' "
+                "AND ret_1 IS NOT NULL GROUP BY 1 ORDER BY 1"
+            )
+        ).all()
+    assert {"1d", "1m"} <= {tf for tf, n in served if n}
+
+
+def pipelines(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+    )

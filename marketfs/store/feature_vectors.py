@@ -15,7 +15,7 @@ import polars as pl
 import sqlalchemy as sa
 from psycopg import sql
 
-from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, state_schema, vector_schema
+from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, HistoryError, state_schema, vector_schema
 from marketfs.features.registry import FeatureSet
 from marketfs.holds import NO_HOLDS, Holds
 from marketfs.shards import ALL, Shard
@@ -316,7 +316,9 @@ def compute_stored(
     from marketfs.features.compute import compute_feature_vectors
     from marketfs.features.flags import load_flag_config
     from marketfs.features.registry import dataset_name
+    from marketfs.features.timeframes import timeframe as timeframe_spec
     from marketfs.store.bars import read_bars_for
+    from marketfs.store.coverage import hole_before
     from marketfs.store.events import read_events
     from marketfs.store.holds import feature_holds, read_holds
     from marketfs.universe import active_sessions
@@ -326,6 +328,11 @@ def compute_stored(
     sessions = active_sessions()
     day = sessions.trading_day(pl.Series([start], dtype=pl.Datetime("us", "UTC"))).item()
     day_start = sessions.trading_day_window(day)[0] if day is not None else start
+    if day is not None:
+        # Warm-up bars are read by count: across sessions never delivered they would be read as adjacent.
+        hole = hole_before(conn, day, "1d" if timeframe_spec(timeframe).per_session else "1m", shard)
+        if hole is not None:
+            raise HistoryError(hole.describe())
     since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
     warmup = feature_set.warmup_bars(timeframe)
     bars = holds.filter(read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since))
