@@ -227,6 +227,7 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, sha
     for version, counts in by_version.items():
         print(f"vectors stored {', '.join(counts)} in feature_vectors ({version})")
     print(tally.line())
+    _say_held(conn_dsn=os.environ["MARKETFS_DSN"])
     if snapshot_id:
         print(f"snapshot       {snapshot_id} (1m vectors of the range; marketfs snapshot describe {snapshot_id})")
     _say_failed_runs(failed_runs, tally)
@@ -293,8 +294,25 @@ def _recompute(
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE
     print(tally.line())
+    _say_held(conn_dsn=os.environ["MARKETFS_DSN"])
     _say_failed_runs(failed_runs, tally)
     return 1 if failed_runs else 0
+
+
+def _say_held(conn_dsn: str) -> None:
+    """One line when instruments are held by a quarantined instrument-day: how many, since when, which."""
+    from datetime import UTC, datetime
+
+    from marketfs.db import engine_for
+    from marketfs.features.registry import datasets
+    from marketfs.store.holds import RAW_ASSETS, read_holds
+
+    assets = (*RAW_ASSETS, "bars_1d", *datasets())
+    with engine_for(conn_dsn).connect() as conn:
+        held = read_holds(conn, assets, datetime.max.replace(tzinfo=UTC))
+    if held:
+        first = min(h.day for h in held.held.values())
+        print(f"held           {len(held)} instrument(s) since {first}: {held.describe()} (marketfs quarantine list)")
 
 
 def _say_failed_runs(failed_runs: list[str], tally: Tally) -> None:

@@ -101,13 +101,15 @@ def failure_blocks(result: dg.ExecuteInProcessResult, verbose: bool) -> list[str
 
 
 def logged_warnings(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    """The warnings assets logged during the run (e.g. a landing file skipped, a report not rendered)."""
+    """The warnings assets logged during the run (e.g. a landing file skipped, a report not rendered), and
+    the errors (a breach that held instruments, which a later step of the run fails for)."""
     import logging
 
+    labels = {logging.WARNING: "warning", logging.ERROR: "error"}
     return [
-        f"warning: {entry.user_message}"
+        f"{labels[entry.level]}: {entry.user_message}"
         for entry in instance.all_logs(run_id)
-        if entry.level == logging.WARNING and not entry.is_dagster_event
+        if entry.level in labels and not entry.is_dagster_event
     ]
 
 

@@ -65,7 +65,7 @@ def _spelled(value: float) -> str:
     return {"nan": "NaN", "inf": "Infinity"}.get(str(value), repr(value))
 
 
-def test_nan_inf_and_absurd_bars_are_quarantined_for_their_day_and_logged(
+def test_nan_inf_and_absurd_bars_are_quarantined_for_their_instrument_day_and_logged(
     dsn: str, engine: sa.Engine, tmp_path: Path
 ) -> None:
     _land(tmp_path, SPOILED)
@@ -77,9 +77,15 @@ def test_nan_inf_and_absurd_bars_are_quarantined_for_their_day_and_logged(
         if e.asset_key.to_user_string() == "raw_ohlcv"
     }
     assert verdicts == {CLEAN: True, **dict.fromkeys(SPOILED, False)}
-    # Each spoiled day is held alone; the clean day is written; nothing non-finite is served.
-    assert _rows(engine, "SELECT partition FROM quarantine_batches ORDER BY 1") == [(d,) for d in SPOILED]
-    assert _rows(engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM ohlcv_1m") == [(CLEAN,)]
+    # Each spoiled instrument-day is held alone; the other instrument's bars of the day and the clean day are
+    # written; nothing non-finite is served.
+    spoiled = _day_bars(CLEAN)[SPOILED_ROW]["instrument_id"][0]
+    assert _rows(engine, "SELECT partition, instruments FROM quarantine_batches ORDER BY 1") == [
+        (d, [spoiled]) for d in SPOILED
+    ]
+    stored = "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM ohlcv_1m WHERE instrument_id = :i ORDER BY 1"
+    assert _rows(engine, stored, i=spoiled) == [(CLEAN,)]
+    assert _rows(engine, stored, i=next(i for i in INSTRUMENTS if i != spoiled)) == [(d,) for d in [CLEAN, *SPOILED]]
     # The held rows are kept as delivered, NaN and inf included.
     [(nan_rows,)] = _rows(engine, "SELECT count(*) FROM quarantine_ohlcv_1m WHERE close = 'NaN'")
     [(inf_rows,)] = _rows(engine, "SELECT count(*) FROM quarantine_ohlcv_1m WHERE volume = 'Infinity'")
@@ -103,12 +109,18 @@ def test_nan_inf_and_absurd_bars_are_quarantined_for_their_day_and_logged(
         release(conn, nan_batch, actor="alice", note="looks fine to me")
     assert _rows(engine, "SELECT status FROM quarantine_batches WHERE batch_id = :b", b=nan_batch) == [("held",)]
 
-    message = result.failure_data_for_node("raw_ohlcv").error.message
+    # Each day's check names the bar; the run fails in the feature steps, for the instrument held.
+    checks = {
+        e.partition: "\n".join(str(v.value) for v in e.metadata.values())
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key.to_user_string() == "raw_ohlcv"
+    }
     for day, values in SPOILED.items():
         bad = _day_bars(day)[SPOILED_ROW]
         column, value = next(iter(values.items()))
-        assert f"raw_ohlcv {day} breached its gate" in message
-        assert f"{bad['instrument_id'][0]} {bad['ts'][0]} {column}={_spelled(value)}" in message
+        assert f"{bad['instrument_id'][0]} {bad['ts'][0]} {column}={_spelled(value)}" in checks[day]
+    message = result.failure_data_for_node("feature_vectors_fs_v1_1m").error.message
+    assert f"1 instrument(s) held since {min(SPOILED)}" in message and f"make recompute FROM={min(SPOILED)}" in message
 
 
 def test_a_bar_fifty_times_its_day_median_is_refused_but_ten_times_is_left_to_the_feature_gate() -> None:

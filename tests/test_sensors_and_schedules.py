@@ -179,7 +179,16 @@ def test_daemon_fires_the_sensor_and_the_schedule(
             .scalars()
             .all()
         )
-    assert verdict == [False]
+    # Which of the daemon's two runs goes first is up to the daemon. The schedule's run alone on an empty store
+    # fails its expected-data check; after the sensor's run it is refused before judging anything, since its
+    # session follows ~700 sessions the store holds no bar of (nothing may be computed across them).
+    assert verdict in ([False], [])
+    if not verdict:
+        with engine_for(dsn).connect() as conn:
+            logged = conn.execute(
+                sa.text("SELECT count(*) FROM quality_log WHERE partition = :p"), {"p": schedule_run["partition"]}
+            ).scalar()
+        assert logged == 0
 
     with engine_for(dsn).connect() as conn:
         vectors = conn.execute(

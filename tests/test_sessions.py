@@ -211,19 +211,24 @@ def test_an_empty_delivery_on_a_session_day_fails_the_gate_saying_what_was_expec
     assert ("expected_data", "2024-01-05", False) in checks
 
 
-def test_a_holiday_is_no_partition_and_its_bars_belong_to_the_next_session(
+def test_a_holiday_is_no_partition_its_bars_are_set_aside_and_after_hours_prints_belong_to_the_next_session(
     dsn: str, engine: sa.Engine, tmp_path: Path
 ) -> None:
     bars = SyntheticBars(instruments=("AAA", "BBB")).bars(*day_window("2024-01-16"))
-    holiday_print = minute_bars("AAA", utc(2024, 1, 15, 16, 0), 3)  # a stray print on MLK day
-    pl.concat([bars, holiday_print]).write_csv(_mkdir(tmp_path / "bars") / "jan16.csv")
+    holiday_print = minute_bars("AAA", utc(2024, 1, 15, 16, 0), 3)  # prints on MLK day: XNYS is closed
+    after_hours = minute_bars("AAA", utc(2024, 1, 12, 22, 0), 2)  # Friday 17:00 New York: after the close
+    pl.concat([bars, holiday_print, after_hours]).write_csv(_mkdir(tmp_path / "bars") / "jan16.csv")
     (tmp_path / "events").mkdir()
     assert "2024-01-15" not in DAILY.get_partition_keys()
     raw = [a for a in PIPELINE if "fs_" not in a.key.to_user_string()]
     result = materialize_range(dsn, "2024-01-16", landing_dir=tmp_path, assets=raw)
     assert result.success
-    assert rows(engine, "SELECT count(*) FROM ohlcv_1m WHERE ts < :t", t=utc(2024, 1, 16))[0][0] == 3
-    # ... stored with the session of 01-16, but outside its hours: not in its daily bar.
+    # Nothing stamped on the closed day is stored; the after-hours prints are, with the session of 01-16 ...
+    assert rows(engine, "SELECT ts FROM ohlcv_1m WHERE ts < :t ORDER BY ts", t=utc(2024, 1, 16)) == [
+        (utc(2024, 1, 12, 22, 0),),
+        (utc(2024, 1, 12, 22, 1),),
+    ]
+    # ... but outside its hours: not in its daily bar.
     assert rows(engine, "SELECT ts FROM ohlcv_1d WHERE instrument_id = 'AAA'") == [(utc(2024, 1, 16, 20, 59),)]
 
 

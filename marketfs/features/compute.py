@@ -176,13 +176,16 @@ def compute_feature_vectors(
     end: datetime | None = None,
     warmup_limit: int | None = None,
     config: FlagConfig | None = None,
+    restarts: pl.DataFrame | None = None,
 ) -> FeatureComputation:
     """Feature vectors of ``feature_set`` at ``timeframe`` for ``[start, end)``.
 
     ``bars`` holds the window's bars of ``timeframe`` and up to ``warmup_limit`` bars before
     ``start`` per instrument (with ``warmup_limit=None`` the bars are the whole history).
     ``events`` must cover ``[start - feature_set.event_lookback(timeframe), end)``. ``state`` is the
-    stored recursion state at each instrument's last bar before ``start``.
+    stored recursion state at each instrument's last bar before ``start``. ``restarts`` (instrument_id,
+    restart_at): instruments whose history restarts after a declared gap (the caller has left out their bars
+    and state from before it); their vectors are flagged GAP until every window is warm again.
     """
     config = config or load_flag_config()
     features = feature_set.for_timeframe(timeframe)
@@ -229,6 +232,17 @@ def compute_feature_vectors(
             known = event_features(known, event_frame, parse_window(label), label)
         vectors = known.with_columns(pl.col("_stamp").alias("ts")).drop("_stamp")
 
+    if restarts is not None and restarts.height:
+        restart = pl.col("restart_at")
+        vectors = (
+            vectors.join(restarts.select("instrument_id", "restart_at"), on="instrument_id", how="left")
+            .with_columns(
+                (restart.is_not_null() & (pl.col("ts") >= restart) & pl.col("_short").fill_null(False)).alias("_gap")
+            )
+            .drop("restart_at")
+        )
+    else:
+        vectors = vectors.with_columns(pl.lit(False).alias("_gap"))
     vectors = vectors.with_columns(_flags(vectors, names, windows, timeframe, config).alias("quality_flags"))
     out = vectors.select(
         pl.col("instrument_id"),
@@ -286,6 +300,8 @@ def _flags(vectors: pl.DataFrame, names: list[str], windows: list[str], timefram
             pl.col("source_flags").fill_null([]).list.contains(QualityFlag.PARTIAL_SESSION.value),
             QualityFlag.PARTIAL_SESSION,
         ),
+        # The history restarts after a declared gap and is not warm yet: no value reached across the gap.
+        flag_if(pl.col("_gap"), QualityFlag.GAP),
         flag_if(non_finite.fill_null(False), QualityFlag.COMPUTATION_ERROR),
     ]
     return pl.concat_list(flags)

@@ -22,6 +22,7 @@ class QualityFlag(StrEnum):
     LOW_SENTIMENT_CONFIDENCE = "LOW_SENTIMENT_CONFIDENCE"
     TIMESTAMP_MISMATCH = "TIMESTAMP_MISMATCH"
     PARTIAL_SESSION = "PARTIAL_SESSION"
+    GAP = "GAP"
     COMPUTATION_ERROR = "COMPUTATION_ERROR"
 
 
@@ -45,6 +46,11 @@ FLAG_MEANINGS: dict[QualityFlag, str] = {
         "Daily bars: the session's minute bars span less than `partial_session_coverage` of the session "
         "(marketfs/config/universes.toml), e.g. a feed that stopped early or a single print; its volume and "
         "range understate the day."
+    ),
+    QualityFlag.GAP: (
+        "The instrument's history restarts after a declared gap (sessions missing for good: `run --allow-gap`, a "
+        "discarded batch, a trading halt): its windows and recursions start again after it, and until they are "
+        "warm again its vectors carry GAP beside INSUFFICIENT_OHLCV. No value spans the gap."
     ),
     QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN); it is stored as null.",
 }

@@ -77,4 +77,9 @@ def hole_before(conn: sa.Connection, day: date | str, timeframe: str = "1m", sha
 
     newest_day = sessions.trading_day(pl.Series([newest], dtype=pl.Datetime("us", "UTC"))).item()
     missing = [d for d in sessions.between(newest_day, day) if newest_day < d < sessions.days[position]]
+    if missing:  # sessions a person declared missing for good are no hole: windows restart after them
+        from marketfs.store.gaps import declared_sessions
+
+        declared = declared_sessions(conn, missing[0], missing[-1])
+        missing = [d for d in missing if d not in declared]
     return Hole(table, sessions.days[position], newest_day, missing) if missing else None

@@ -313,13 +313,10 @@ def compute_stored(
     dataset's bars, events and its own vectors) are computed only up to their hold: their bars from it on
     are not read, so nothing continues from a day that is missing, and the result says who was left out.
     """
-    from marketfs.features.compute import compute_feature_vectors
-    from marketfs.features.flags import load_flag_config
     from marketfs.features.registry import dataset_name
     from marketfs.features.timeframes import timeframe as timeframe_spec
-    from marketfs.store.bars import read_bars_for
     from marketfs.store.coverage import hole_before
-    from marketfs.store.events import read_events
+    from marketfs.store.gaps import read_restarts
     from marketfs.store.holds import feature_holds, read_holds
     from marketfs.universe import active_sessions
 
@@ -333,24 +330,64 @@ def compute_stored(
         hole = hole_before(conn, day, "1d" if timeframe_spec(timeframe).per_session else "1m", shard)
         if hole is not None:
             raise HistoryError(hole.describe())
+    dataset = dataset_name(feature_set, timeframe)
+    restarts = read_restarts(conn, dataset, end, shard)
+    stored_state = holds.filter(
+        read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
+    )
+    # A declared gap inside the window splits it: each piece continues the state the piece before computed,
+    # and the instruments the gap covers start again after it.
+    cuts = sorted({r for r in restarts["restart_at"].to_list() if start < r < end})
+    bounds = [start, *cuts, end]
+    vectors, states, carried = [], [], stored_state
+    for piece_start, piece_end in zip(bounds, bounds[1:], strict=False):
+        piece = _compute_piece(
+            conn, feature_set, timeframe, piece_start, piece_end, shard, holds, restarts, carried, day_start
+        )
+        vectors.append(piece.vectors)
+        states.append(piece.state)
+        carried = pl.concat([carried, piece.state]) if piece.state.height else carried
+    computed = FeatureComputation(vectors=pl.concat(vectors), state=pl.concat(states))
+    return FeatureComputation(vectors=holds.filter(computed.vectors), state=holds.filter(computed.state), holds=holds)
+
+
+def _compute_piece(
+    conn: sa.Connection,
+    feature_set: FeatureSet,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    shard: Shard,
+    holds: Holds,
+    restarts: pl.DataFrame,
+    state: pl.DataFrame,
+    day_start: datetime,
+) -> FeatureComputation:
+    """``compute_stored`` for a window no declared gap cuts: its bars with their warm-up, less what each
+    instrument had before its latest restart; the state each instrument last reached before ``start``."""
+    from marketfs.features.compute import compute_feature_vectors
+    from marketfs.features.flags import load_flag_config
+    from marketfs.store.bars import read_bars_for
+    from marketfs.store.events import read_events
+    from marketfs.store.gaps import drop_before_restart, restarts_at
+
     since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
     warmup = feature_set.warmup_bars(timeframe)
     bars = holds.filter(read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since))
     events = read_events(conn, start - feature_set.event_lookback(timeframe), end, shard=shard)
-    state = holds.filter(
-        read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
-    )
-    computed = compute_feature_vectors(
-        bars,
+    latest = state.filter(pl.col("ts") < start).sort("ts").group_by("instrument_id", maintain_order=True).last()
+    restart = restarts_at(restarts, bars["instrument_id"], start)
+    return compute_feature_vectors(
+        drop_before_restart(bars, restart),
         timeframe,
         events=events,
-        state=state,
+        state=drop_before_restart(latest, restart),
         feature_set=feature_set,
         start=start,
         end=end,
         warmup_limit=warmup,
+        restarts=restart,
     )
-    return FeatureComputation(vectors=holds.filter(computed.vectors), state=holds.filter(computed.state), holds=holds)
 
 
 HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"

@@ -536,6 +536,44 @@ def _m015_instrument_batches(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(16, "declared_gaps: sessions a person says are missing for good; windows restart after them (GAP)")
+def _m016_declared_gaps(conn: sa.Connection, timescale: bool) -> None:
+    # A hole the store must not read across (never delivered) becomes a declared gap when a person says it is
+    # real (run --allow-gap, a discarded batch, a trading halt): the instrument's windows and recursions then
+    # restart at restart_at, the start of the trading day after the gap, and its vectors say GAP until warm.
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE declared_gaps (
+                gap_id bigserial PRIMARY KEY,
+                first_session date NOT NULL,
+                last_session date NOT NULL,
+                restart_at timestamptz NOT NULL,
+                instrument_id text,
+                dataset text,
+                reason text NOT NULL,
+                declared_by text NOT NULL,
+                declared_at timestamptz NOT NULL DEFAULT now(),
+                CHECK (first_session <= last_session)
+            )
+            """
+        )
+    )
+    conn.execute(sa.text("CREATE INDEX declared_gaps_restart ON declared_gaps (restart_at)"))
+    if timescale:
+        from marketfs.store import timescale as ts
+
+        # The rollup counts one column per QualityFlag, and GAP is a new one: recreate it (a new database got it
+        # from migration 10, which builds the rollup from QualityFlag as it is now).
+        counted = conn.execute(
+            sa.text("SELECT 1 FROM information_schema.columns WHERE table_name = :v AND column_name = 'gap'"),
+            {"v": ts.ROLLUP},
+        ).first()
+        if not counted:
+            conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))
+            ts.create_daily_quality_rollup(conn)
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

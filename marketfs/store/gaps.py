@@ -1,0 +1,122 @@
+"""Declared gaps: sessions a person says are missing for good, after which an instrument's windows restart.
+
+A hole (sessions the store holds no bar of) is refused by default (``coverage.py``): nothing is computed
+across it. Where the hole is real, it is declared, once, in ``declared_gaps``: by ``run --allow-gap`` (every
+instrument), by discarding a quarantined instrument-day (that instrument, that day), or by hand for a
+trading halt. From the start of the trading day after a gap (``restart_at``) the instrument's bars before it
+are not read and its recursion state is not continued: it is computed as a new listing would be, and its
+vectors carry GAP until their longest window is warm again. A recomputation gives the same values, since
+the declaration is data.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+import polars as pl
+import sqlalchemy as sa
+
+from marketfs.shards import ALL, Shard
+
+RESTART_SCHEMA = {"instrument_id": pl.String(), "restart_at": pl.Datetime("us", "UTC")}
+
+
+def declare_gap(
+    conn: sa.Connection,
+    first: date | str,
+    last: date | str,
+    *,
+    reason: str,
+    by: str,
+    instrument_id: str | None = None,
+    dataset: str | None = None,
+) -> int:
+    """Record sessions ``first..last`` as missing for good (of one instrument, or of all when None; of one
+    feature dataset, or of every one and the bars when None). Returns the gap's id."""
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
+    last_day = date.fromisoformat(str(last))
+    following = sessions.next_session(date.fromordinal(last_day.toordinal() + 1))
+    restart_at = sessions.trading_day_window(following)[0] if following is not None else None
+    if restart_at is None:
+        raise ValueError(f"no session after {last} in the {sessions.name} calendar to restart from")
+    return int(
+        conn.execute(
+            sa.text(
+                "INSERT INTO declared_gaps (first_session, last_session, restart_at, instrument_id, dataset, reason, "
+                "declared_by) VALUES (:f, :l, :r, :i, :d, :why, :by) RETURNING gap_id"
+            ),
+            {
+                "f": str(first),
+                "l": str(last),
+                "r": restart_at,
+                "i": instrument_id,
+                "d": dataset,
+                "why": reason,
+                "by": by,
+            },
+        ).scalar_one()
+    )
+
+
+def declared_sessions(conn: sa.Connection, first: date, last: date) -> set[date]:
+    """The sessions of ``first..last`` declared missing for every instrument (and every dataset)."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT first_session, last_session FROM declared_gaps WHERE instrument_id IS NULL AND dataset IS NULL "
+            "AND first_session <= :l AND last_session >= :f"
+        ),
+        {"f": first, "l": last},
+    ).all()
+    declared: set[date] = set()
+    for lo, hi in rows:
+        declared.update(date.fromordinal(o) for o in range(max(lo, first).toordinal(), min(hi, last).toordinal() + 1))
+    return declared
+
+
+def read_restarts(conn: sa.Connection, dataset: str | None, before: datetime, shard: Shard = ALL) -> pl.DataFrame:
+    """Every restart instant (``RESTART_SCHEMA``, instrument_id null for every instrument) that applies to
+    ``dataset`` (None: the bars alone) and comes before ``before``, of the shard's instruments."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT instrument_id, restart_at FROM declared_gaps WHERE restart_at < :before "
+            "AND (dataset IS NULL OR dataset = :d) ORDER BY restart_at"
+        ),
+        {"before": before, "d": dataset},
+    ).all()
+    frame = pl.DataFrame([tuple(r) for r in rows], schema=RESTART_SCHEMA, orient="row")
+    if frame.is_empty() or shard.is_all:
+        return frame
+    mine = [i for i in frame["instrument_id"].drop_nulls().unique().to_list() if shard.holds(i)]
+    return frame.filter(pl.col("instrument_id").is_null() | pl.col("instrument_id").is_in(mine))
+
+
+def restarts_at(restarts: pl.DataFrame, instruments: pl.Series, at: datetime) -> pl.DataFrame:
+    """Per instrument, the latest restart at or before ``at``: what its history starts from (none: whole)."""
+    due = restarts.filter(pl.col("restart_at") <= at)
+    if due.is_empty():
+        return pl.DataFrame(schema=RESTART_SCHEMA)
+    ids = instruments.unique().drop_nulls().to_frame("instrument_id")
+    every = due.filter(pl.col("instrument_id").is_null()).drop("instrument_id")
+    own = due.filter(pl.col("instrument_id").is_not_null())
+    parts = [own.join(ids, on="instrument_id", how="semi")]
+    if every.height:
+        parts.append(ids.join(every, how="cross"))
+    return (
+        pl.concat([p.select(list(RESTART_SCHEMA)) for p in parts])
+        .group_by("instrument_id")
+        .agg(pl.col("restart_at").max())
+        .sort("instrument_id")
+    )
+
+
+def drop_before_restart(frame: pl.DataFrame, restarts: pl.DataFrame, ts_column: str = "ts") -> pl.DataFrame:
+    """``frame`` without the rows of each instrument from before its restart."""
+    if restarts.is_empty() or frame.is_empty():
+        return frame
+    return (
+        frame.join(restarts, on="instrument_id", how="left", maintain_order="left")
+        .filter(pl.col("restart_at").is_null() | (pl.col(ts_column) >= pl.col("restart_at")))
+        .drop("restart_at")
+    )
