@@ -3,9 +3,8 @@ usage errors. The pipeline runs as a user runs it: `python -m pipelines` in a su
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
