@@ -61,12 +61,15 @@ def session_verdicts(
     verdicts = {}
     all_expected = expected
     for day in days:
-        expected = all_expected - (held or {}).get(day, set())
+        held_today = (held or {}).get(day, set())
+        expected = all_expected - held_today
         bars = bars_by_day.get(day)
         present = set(bars["instrument_id"].unique().to_list()) if bars is not None and bars.height else set()
         # Nothing expected at all is "nothing learnt yet": some bar must come. A shard that a declared list
         # leaves empty expects nothing, and rightly holds nothing.
-        minimum = universe.min_instruments(len(expected)) if expected else (1 if learnt else 0)
+        # Every expected instrument held (their rows are in quarantine, not missing): nothing more is due.
+        nothing_due = 0 if held_today else (1 if learnt else 0)
+        minimum = universe.min_instruments(len(expected)) if expected else nothing_due
         missing = sorted(expected - present)
         outcome = ExpectationOutcome(
             expectation=EXPECTATION,

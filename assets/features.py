@@ -219,6 +219,9 @@ def _materialise_shard(
             history = _drift_history(store, fs, drift_template, timeframe, start, shard)
         chunk = gate.judge(store, scope, days, computation, vectors, by_day, history, fs, timeframe)
         judgement.extend(chunk)
+        for breach in chunk.breaches:
+            if breach.instruments is not None:  # before the write records the day as reconciled
+                _retract_intraday(store, context, fs, timeframe, shard, [breach.day], list(breach.instruments))
         if chunk.accepted:
             held_here = Holds()
             for day in chunk.accepted:
@@ -344,13 +347,19 @@ def _write_accepted(
 
 
 def _retract_intraday(
-    store: FeatureStore, context: dg.AssetExecutionContext, fs: FeatureSet, timeframe: str, shard: Shard, days
+    store: FeatureStore,
+    context: dg.AssetExecutionContext,
+    fs: FeatureSet,
+    timeframe: str,
+    shard: Shard,
+    days,
+    instruments: list[str] | None = None,
 ) -> None:
-    """A breached day is served by none of its vectors, including those intraday steps served before
-    the end-of-day judgement (they stay in the history, where ``as_of`` finds what a model saw)."""
+    """A breached day (or instrument-day) is served by none of its vectors, including those intraday steps
+    served before the end-of-day judgement (they stay in the history, where ``as_of`` finds what a model saw)."""
     with store.engine().begin() as conn:
         for day in days:
-            retracted = retract_day(conn, fs, timeframe, shard, day)
+            retracted = retract_day(conn, fs, timeframe, shard, day, instruments)
             if retracted:
                 context.log.warning(
                     f"{dataset_name(fs, timeframe)} {day}: the end-of-day gate failed a day that intraday steps had "

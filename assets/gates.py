@@ -146,6 +146,10 @@ def judge_days(
                     verdicts.update(failed)
                 start, end = day_window(day)
                 instruments = _breaching_instruments(failed)
+                if instruments is not None and chained and _every_instrument(rows_of_day(day), instruments):
+                    # Every instrument of a feature day breaching is the day's breach (a suite, a systematic
+                    # defect): the day is held whole and the days after it wait, as a day-scope breach does.
+                    instruments = None
                 reason = "; ".join(
                     f"{g.suite}: {', '.join(o.label for o in g.blocking_failures)}" for g in failed.values()
                 )
@@ -330,6 +334,14 @@ def breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, c
         },
         allow_retries=False,  # the same rows would breach the same gate again
     )
+
+
+def _every_instrument(tables: dict[str, pl.DataFrame], instruments: tuple[str, ...]) -> bool:
+    present = set()
+    for frame in tables.values():
+        if "instrument_id" in frame.columns:
+            present.update(frame["instrument_id"].unique().to_list())
+    return present <= set(instruments)
 
 
 def _breaching_instruments(failed: dict[str, GateResult]) -> tuple[str, ...] | None:

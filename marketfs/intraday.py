@@ -445,11 +445,18 @@ def record_day_written(
     )
 
 
-def retract_day(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shard, day: str) -> int:
-    """The end-of-day run failed ``day``, which only intraday steps had served: nothing of it stays
-    served (it goes to the history, where ``as_of`` still finds what a model saw). A day a daily run
-    already wrote whole keeps what it wrote, as any re-run that breaches does. Returns the vectors
-    retracted."""
+def retract_day(
+    conn: sa.Connection,
+    fs: FeatureSet,
+    timeframe: str,
+    shard: Shard,
+    day: str,
+    instruments: list[str] | None = None,
+) -> int:
+    """The end-of-day run failed ``day`` (or, with ``instruments``, those instruments' day), which only
+    intraday steps had served: nothing of it stays served (it goes to the history, where ``as_of`` still
+    finds what a model saw). A day a daily run already wrote whole keeps what it wrote, as any re-run that
+    breaches does. Returns the vectors retracted."""
     from marketfs.store.feature_vectors import upsert_window
 
     if timeframe_spec(timeframe).per_session or not any(
@@ -458,5 +465,7 @@ def retract_day(conn: sa.Connection, fs: FeatureSet, timeframe: str, shard: Shar
         return 0
     start, end = active_sessions().trading_day_window(day)
     empty = pl.DataFrame(schema=vector_schema(fs, timeframe))
-    stats = upsert_window(conn, empty, feature_set=fs, timeframe=timeframe, start=start, end=end, shard=shard)
+    stats = upsert_window(
+        conn, empty, feature_set=fs, timeframe=timeframe, start=start, end=end, shard=shard, only=instruments
+    )
     return int(stats.get("deleted_stale", 0))

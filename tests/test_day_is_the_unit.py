@@ -79,24 +79,32 @@ def day_records(result, asset: str) -> dict[str, dict]:
     return latest
 
 
-def test_a_bad_bar_holds_only_its_day_and_gets_the_verdict_it_gets_alone(
+def test_a_bad_bar_holds_only_its_instrument_day_and_gets_the_verdict_it_gets_alone(
     dsn: str, engine: sa.Engine, tmp_path: Path
 ) -> None:
     land_days(tmp_path, negative_close)
     result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=tmp_path)
     assert not result.success
     assert evaluations(result, "raw_ohlcv") == {"2024-04-02": True, "2024-04-03": False, "2024-04-04": True}
-    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [("raw_ohlcv", "2024-04-03")]
-    assert rows(engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM ohlcv_1m ORDER BY 1") == [
+    bad = SyntheticBars(instruments=INSTRUMENTS).bars(_start(DAYS[1]), _start(DAYS[2]))[200]
+    held = bad["instrument_id"][0]
+    assert rows(engine, "SELECT asset, partition, instruments FROM quarantine_batches") == [
+        ("raw_ohlcv", "2024-04-03", [held])
+    ]
+    # Every day is written and materialised; the held instrument's rows of 04-03 are not among them.
+    assert rows(
+        engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM ohlcv_1m WHERE instrument_id = :i ORDER BY 1", i=held
+    ) == [
         ("2024-04-02",),
         ("2024-04-04",),
     ]
-    assert sorted(day_records(result, "raw_ohlcv")) == ["2024-04-02", "2024-04-04"]
+    assert sorted(day_records(result, "raw_ohlcv")) == DAYS
+    assert held in day_records(result, "raw_ohlcv")["2024-04-03"]["held_instruments"]
     assert {r[0] for r in rows(engine, "SELECT DISTINCT partition FROM quality_log")} == set(DAYS)
-    message = result.failure_data_for_node("raw_ohlcv").error.message
-    bad = SyntheticBars(instruments=INSTRUMENTS).bars(_start(DAYS[1]), _start(DAYS[2]))[200]
-    assert "raw_ohlcv 2024-04-03 breached its gate" in message
-    assert f"{bad['instrument_id'][0]} {bad['ts'][0]}" in message and "close=-5.0" in message
+    # The run fails in the feature steps, which served the other instrument on every day.
+    message = result.failure_data_for_node("feature_vectors_fs_v1_1m").error.message
+    assert f"{held} since 2024-04-03 (raw_ohlcv batch" in message
+    assert f"{held} {bad['ts'][0]}" in message and "close=-5.0" in message
 
     in_range = rows(
         engine, "SELECT expectation, column_name FROM quality_log WHERE partition = '2024-04-03' AND NOT success"
@@ -108,26 +116,40 @@ def test_a_bad_bar_holds_only_its_day_and_gets_the_verdict_it_gets_alone(
     assert sorted(alone) == sorted(in_range) and alone
 
 
-def test_a_feature_breach_writes_the_days_before_and_holds_back_the_days_after(
+def test_a_feature_breach_of_one_instrument_holds_it_from_that_day_and_serves_the_others(
     dsn: str, engine: sa.Engine, tmp_path: Path
 ) -> None:
     land_days(tmp_path, spiked_close)
     result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=tmp_path)
     assert not result.success
     assert evaluations(result, "raw_ohlcv") == dict.fromkeys(DAYS, True)
-    assert evaluations(result, "feature_vectors_fs_v1_1m") == {"2024-04-02": True, "2024-04-03": False}
-    assert rows(engine, "SELECT asset, partition FROM quarantine_batches") == [
-        ("feature_vectors_fs_v1_1m", "2024-04-03")
+    assert evaluations(result, "feature_vectors_fs_v1_1m") == {
+        "2024-04-02": True,
+        "2024-04-03": False,
+        "2024-04-04": True,
+    }
+    held = SyntheticBars(instruments=INSTRUMENTS).bars(_start(DAYS[1]), _start(DAYS[2]))[200]["instrument_id"][0]
+    other = next(i for i in INSTRUMENTS if i != held)
+    assert rows(engine, "SELECT asset, partition, instruments FROM quarantine_batches") == [
+        ("feature_vectors_fs_v1_1m", "2024-04-03", [held])
     ]
-    assert rows(
-        engine, "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM feature_vectors WHERE timeframe = '1m' ORDER BY 1"
-    ) == [("2024-04-02",)]
+    served = (
+        "SELECT DISTINCT to_char(ts, 'YYYY-MM-DD') FROM feature_vectors WHERE timeframe = '1m' "
+        "AND instrument_id = :i ORDER BY 1"
+    )
+    # The held instrument: served before its breach, not on it, not after it (its state continues the breach).
+    assert rows(engine, served, i=held) == [("2024-04-02",)]
+    assert rows(engine, served, i=other) == [(d,) for d in DAYS]
     records = day_records(result, "feature_vectors_fs_v1_1m")
-    assert sorted(records) == ["2024-04-02"]
-    [(served,)] = rows(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'")
-    assert records["2024-04-02"]["rows"] == served
+    assert sorted(records) == DAYS
+    [(served_04_02,)] = rows(
+        engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m' AND ts < :t", t=_start(DAYS[1])
+    )
+    assert records["2024-04-02"]["rows"] == served_04_02
     message = result.failure_data_for_node("feature_vectors_fs_v1_1m").error.message
-    assert "Not written: 2024-04-04" in message and "Fix 2024-04-03 first" in message
+    assert (
+        f"2024-04-03 of instrument {held} breached its gate" in message and "make recompute FROM=2024-04-03" in message
+    )
 
 
 def test_each_partition_records_its_own_rows_and_a_warmed_up_preview(dsn: str, engine: sa.Engine) -> None:

@@ -108,7 +108,8 @@ def test_breaching_partition_fails_run_and_leaves_feature_vectors_unchanged(
     assert "FAILED expect_column_values_to_be_between(ret_1)" in failed
     assert "2 of" in failed["FAILED expect_column_values_to_be_between(ret_1)"]  # the jump up and back down
     failure = result.failure_data_for_node("feature_vectors_fs_v1_1m")
-    assert "2024-01-03 breached its gate; nothing of 2024-01-03 was written" in failure.error.message
+    # A breach of AAA's rows alone holds AAA's day: its served vectors stay as they were (the fingerprint above).
+    assert "2024-01-03 of instrument AAA breached its gate: those rows are held" in failure.error.message
     assert "AAA 2024-01-03 " in failure.error.message  # the instrument and an example ts
 
 

@@ -34,6 +34,11 @@ def count(engine: sa.Engine, query: str, **params) -> int:
         return int(conn.execute(sa.text(query), params).scalar())
 
 
+def count_rows(engine: sa.Engine, query: str, **params) -> list:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(sa.text(query), params)]
+
+
 def check(result, asset: str, name: str = "quality_gate"):
     [evaluation] = [
         c
@@ -55,9 +60,13 @@ def test_bad_raw_bars_are_quarantined_as_delivered_and_released(dsn: str, engine
     assert not evaluation.passed
     assert "FAILED expect_column_pair_values_a_to_be_greater_than_b(high,low)" in evaluation.metadata
     batch_id = evaluation.metadata["quarantine_batch"].value
-    assert count(engine, "SELECT count(*) FROM ohlcv_1m") == 0
-    assert count(engine, "SELECT count(*) FROM feature_vectors") == 0
-    assert count(engine, "SELECT count(*) FROM quarantine_ohlcv_1m WHERE batch_id = :b", b=batch_id) == bad.height
+    # The instrument of the bad bar is held for the day; the other instrument's bars and vectors are served.
+    held = bad.sort("instrument_id", "ts")[7]["instrument_id"][0]
+    held_rows = bad.filter(pl.col("instrument_id") == held).height
+    assert count(engine, "SELECT count(*) FROM ohlcv_1m") == bad.height - held_rows
+    assert count(engine, "SELECT count(*) FROM feature_vectors WHERE instrument_id = :i", i=held) == 0
+    assert count(engine, "SELECT count(*) FROM feature_vectors WHERE instrument_id <> :i", i=held) > 0
+    assert count(engine, "SELECT count(*) FROM quarantine_ohlcv_1m WHERE batch_id = :b", b=batch_id) == held_rows
     assert (
         count(
             engine,
@@ -73,7 +82,7 @@ def test_bad_raw_bars_are_quarantined_as_delivered_and_released(dsn: str, engine
         quality.release(conn, batch_id, actor="", note="")
     with engine.begin() as conn:
         released = quality.release(conn, batch_id, actor="alice", note="vendor confirmed the print")
-    assert released["rows_written"] == bad.height
+    assert released["rows_written"] == held_rows
     assert count(engine, "SELECT count(*) FROM ohlcv_1m") == bad.height
     assert (
         count(
@@ -103,7 +112,9 @@ def test_bad_events_are_quarantined_and_discarded(dsn: str, engine: sa.Engine, t
     result = materialize_range(dsn, "2024-01-03", landing_dir=tmp_path)
     assert not result.success
     batch_id = check(result, "raw_events").metadata["quarantine_batch"].value
-    assert count(engine, "SELECT count(*) FROM news_events") == 0
+    held = events[3]["instrument_id"][0]
+    assert count(engine, "SELECT count(*) FROM news_events WHERE instrument_id = :i", i=held) == 0
+    assert count(engine, "SELECT count(*) FROM news_events") > 0  # the other instrument's events of the day
     with engine.begin() as conn:
         quality.discard(conn, batch_id, actor="bob", note="vendor resent the day")
     assert count(engine, "SELECT count(*) FROM quarantine_news_events") == 0
@@ -126,13 +137,17 @@ def test_breaching_vectors_are_quarantined_with_state_and_release_serves_them(
     assert not result.success
     evaluation = check(result, "feature_vectors_fs_v1_1m")
     batch_id = evaluation.metadata["quarantine_batch"].value
-    assert count(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'") == 0
+    # The spiked instrument's vectors and state of the day are held; the other's are served.
+    [instrument] = count_rows(engine, "SELECT instruments FROM quarantine_batches WHERE batch_id = :b", b=batch_id)
+    assert instrument == [spiked.sort("instrument_id", "ts")[200]["instrument_id"][0]] or len(instrument) == 1
+    served = count(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'")
+    assert served > 350
     held = count(engine, "SELECT count(*) FROM quarantine_feature_vectors WHERE batch_id = :b", b=batch_id)
-    assert held > 700
-    assert count(engine, "SELECT count(*) FROM quarantine_feature_state WHERE batch_id = :b", b=batch_id) == 2
+    assert held > 350
+    assert count(engine, "SELECT count(*) FROM quarantine_feature_state WHERE batch_id = :b", b=batch_id) == 1
     with engine.begin() as conn:
         quality.release(conn, batch_id, actor="carol", note="real move: a takeover bid")
-    assert count(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'") == held
+    assert count(engine, "SELECT count(*) FROM feature_vectors WHERE timeframe = '1m'") == served + held
     assert count(engine, "SELECT count(*) FROM feature_state WHERE timeframe = '1m'") == 2
 
 

@@ -262,4 +262,25 @@ def discard(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dic
     for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state"):
         conn.execute(sa.text(f"DELETE FROM quarantine_{table} WHERE batch_id = :b"), {"b": batch_id})
     _record_decision(conn, batch, "discarded", actor, note)
-    return batch
+    gaps = _declare_discarded_day(conn, batch, actor, note)
+    return {**batch, "gaps": gaps}
+
+
+def _declare_discarded_day(conn: sa.Connection, batch: dict[str, Any], actor: str, note: str) -> list[int]:
+    """A discarded day of bars (or of a dataset's vectors and state) is missing for good: declared a gap, so
+    that what follows restarts after it instead of reading across it (events carry no state: no gap)."""
+    from marketfs.store.gaps import declare_gap
+
+    asset = batch["asset"]
+    if asset in ("raw_ohlcv", "bars_1d"):
+        dataset = None
+    elif _feature_dataset(asset) is not None:
+        dataset = asset
+    else:
+        return []
+    day = batch["partition"].split("|")[0]
+    reason = f"quarantine batch {batch['batch_id']} ({asset} {batch['partition']}) discarded by {actor}: {note}"
+    return [
+        declare_gap(conn, day, day, reason=reason, by=actor, instrument_id=instrument, dataset=dataset)
+        for instrument in (batch.get("instruments") or [None])
+    ]
