@@ -1,6 +1,6 @@
 """``python -m pipelines``: run the sample pipeline end to end, or open the Dagster UI on it.
 
-python -m pipelines run [--start 2024-01-02] [--end 2024-01-12] [--shard K]
+python -m pipelines run [--start 2024-01-02] [--end 2024-01-12] [--shard K] [--allow-gap]
 python -m pipelines run --today [--shard K]
 python -m pipelines recompute --from 2024-01-05 [--to 2024-01-12] [--shard K]
 python -m pipelines quarantine release BATCH --by NAME --note WHY
@@ -150,7 +150,69 @@ def _wait_for_state_chain(instance, chain: dict[str, str]) -> None:
         time.sleep(5)
 
 
-def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, shard: int | None = None) -> int:
+def _holes_before(first: str, end: str, allow_gap: bool, only) -> bool:
+    """Before anything is written: the sessions the store holds no bar of before ``first``. Refused (False,
+    after saying which and the commands), or with ``allow_gap`` declared missing for good, so the windows of
+    every instrument restart after them and its vectors say GAP until warm again."""
+    import getpass
+
+    from assets.partitions import SHARD_COUNT
+    from marketfs.db import engine_for
+    from marketfs.features.registry import datasets
+    from marketfs.shards import shards
+    from marketfs.store.coverage import hole_before
+    from marketfs.store.gaps import declare_gap
+    from marketfs.store.migrations import migrate
+
+    migrate(os.environ["MARKETFS_DSN"])  # a new database: its tables first (as every run's first step does)
+    with engine_for(os.environ["MARKETFS_DSN"]).begin() as conn:
+        holes = {}
+        for shard in only or shards(SHARD_COUNT):
+            for timeframe in ("1m", "1d"):
+                hole = hole_before(conn, first, timeframe, shard)
+                if hole is not None:
+                    holes[timeframe] = hole
+        if not holes:
+            return True
+        if not allow_gap:
+            for hole in holes.values():
+                print(f"refused, nothing written: {hole.describe(end=end)}", file=sys.stderr)
+            print(
+                f"or, if those sessions are missing for good: python -m pipelines run --start {first} --end {end} "
+                "--allow-gap (every instrument's windows restart after them; its vectors carry GAP until warm)",
+                file=sys.stderr,
+            )
+            return False
+        by = getpass.getuser()
+        minute_datasets = [name for name, (_, tf) in datasets().items() if tf != "1d"]
+        # A gap of the daily bars restarts every dataset; one of the minute bars only those computed from them.
+        for timeframe, hole in holes.items():
+            scopes = [None] if timeframe == "1d" else minute_datasets
+            for dataset in scopes:
+                declare_gap(
+                    conn,
+                    hole.missing[0],
+                    hole.missing[-1],
+                    reason=f"run --start {first} --allow-gap: {hole.table} holds no bar of these sessions",
+                    by=by,
+                    dataset=dataset,
+                )
+            named = "every dataset" if scopes == [None] else ", ".join(scopes)
+            print(
+                f"declared a gap: {hole.table} holds no bar of {hole.missing[0]}..{hole.missing[-1]} "
+                f"({len(hole.missing)} sessions); the windows of {named} restart at {first}"
+            )
+    return True
+
+
+def _run(
+    start: str,
+    end: str,
+    snapshot: bool = True,
+    verbose: bool = False,
+    shard: int | None = None,
+    allow_gap: bool = False,
+) -> int:
     prepare_environment()
     import dagster as dg
     import sqlalchemy as sa
@@ -169,6 +231,8 @@ def _run(start: str, end: str, snapshot: bool = True, verbose: bool = False, sha
         return 0
     instance = dg.DagsterInstance.get()
     only = _only_shard(shard)
+    if not _holes_before(keys[0], keys[-1], allow_gap, only):
+        return 1
     failed_runs, tally = _execute_in_order(keys, verbose=verbose, only=only)
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE  # nothing more can be read or written: the message above says what to do
@@ -476,6 +540,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-snapshot", action="store_true", help="skip the sample snapshot at the end")
     run.add_argument("--shard", type=int, help="only this instrument shard (0..MARKETFS_SHARDS-1)")
     run.add_argument(
+        "--allow-gap",
+        action="store_true",
+        help="the sessions before --start that the store holds no bar of are missing for good: declare them a gap "
+        "(windows restart after it, vectors say GAP until warm) instead of refusing",
+    )
+    run.add_argument(
         "--today",
         action="store_true",
         help="one intraday step: compute, gate and serve what has been delivered of today so far, then exit",
@@ -529,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_today(datetime.fromisoformat(args.now) if args.now else None, args.shard)
         if args.command == "run":
-            return _run(args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose, args.shard)
+            return _run(
+                args.start.isoformat(), args.end.isoformat(), not args.no_snapshot, verbose, args.shard, args.allow_gap
+            )
         if args.command == "recompute":
             end = args.end.isoformat() if args.end else None
             return _recompute(args.start.isoformat(), end, verbose=verbose, shard=args.shard)

@@ -75,7 +75,8 @@ def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_th
     refused = pipelines(env, "run", "--start", "2024-02-01", "--end", "2024-02-02", "--no-snapshot")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "holds no bar of the 12 session(s) 2024-01-16..2024-01-31" in refused.stderr, refused.stderr
-    [command] = set(re.findall(r"python -m pipelines run --start \S+ --end \S+", refused.stderr))
+    # The command that fills the hole (the other one printed, with --allow-gap, declares it missing for good).
+    [command] = set(re.findall(r"Fill them first: (python -m pipelines run --start \S+ --end \S+)", refused.stderr))
     assert command == "python -m pipelines run --start 2024-01-16 --end 2024-02-02"
     with engine.connect() as conn:
         for table in ("ohlcv_1m", "ohlcv_1d", "feature_vectors"):
@@ -98,3 +99,38 @@ def pipelines(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipelines", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
+
+
+def test_a_hole_declared_missing_for_good_restarts_every_window_after_it_and_says_gap(
+    new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    env = dagster_process_env(new_database(), new_database(), tmp_path, MARKETFS_SYNTHETIC_INSTRUMENTS="2")
+    first = pipelines(env, "run", "--start", "2024-01-08", "--end", "2024-01-12", "--no-snapshot")
+    assert first.returncode == 0, first.stdout + first.stderr
+    refused = pipelines(env, "run", "--start", "2024-02-01", "--end", "2024-02-02", "--no-snapshot")
+    assert refused.returncode == 1 and "--allow-gap" in refused.stderr, refused.stdout + refused.stderr
+
+    allowed = pipelines(env, "run", "--start", "2024-02-01", "--end", "2024-02-02", "--no-snapshot", "--allow-gap")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "declared a gap: ohlcv_1d holds no bar of 2024-01-16..2024-01-31 (12 sessions)" in allowed.stdout
+    engine = engine_for(env["MARKETFS_DSN"])
+    with engine.connect() as conn:
+        vectors = pl.DataFrame(
+            conn.execute(
+                sa.text(
+                    "SELECT feature_set_version, timeframe, instrument_id, ts, ret_1, quality_flags "
+                    "FROM feature_vectors WHERE ts >= '2024-02-01' ORDER BY 1, 2, 3, 4"
+                )
+            ).all(),
+            schema=["fs", "tf", "instrument_id", "ts", "ret_1", "flags"],
+            orient="row",
+        )
+    assert set(vectors["tf"]) == {"1m", "5m", "1d"}
+    firsts = vectors.group_by("fs", "tf", "instrument_id", maintain_order=True).first()
+    # The first vector after the gap of every dataset and instrument: no return across it, and GAP says why.
+    assert firsts["ret_1"].is_null().all(), firsts
+    assert all("GAP" in f and "INSUFFICIENT_OHLCV" in f for f in firsts["flags"]), firsts
+    # Once its windows are warm again, a vector carries no GAP (the minute bars warm within the first hour).
+    minute = vectors.filter((pl.col("tf") == "1m") & (pl.col("ts") >= datetime(2024, 2, 1, 16, tzinfo=UTC)))
+    assert minute.height and not any("GAP" in f for f in minute["flags"])

@@ -80,6 +80,6 @@ def hole_before(conn: sa.Connection, day: date | str, timeframe: str = "1m", sha
     if missing:  # sessions a person declared missing for good are no hole: windows restart after them
         from marketfs.store.gaps import declared_sessions
 
-        declared = declared_sessions(conn, missing[0], missing[-1])
+        declared = declared_sessions(conn, missing[0], missing[-1], timeframe)
         missing = [d for d in missing if d not in declared]
     return Hole(table, sessions.days[position], newest_day, missing) if missing else None

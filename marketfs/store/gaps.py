@@ -60,14 +60,15 @@ def declare_gap(
     )
 
 
-def declared_sessions(conn: sa.Connection, first: date, last: date) -> set[date]:
-    """The sessions of ``first..last`` declared missing for every instrument (and every dataset)."""
+def declared_sessions(conn: sa.Connection, first: date, last: date, timeframe: str = "1d") -> set[date]:
+    """The sessions of ``first..last`` declared missing for every instrument: of every dataset, or (for the
+    minute bars, ``timeframe`` 1m) of the datasets computed from minute bars."""
     rows = conn.execute(
         sa.text(
-            "SELECT first_session, last_session FROM declared_gaps WHERE instrument_id IS NULL AND dataset IS NULL "
-            "AND first_session <= :l AND last_session >= :f"
+            "SELECT first_session, last_session FROM declared_gaps WHERE instrument_id IS NULL "
+            "AND (dataset IS NULL OR CAST(:tf AS text) = '1m') AND first_session <= :l AND last_session >= :f"
         ),
-        {"f": first, "l": last},
+        {"f": first, "l": last, "tf": timeframe},
     ).all()
     declared: set[date] = set()
     for lo, hi in rows:
