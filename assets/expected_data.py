@@ -62,7 +62,8 @@ def session_verdicts(
     all_expected = expected
     for day in days:
         held_today = (held or {}).get(day, set())
-        expected = all_expected - held_today
+        # Before its listing and after its delisting an instrument has nothing to deliver.
+        expected = {i for i in all_expected if universe.listed_on(i, day)} - held_today
         bars = bars_by_day.get(day)
         present = set(bars["instrument_id"].unique().to_list()) if bars is not None and bars.height else set()
         # Nothing expected at all is "nothing learnt yet": some bar must come. A shard that a declared list

@@ -45,6 +45,7 @@ from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
 from marketfs.store.coverage import hole_before
 from marketfs.store.events import replace_events
+from marketfs.store.gaps import declared_instrument_days
 from marketfs.store.holds import held_instrument_days, resolve_superseded
 from marketfs.store.timescale import settle_write
 from marketfs.universe import active_universe
@@ -413,6 +414,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 # An instrument whose minute bars of a session are held has no daily bar of it until they are
                 # fixed: it is neither built from what is left nor counted as missing from the delivery.
                 minute_held = held_instrument_days(conn, "raw_ohlcv", start, end, scope.shard)
+                missing_for_good = declared_instrument_days(conn, start, end)
             daily = with_day(_combined_daily(built, delivery.rows))
             if minute_held:
                 held_rows = pl.DataFrame(
@@ -444,7 +446,10 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                         expected,
                         source,
                         learnt=not market_data.declared_instruments() and not universe.instruments,
-                        held=minute_held,
+                        held={
+                            d: minute_held.get(d, set()) | missing_for_good.get(d, set())
+                            for d in {*minute_held, *missing_for_good}
+                        },
                     ),
                 },
                 rows_of_day=lambda day, by_day=by_day, empty=empty: {"ohlcv_1d": by_day.get(day, empty)},

@@ -6,7 +6,7 @@ marketfs status                      say whether the embedded server runs, and w
 marketfs quarantine list [--all]     held quarantine batches (all of them with --all)
 marketfs quarantine show BATCH       a batch, why it was held, and its failed expectations
 marketfs quarantine release BATCH --by NAME --note WHY   runs `python -m pipelines quarantine release ...`
-marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows, logged
+marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows (the day is a gap), recompute, logged
 marketfs latest INSTRUMENT... --features F,G [--timeframe 1m]          the newest vector per instrument
 marketfs frame ENTITIES --features F,1d:G --tolerance 5m|none [--as-of T|entity] [--flags] [--snapshot ID] [--out FILE]
                                      point-in-time join of a CSV or Parquet of (instrument_id, ts) rows
@@ -71,29 +71,36 @@ def _quarantine(args: argparse.Namespace) -> int:
                     print(f"    {r.docs_url}")
         else:
             with engine.begin() as conn:
-                quality.discard(conn, args.batch, actor=args.by, note=args.note)
+                batch = quality.discard(conn, args.batch, actor=args.by, note=args.note)
+            day = batch["partition"].split("|")[0]
             print(f"batch {args.batch} discarded by {args.by}")
+            if batch["gaps"]:
+                print(f"{day} is now a gap for what it held: the runs that follow restart its instruments after it")
     except quality.QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _release_through_dagster(args: argparse.Namespace) -> int:
-    """A release changes served data: it goes through the pipelines command, which records it in Dagster
-    (a materialisation of the released day) and recomputes what was computed without it."""
+def _decide_through_dagster(args: argparse.Namespace) -> int:
+    """A release or a discard changes what is served: it goes through the pipelines command, which records a
+    release in Dagster (a materialisation of the released day) and recomputes what follows the day (for a
+    discard: the held instruments restart after it, a gap)."""
     import importlib.util
 
-    command = [sys.executable, "-m", "pipelines", "quarantine", "release", str(args.batch), "--by", args.by]
+    action = args.action
+    command = [sys.executable, "-m", "pipelines", "quarantine", action, str(args.batch), "--by", args.by]
     command += ["--note", args.note]
     if importlib.util.find_spec("pipelines") is None:
+        if action == "discard":  # the decision itself needs no Dagster; what follows is recomputed later
+            return _quarantine(args)
         print(
-            "error: a release goes through Dagster; run it from the project folder:\n"
-            f"  .venv/bin/python -m pipelines quarantine release {args.batch} --by {args.by!r} --note {args.note!r}",
+            f"error: a {action} goes through Dagster; run it from the project folder:\n"
+            f"  .venv/bin/python -m pipelines quarantine {action} {args.batch} --by {args.by!r} --note {args.note!r}",
             file=sys.stderr,
         )
         return 2
-    print(f"a release goes through Dagster: {' '.join(command[1:])}", file=sys.stderr)
+    print(f"a {action} goes through Dagster: {' '.join(command[1:])}", file=sys.stderr)
     sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # not reached
@@ -284,8 +291,8 @@ def _command(args: argparse.Namespace) -> int:
         return _snapshot(args)
     elif args.command in ("latest", "frame"):
         return _retrieve(args)
-    elif args.command == "quarantine" and args.action == "release":
-        return _release_through_dagster(args)
+    elif args.command == "quarantine" and args.action in ("release", "discard"):
+        return _decide_through_dagster(args)
     else:
         return _quarantine(args)
     return 0

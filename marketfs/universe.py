@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 
 from marketfs.calendars import CalendarError, Sessions, sessions
@@ -29,10 +30,22 @@ class Universe:
     min_instrument_share: float = 0.8
     partial_session_coverage: float = 0.9
     learn_sessions: int = 5
+    # An instrument's life: its first and last session (listing, delisting), where declared. Outside it no bar
+    # is a missing delivery, and nothing is computed after its last session.
+    listings: dict[str, tuple[date | None, date | None]] = field(default_factory=dict, hash=False)
 
     @property
     def sessions(self) -> Sessions:
         return sessions(self.calendar)
+
+    def listed_on(self, instrument_id: str, day: date | str) -> bool:
+        first, last = self.listings.get(instrument_id, (None, None))
+        d = date.fromisoformat(str(day))
+        return (first is None or first <= d) and (last is None or d <= last)
+
+    def delisted_at(self) -> dict[str, datetime]:
+        """Per delisted instrument, the close of its last session: nothing of it is stamped from then on."""
+        return {i: self.sessions.bounds(last)[1] for i, (_, last) in self.listings.items() if last is not None}
 
     def min_instruments(self, expected: int) -> int:
         """The fewest instruments a session may hold when ``expected`` are expected (at least 1)."""
@@ -68,6 +81,7 @@ def _universe(name: str, path: Path) -> Universe:
             min_instrument_share=float(fields.pop("min_instrument_share", 0.8)),
             partial_session_coverage=float(fields.pop("partial_session_coverage", 0.9)),
             learn_sessions=int(fields.pop("learn_sessions", 5)),
+            listings=_listings(fields.pop("listings", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UniverseError(f"{path}: universe [{name}] is invalid ({exc!r}). Fix: see {DEFAULT_FILE}") from exc
@@ -80,7 +94,31 @@ def _universe(name: str, path: Path) -> Universe:
         universe.sessions  # noqa: B018 - an unknown calendar is named now, not at the first bar
     except CalendarError as exc:
         raise UniverseError(f"{path}: universe [{name}]: {exc}") from exc
+    for instrument, (first, last) in universe.listings.items():
+        for key, day in (("first", first), ("last", last)):
+            if day is not None and not universe.sessions.is_session(day):
+                raise UniverseError(
+                    f"{path}: universe [{name}] listings.{instrument}.{key} = {day}: "
+                    f"{universe.sessions.not_a_session(day)}. Fix: give a session of {universe.calendar}"
+                )
+        if first is not None and last is not None and last < first:
+            raise UniverseError(
+                f"{path}: universe [{name}] listings.{instrument}: last {last} is before first {first}. Fix: swap them"
+            )
     return universe
+
+
+def _listings(declared: object) -> dict[str, tuple[date | None, date | None]]:
+    """``{instrument = { first = "YYYY-MM-DD", last = "YYYY-MM-DD" }}``, either bound optional."""
+    if not isinstance(declared, dict):
+        raise TypeError("listings must be a table of instrument = { first = ..., last = ... }")
+    listings = {}
+    for instrument, life in declared.items():
+        if not isinstance(life, dict) or set(life) - {"first", "last"}:
+            raise ValueError(f"listings.{instrument} must be {{ first = 'YYYY-MM-DD', last = 'YYYY-MM-DD' }}")
+        bounds = [date.fromisoformat(str(life[k])) if k in life else None for k in ("first", "last")]
+        listings[str(instrument)] = (bounds[0], bounds[1])
+    return listings
 
 
 def active_universe() -> Universe:

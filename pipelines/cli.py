@@ -3,7 +3,7 @@
 python -m pipelines run [--start 2024-01-02] [--end 2024-01-12] [--shard K] [--allow-gap]
 python -m pipelines run --today [--shard K]
 python -m pipelines recompute --from 2024-01-05 [--to 2024-01-12] [--shard K]
-python -m pipelines quarantine release BATCH --by NAME --note WHY
+python -m pipelines quarantine release|discard BATCH --by NAME --note WHY
 python -m pipelines ui [--port 3000]
 
 recompute: day D's features continue day D-1's recursion state, so a changed day is recomputed
@@ -475,6 +475,51 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     )
 
 
+def _discard(batch_id: int, actor: str, note: str, verbose: bool = False) -> int:
+    """Discard a quarantine batch (its day becomes a gap for what it held) and recompute what follows it: the
+    held instruments restart after the day instead of waiting for it."""
+    env = prepare_environment()
+
+    import dagster as dg
+
+    from assets.partitions import SHARD_COUNT, split_key
+    from marketfs.db import engine_for
+    from marketfs.shards import Shard
+    from marketfs.store import quality
+    from marketfs.store.migrations import migrate
+    from pipelines.definitions import ALL_ASSETS, defs
+    from pipelines.sensors import materialized_days
+
+    migrate(env["MARKETFS_DSN"])
+    try:
+        with engine_for(env["MARKETFS_DSN"]).begin() as conn:
+            batch = quality.discard(conn, batch_id, actor=actor, note=note)
+    except quality.QuarantineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    day = split_key(batch["partition"])[0]
+    held = ", ".join(batch.get("instruments") or []) or "every instrument"
+    print(f"batch {batch_id} discarded by {actor}: {batch['asset']} {day} of {held} is missing for good (a gap)")
+    if not batch["gaps"]:
+        return 0
+    if batch["shard_count"] != SHARD_COUNT:
+        print(f"recompute from {day} with MARKETFS_SHARDS={batch['shard_count']}: make recompute FROM={day}")
+        return 0
+    graph = defs.resolve_asset_graph()
+    asset = dg.AssetKey(batch["asset"])
+    daily = {a.key for a in ALL_ASSETS}
+    # What follows the day: the descendants of the discarded asset (and a feature asset itself, whose state chain
+    # restarts after the gap), from the day on; never the asset's own raw day again (it would re-read the file).
+    descendants = (dg.AssetSelection.assets(asset).downstream().resolve(graph) - {asset}) & daily
+    if asset in graph.get(asset).parent_keys:
+        descendants |= {asset}
+    if not descendants:
+        return 0
+    shard = Shard(batch["shard_index"], batch["shard_count"])
+    through = max([day, *materialized_days(dg.DagsterInstance.get(), dg.AssetKey("raw_ohlcv"), shard)])
+    return _recompute(day, None, asset_selection=sorted(descendants), at_least=through, verbose=verbose, only=[shard])
+
+
 def _ui(port: int) -> int:
     """``dagster dev`` (webserver, daemon and their code servers) in a process group of its own.
 
@@ -559,11 +604,13 @@ def _parser() -> argparse.ArgumentParser:
     recompute.add_argument("--from", dest="start", required=True, type=_day, help="first day")
     recompute.add_argument("--to", dest="end", type=_day, help="last day (default: the newest materialised day)")
     recompute.add_argument("--shard", type=int, help="only this instrument shard (0..MARKETFS_SHARDS-1)")
-    quarantine = sub.add_parser("quarantine", help="release a held quarantine batch through Dagster")
-    release = quarantine.add_subparsers(dest="action", required=True).add_parser("release", parents=[verbose])
-    release.add_argument("batch", type=int)
-    release.add_argument("--by", required=True, help="who reviewed it")
-    release.add_argument("--note", required=True, help="why")
+    quarantine = sub.add_parser("quarantine", help="release or discard a held quarantine batch through Dagster")
+    actions = quarantine.add_subparsers(dest="action", required=True)
+    for action in ("release", "discard"):
+        decide = actions.add_parser(action, parents=[verbose])
+        decide.add_argument("batch", type=int)
+        decide.add_argument("--by", required=True, help="who reviewed it")
+        decide.add_argument("--note", required=True, help="why")
     ui = sub.add_parser("ui", help="Dagster webserver and daemon on the same database")
     ui.add_argument("--port", type=int, default=3000)
     return parser
@@ -605,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recompute":
             end = args.end.isoformat() if args.end else None
             return _recompute(args.start.isoformat(), end, verbose=verbose, shard=args.shard)
+        if args.command == "quarantine" and args.action == "discard":
+            return _discard(args.batch, args.by, args.note, verbose)
         if args.command == "quarantine":
             return _release(args.batch, args.by, args.note, verbose)
         return _ui(args.port)

@@ -134,3 +134,116 @@ def pipelines(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipelines", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
     )
+
+
+def test_a_discarded_instrument_day_is_a_gap_its_windows_restart_after(
+    new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    landing = tmp_path / "landing"
+    held, _ = land(landing, spoil=True)
+    env = dagster_process_env(
+        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
+    )
+    engine = engine_for(env["MARKETFS_DSN"])
+    assert pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot").returncode == 1
+    with engine.connect() as conn:
+        [batch_id] = conn.execute(sa.text("SELECT batch_id FROM quarantine_batches")).scalars()
+    # The vendor cannot re-send the day: a person discards it, and the day is missing for good for that instrument;
+    # the discard recomputes what follows the day (not the raw day: the file still holds the bad print).
+    marketfs = str(Path(sys.executable).with_name("marketfs"))
+    discard = [marketfs, "quarantine", "discard", str(batch_id), "--by", "alice", "--note", "vendor has no fix"]
+    discarded = subprocess.run(discard, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert discarded.returncode == 0, discarded.stdout + discarded.stderr
+    assert "recomputing bars_1d, " in discarded.stdout and f"for {BAD_DAY} .. {DAYS[2]}" in discarded.stdout
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT timeframe, ts, ret_1, quality_flags FROM feature_vectors WHERE instrument_id = :i "
+                "AND feature_set_version = 'fs_v1' AND ts >= :s ORDER BY timeframe, ts"
+            ),
+            {"i": held, "s": _start(BAD_DAY)},
+        ).all()
+        assert conn.execute(sa.text("SELECT count(*) FROM quarantine_batches WHERE status = 'held'")).scalar() == 0
+    for timeframe in ("1m", "1d"):
+        mine = [r for r in rows if r.timeframe == timeframe]
+        # Nothing of the discarded day; the day after restarts: no return across the missing day, GAP says why.
+        assert mine and all(r.ts >= _start(DAYS[2]) for r in mine), timeframe
+        assert mine[0].ret_1 is None and "GAP" in mine[0].quality_flags, (timeframe, mine[0])
+
+
+def test_a_bad_bar_of_every_instrument_serves_the_clean_day_before_and_the_printed_fix_completes_the_range(
+    new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    landing = tmp_path / "landing"
+    land(landing, spoil=False)
+    day = _bars(BAD_DAY).with_row_index("_row")
+    # One impossible bar of every instrument: its 100th minute.
+    hit = pl.col("_row").is_in(day.group_by("instrument_id").agg(pl.col("_row").sort().get(100))["_row"].implode())
+    day.with_columns(
+        pl.when(hit).then(-5.0).otherwise(pl.col("close")).alias("close"),
+        pl.when(hit).then(-5.0).otherwise(pl.col("low")).alias("low"),
+    ).drop("_row").write_parquet(landing / "bars" / f"{BAD_DAY}.parquet")
+    env = dagster_process_env(
+        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
+    )
+    engine = engine_for(env["MARKETFS_DSN"])
+    run = pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot")
+    assert run.returncode == 1, run.stdout + run.stderr
+    # The clean day before the breach is served, for every instrument; nothing of the days after it.
+    assert {d for d, _ in served(engine)} == {DAYS[0]}
+    assert {i for _, i in served(engine)} == set(INSTRUMENTS)
+    commands = set(re.findall(r"make recompute FROM=\S+?(?=[.\s]|$)", run.stdout + run.stderr))
+    assert commands == {f"make recompute FROM={BAD_DAY}"}, run.stdout + run.stderr
+
+    land(landing, spoil=False)
+    fixed = pipelines(env, "recompute", "--from", BAD_DAY)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    for timeframe in ("1m", "1d"):
+        vectors = served(engine, timeframe)
+        assert all(vectors.get((d, i)) for d in DAYS for i in INSTRUMENTS), timeframe
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM quarantine_batches WHERE status = 'held'")).scalar() == 0
+
+
+def test_a_delisted_instrument_is_not_expected_after_its_last_session_and_nothing_of_it_is_invented(
+    dsn: str, tmp_path: Path, monkeypatch
+) -> None:
+    from dagster_helpers import materialize_range
+
+    landing = tmp_path / "landing"
+    land(landing, spoil=False)
+    last_day = _bars(DAYS[2]).filter(pl.col("instrument_id") != "FFF")  # FFF delisted after 04-03
+    last_day.write_parquet(landing / "bars" / f"{DAYS[2]}.parquet")
+    universes = tmp_path / "universes.toml"
+    universes.write_text(
+        '[us_equities]\nmin_instrument_share = 1.0\n\n[us_equities.listings]\nFFF = { last = "2024-04-03" }\n'
+    )
+    monkeypatch.setenv("MARKETFS_UNIVERSES", str(universes))
+    result = materialize_range(dsn, DAYS[0], DAYS[-1], landing_dir=landing, instruments=len(INSTRUMENTS))
+    # Every session holds every instrument listed on it: the delisting is no missing delivery.
+    assert result.success
+    engine = engine_for(dsn)
+    close = datetime(2024, 4, 3, 20, 0, tzinfo=UTC)
+    with engine.connect() as conn:
+        after = conn.execute(
+            sa.text("SELECT count(*) FROM feature_vectors WHERE instrument_id = 'FFF' AND ts >= :c"), {"c": close}
+        ).scalar()
+        last = conn.execute(
+            sa.text("SELECT max(ts) FROM feature_vectors WHERE instrument_id = 'FFF' AND timeframe = '1d'")
+        ).scalar()
+    assert after == 0  # no MISSING_OHLCV vector invented for bars it can no longer have (stale_after is 1d, 7d)
+    assert last == datetime(2024, 4, 3, 19, 59, tzinfo=UTC)  # its last daily vector stays served
+
+
+def test_a_listing_that_is_no_session_is_refused_naming_it(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    from marketfs.universe import UniverseError, active_universe
+
+    universes = tmp_path / "universes.toml"
+    universes.write_text('[us_equities.listings]\nFFF = { last = "2024-03-29" }\n')
+    monkeypatch.setenv("MARKETFS_UNIVERSES", str(universes))
+    with pytest.raises(UniverseError, match=r"listings.FFF.last = 2024-03-29: 2024-03-29 is no XNYS session"):
+        active_universe()

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, HistoryError, state_schema, vector_schema
 from marketfs.features.registry import FeatureSet
-from marketfs.holds import NO_HOLDS, Holds
+from marketfs.holds import NO_HOLDS, HeldInstrument, Holds
 from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
@@ -316,9 +316,9 @@ def compute_stored(
     from marketfs.features.registry import dataset_name
     from marketfs.features.timeframes import timeframe as timeframe_spec
     from marketfs.store.coverage import hole_before
-    from marketfs.store.gaps import read_restarts
+    from marketfs.store.gaps import drop_inside_gaps, read_gap_windows, read_restarts
     from marketfs.store.holds import feature_holds, read_holds
-    from marketfs.universe import active_sessions
+    from marketfs.universe import active_sessions, active_universe
 
     if holds is None:
         holds = read_holds(conn, feature_holds(dataset_name(feature_set, timeframe), timeframe), end, shard)
@@ -347,8 +347,22 @@ def compute_stored(
         vectors.append(piece.vectors)
         states.append(piece.state)
         carried = pl.concat([carried, piece.state]) if piece.state.height else carried
-    computed = FeatureComputation(vectors=pl.concat(vectors), state=pl.concat(states))
-    return FeatureComputation(vectors=holds.filter(computed.vectors), state=holds.filter(computed.state), holds=holds)
+    # Nothing is stamped inside a declared gap of its instrument: the sessions are missing for good.
+    gaps = read_gap_windows(conn, dataset, start, end)
+    computed = FeatureComputation(
+        vectors=drop_inside_gaps(pl.concat(vectors), gaps), state=drop_inside_gaps(pl.concat(states), gaps)
+    )
+    # A delisted instrument's last vector stays served; nothing is invented after its last session (no
+    # MISSING_OHLCV vector for a bar it can no longer have).
+    ended = Holds(
+        {
+            i: HeldInstrument(i, at, "delisted", "universe", 0)
+            for i, at in active_universe().delisted_at().items()
+            if at < end
+        }
+    )
+    kept = ended.merged(holds)
+    return FeatureComputation(vectors=kept.filter(computed.vectors), state=kept.filter(computed.state), holds=holds)
 
 
 def _compute_piece(

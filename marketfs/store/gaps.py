@@ -19,6 +19,11 @@ import sqlalchemy as sa
 from marketfs.shards import ALL, Shard
 
 RESTART_SCHEMA = {"instrument_id": pl.String(), "restart_at": pl.Datetime("us", "UTC")}
+WINDOW_SCHEMA = {
+    "instrument_id": pl.String(),
+    "gap_from": pl.Datetime("us", "UTC"),
+    "restart_at": pl.Datetime("us", "UTC"),
+}
 
 
 def declare_gap(
@@ -91,6 +96,56 @@ def read_restarts(conn: sa.Connection, dataset: str | None, before: datetime, sh
         return frame
     mine = [i for i in frame["instrument_id"].drop_nulls().unique().to_list() if shard.holds(i)]
     return frame.filter(pl.col("instrument_id").is_null() | pl.col("instrument_id").is_in(mine))
+
+
+def read_gap_windows(conn: sa.Connection, dataset: str | None, start: datetime, end: datetime) -> pl.DataFrame:
+    """The declared gaps (``WINDOW_SCHEMA``: from the start of the first missing trading day to the restart)
+    that overlap ``[start, end)``: nothing is stamped inside one, not even a MISSING_OHLCV vector."""
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
+    rows = conn.execute(
+        sa.text(
+            "SELECT instrument_id, first_session, restart_at FROM declared_gaps WHERE restart_at > :s "
+            "AND (dataset IS NULL OR dataset = :d)"
+        ),
+        {"s": start, "d": dataset},
+    ).all()
+    windows = [(i, sessions.trading_day_window(first)[0], restart) for i, first, restart in rows]
+    frame = pl.DataFrame(windows, schema=WINDOW_SCHEMA, orient="row")
+    return frame.filter(pl.col("gap_from") < end)
+
+
+def drop_inside_gaps(frame: pl.DataFrame, windows: pl.DataFrame, ts_column: str = "ts") -> pl.DataFrame:
+    """``frame`` without rows stamped inside a declared gap of their instrument (or of every instrument)."""
+    if windows.is_empty() or frame.is_empty():
+        return frame
+    inside = pl.lit(False)
+    for instrument, gap_from, restart_at in windows.iter_rows():
+        mine = pl.lit(True) if instrument is None else pl.col("instrument_id") == instrument
+        inside = inside | (mine & (pl.col(ts_column) >= gap_from) & (pl.col(ts_column) < restart_at))
+    return frame.filter(~inside)
+
+
+def declared_instrument_days(conn: sa.Connection, start: datetime, end: datetime) -> dict[str, set[str]]:
+    """Per session day in ``[start, end)``, the instruments declared missing for good on it (their bars):
+    what a day's completeness does not expect."""
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
+    rows = conn.execute(
+        sa.text(
+            "SELECT instrument_id, first_session, last_session FROM declared_gaps WHERE instrument_id IS NOT NULL "
+            "AND dataset IS NULL AND restart_at > :s"
+        ),
+        {"s": start},
+    ).all()
+    days: dict[str, set[str]] = {}
+    for instrument, first, last in rows:
+        for day in sessions.between(first, last):
+            if start <= sessions.trading_day_window(day)[1] <= end:
+                days.setdefault(day.isoformat(), set()).add(instrument)
+    return days
 
 
 def restarts_at(restarts: pl.DataFrame, instruments: pl.Series, at: datetime) -> pl.DataFrame:
