@@ -335,8 +335,16 @@ def _recompute(
 
     only = only or _only_shard(shard)
     if end is None:
+        # The newest day *any* asset of the daily job has reached, in any shard: a run killed after its raw steps,
+        # or raw assets materialised alone, leave days whose features are still to be computed.
+        from pipelines.definitions import ALL_ASSETS
+
+        instance = dg.DagsterInstance.get()
         newest = max(
-            filter(None, (newest_materialized_day(dg.DagsterInstance.get(), shard=s) for s in only or [None])),
+            filter(
+                None,
+                (newest_materialized_day(instance, a.key, shard=s) for a in ALL_ASSETS for s in only or [None]),
+            ),
             default=None,
         )
         end = max(filter(None, [newest, at_least]), default=None)

@@ -193,3 +193,33 @@ def test_release_is_recorded_in_dagster_and_recomputes_from_the_released_day(
     assert recorded["meta"]["released_by"] == "alice" and recorded["meta"]["note"] == "vendor ok"
     assert recorded["tags"]["dagster/data_version"] and recorded["tags"]["dagster/code_version"]
     assert recorded["features"] == [d.date().isoformat() for d in DAYS]
+
+
+def test_recompute_from_a_day_whose_raw_assets_alone_were_materialised_computes_its_vectors(
+    new_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """A run killed once its raw steps were written, or raw assets materialised alone: the printed fix
+    `recompute --from D` reaches D, the newest day any asset has reached, and computes its vectors."""
+    landing = tmp_path / "landing"
+    for day in DAYS[:3]:
+        land(landing, day)
+    env = environment(new_database, tmp_path, landing, "raw_only")
+    first, second, third = (d.date().isoformat() for d in DAYS[:3])
+    run = pipelines(env, "run", "--start", first, "--end", second, "--no-snapshot")
+    assert run.returncode == 0, run.stdout + run.stderr
+    raw_only = subprocess.run(
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "pipelines.definitions"]
+        + ["--select", "raw_ohlcv,raw_events,bars_1d", "--partition", third],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert raw_only.returncode == 0, raw_only.stdout + raw_only.stderr
+    assert not vectors(env["MARKETFS_DSN"])["1m"].filter(pl.col("ts") >= DAYS[2]).height
+
+    recompute = pipelines(env, "recompute", "--from", third)
+    assert recompute.returncode == 0, recompute.stdout + recompute.stderr
+    assert f"{third} .. {third} succeeded" in recompute.stdout, recompute.stdout
+    assert vectors(env["MARKETFS_DSN"])["1m"].filter(pl.col("ts") >= DAYS[2]).height > 700

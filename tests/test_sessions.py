@@ -172,8 +172,7 @@ def test_daily_only_delivery_feeds_bars_1d_and_the_1d_vectors(dsn: str, engine: 
     )
     (tmp_path / "bars_1d").mkdir()
     daily.with_columns(pl.col("ts").dt.strftime("%Y-%m-%d")).write_csv(tmp_path / "bars_1d" / "history.csv")
-    (tmp_path / "bars").mkdir()  # no minute data at all
-    (tmp_path / "events").mkdir()
+    # No minute data and no news at all: a daily-only vendor delivers bars_1d/ alone, no bars/ or events/ folder.
     result = materialize_range(dsn, "2023-10-02", "2024-01-05", landing_dir=tmp_path)
     assert result.success
     stored = rows(engine, "SELECT count(*), min(ts), max(ts) FROM ohlcv_1d")

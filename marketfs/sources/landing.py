@@ -98,6 +98,12 @@ def deliver(root: Path, kind: LandingKind, start: datetime, end: datetime, index
     return Delivery(rows.drop("_file"), day_errors, index.unplaced(), set_aside)
 
 
+def _absent_kind(root: Path) -> bool:
+    """A landing folder without this kind's subfolder delivers none of it (a daily-only vendor has no ``bars/``
+    and no ``events/``); a landing folder that does not exist at all is still an error, naming it."""
+    return not root.exists() and root.parent.is_dir()
+
+
 def _first_error(delivery: Delivery) -> pl.DataFrame:
     """The rows, or the error of the earliest bad day; unplaced files are a warning (they block no day)."""
     if delivery.day_errors:
@@ -122,6 +128,8 @@ class LandingFolderBars:
                 "set MARKETFS_BAR_STAMP to open (a bar stamped 09:30 holds 09:30-09:31, the default) or close "
                 "(the vendor stamps it 09:31)",
             )
+        if _absent_kind(self.root):
+            return Delivery(pl.DataFrame(schema=BAR_SCHEMA))
         return deliver(self.root, BAR_STAMPS[self.stamp], start, end, self.index_path)
 
     def bars(self, start: datetime, end: datetime) -> pl.DataFrame:
@@ -152,6 +160,8 @@ class LandingFolderEvents:
 
     def delivery(self, start: datetime, end: datetime) -> Delivery:
         """Events in ``[start, end)``, file by file (sorted by path), with each bad day's error."""
+        if _absent_kind(self.root):
+            return Delivery(pl.DataFrame(schema=EVENT_SCHEMA))
         return deliver(self.root, EVENTS, start, end, self.index_path)
 
     def events(self, start: datetime, end: datetime) -> pl.DataFrame:
