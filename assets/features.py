@@ -211,7 +211,7 @@ def _materialise_shard(
     history = None  # the drift reference, read once and carried from chunk to chunk
     for days in plan:
         start, end = day_window(days[0])[0], day_window(days[-1])[1]
-        computation = _compute(store, fs, timeframe, start, end, shard)
+        computation = _compute(store, fs, timeframe, start, end, shard, days[0])
         vectors = with_day(computation.vectors)
         by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
         plan.saw(vectors.height, len(by_day))
@@ -368,13 +368,15 @@ def _retract_intraday(
 
 
 def _compute(
-    store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard
+    store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard, first_day: str
 ) -> FeatureComputation:
     try:
         with store.engine().connect() as conn:
             return compute_stored(conn, fs, timeframe, start, end, shard)
     except HistoryError as exc:
-        raise dg.Failure(description=f"{start:%Y-%m-%d}: {exc}", allow_retries=False) from exc
+        # Named by the partition (the session), not by the window's start, which is the close before it.
+        name = dataset_name(fs, timeframe)
+        raise dg.Failure(description=f"{name} {first_day}: {exc}", allow_retries=False) from exc
 
 
 def _in_window(frame: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:

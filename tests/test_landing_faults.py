@@ -236,3 +236,18 @@ def test_the_sensor_takes_a_new_files_days_from_the_index(tmp_path: Path) -> Non
     ) as context:
         [request] = landing_files_sensor(context)
     assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("2024-01-03", "2024-01-05")
+
+
+def test_a_junk_file_past_the_size_limit_is_refused_unread_naming_it_and_blocks_no_day(tmp_path: Path) -> None:
+    folder = tmp_path / "bars"
+    folder.mkdir()
+    start, end = day_window("2024-01-03")
+    SyntheticBars(instruments=("AAA",)).bars(start, end).write_parquet(folder / "jan03.parquet")
+    junk = folder / "zz.csv"
+    with junk.open("wb") as f:  # sparse: 2 GiB of nothing, as `truncate -s 2G` makes, at no cost to the disk
+        f.truncate(2 * 1024**3)
+    delivery = LandingFolderBars(folder, index_path=tmp_path / "index.json").delivery(start, end)
+    assert delivery.rows.height > 300 and not delivery.day_errors
+    [refused] = delivery.unplaced
+    assert refused.path == junk and "2,048 MiB, over the 512 MiB" in str(refused)
+    assert "MARKETFS_LANDING_MAX_BYTES" in str(refused) and "split it" in str(refused)

@@ -272,3 +272,44 @@ def test_the_merge_gives_what_the_lookups_give(
     merged = training_frame(e, ["ret_1", "rsi_14"], tolerance, dsn=stored, include_feature_ts=True, include_flags=True)
     assert merged.equals(looked_up)
     assert looked_up["ret_1"].null_count() >= 2  # the cases without a match are in there
+
+
+def test_a_write_that_waited_for_the_writers_lock_is_dated_when_it_could_first_be_seen(dsn: str) -> None:
+    """written_at (what as_of reads) is stamped once the lock is held, not at the transaction's start: a
+    training_frame(as_of=t) never returns a value no reader could see at t."""
+    import threading
+    import time
+    from datetime import UTC, datetime
+
+    import psycopg
+    import sqlalchemy as sa
+
+    from marketfs.db import engine_for
+    from marketfs.features.compute import compute_feature_vectors
+    from marketfs.features.registry import DEFAULT_FEATURE_SET
+    from marketfs.sources import SyntheticBars
+    from marketfs.store.feature_vectors import write_features
+    from marketfs.store.migrations import migrate
+
+    migrate(dsn)
+    start, end = datetime(2024, 1, 3, tzinfo=UTC), datetime(2024, 1, 4, tzinfo=UTC)
+    computed = compute_feature_vectors(SyntheticBars(instruments=("AAA",)).bars(start, end), "1m", start=start, end=end)
+    scope = f"{DEFAULT_FEATURE_SET.version}/1m/0"
+    holder = psycopg.connect(sa.make_url(dsn).set(drivername="postgresql").render_as_string(hide_password=False))
+    holder.execute("SELECT pg_advisory_lock(hashtext('feature_vectors'), hashtext(%s))", (scope,))
+
+    def write() -> None:
+        with engine_for(dsn).begin() as conn:
+            conn.execute(sa.text("SELECT 1"))  # the transaction starts here, before the lock
+            write_features(conn, computed, feature_set=DEFAULT_FEATURE_SET, timeframe="1m", start=start, end=end)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(2)
+    released = holder.execute("SELECT clock_timestamp()").fetchone()[0]
+    holder.execute("SELECT pg_advisory_unlock(hashtext('feature_vectors'), hashtext(%s))", (scope,))
+    writer.join(timeout=60)
+    holder.close()
+    with engine_for(dsn).connect() as conn:
+        first = conn.execute(sa.text("SELECT min(written_at) FROM feature_vectors")).scalar()
+    assert first >= released, (first, released)

@@ -18,6 +18,7 @@ that day, since the file itself does not say which one is true.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -212,8 +213,37 @@ def _conflict(path: Path, offenders: pl.DataFrame, key: tuple[str, ...]) -> Sour
     )
 
 
+MAX_BYTES_ENV = "MARKETFS_LANDING_MAX_BYTES"
+DEFAULT_MAX_BYTES = 512 * 1024**2
+
+
+def max_file_bytes() -> int:
+    """The largest landing file read (``$MARKETFS_LANDING_MAX_BYTES``, default 512 MiB)."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    try:
+        return int(raw) if raw else DEFAULT_MAX_BYTES
+    except ValueError:
+        raise SourceFileError(
+            Path(raw), f"{MAX_BYTES_ENV}={raw!r} is not a number of bytes", "give a whole number, e.g. 536870912"
+        ) from None
+
+
 def _read_raw(path: Path) -> pl.DataFrame:
     suffix = path.suffix.lower()
+    # A file is read whole, as text first: its memory is several times its size. One over the limit (a
+    # year in one file, a truncated or junk file) is refused before it is opened, and blocks no day.
+    try:
+        size, limit = path.stat().st_size, max_file_bytes()
+    except OSError as exc:
+        raise SourceFileError(path, f"cannot be read ({exc})", "deliver a readable file") from exc
+    if size > limit:
+        raise SourceFileError(
+            path,
+            f"is {size / 1024**2:,.0f} MiB, over the {limit / 1024**2:,.0f} MiB a landing file may hold "
+            f"({MAX_BYTES_ENV}); not read",
+            "split it into files of a day or a few days each (or remove it if it is not a delivery), "
+            f"or raise {MAX_BYTES_ENV} if this machine has the memory (about 10 times the file's size)",
+        )
     try:
         if suffix == ".csv":
             # Everything as text first, so a bad value is reported with its line instead of a parser error.

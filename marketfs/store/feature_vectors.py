@@ -120,6 +120,9 @@ def upsert_window(
         {"scope": f"{feature_set.version}/{timeframe}/{shard.index}"},
     )
     lift_decompression_limit(conn)
+    # What ``as_of`` reads: the instant the write could first be seen. Stamped once the writers' lock is held,
+    # not at the transaction's start (``now()``), which a write that waited for the lock would predate.
+    stamp = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
     window_has_rows = conn.execute(
         sa.text(
             "SELECT EXISTS (SELECT 1 FROM feature_vectors WHERE feature_set_version = :v AND timeframe = :tf "
@@ -129,7 +132,8 @@ def upsert_window(
     ).scalar()
     if not window_has_rows:
         # First write of the window: nothing to update or delete, so COPY straight into the table.
-        return {"upserted": copy_frame_in(conn, "feature_vectors", staged), "deleted_stale": 0}
+        stamped = staged.with_columns(pl.lit(stamp.astimezone(UTC), pl.Datetime("us", "UTC")).alias("written_at"))
+        return {"upserted": copy_frame_in(conn, "feature_vectors", stamped), "deleted_stale": 0}
     # A window that already holds exactly these vectors (the end-of-day run of a day the intraday steps
     # built, a re-run that changes nothing) is read back and compared rather than staged and upserted:
     # one COPY out instead of a COPY in, three joins and an anti-join (measured in benchmarks/intraday.py).
@@ -161,7 +165,7 @@ def upsert_window(
     # The versions a re-run replaces with other values keep their place in the history; a vector
     # recomputed to the same values is the same version, with the time and run that first wrote it.
     supersede = sql.SQL(
-        "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {f_kept}, now() "
+        "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {f_kept}, %(stamp)s "
         "FROM feature_vectors f JOIN {staging} s ON {key_match} WHERE {changed}"
     ).format(
         kept=kept,
@@ -171,8 +175,8 @@ def upsert_window(
         changed=changed,
     )
     upsert = sql.SQL(
-        "INSERT INTO feature_vectors AS f ({cols}, written_at) SELECT {cols}, now() FROM {staging} "
-        "ON CONFLICT ({key}) DO UPDATE SET {sets}, written_at = now() WHERE {changed_excluded}"
+        "INSERT INTO feature_vectors AS f ({cols}, written_at) SELECT {cols}, %(stamp)s FROM {staging} "
+        "ON CONFLICT ({key}) DO UPDATE SET {sets}, written_at = %(stamp)s WHERE {changed_excluded}"
     ).format(
         cols=sql.SQL(", ").join(map(ident, all_cols)),
         staging=ident(STAGING),
@@ -189,12 +193,12 @@ def upsert_window(
         "WITH gone AS (DELETE FROM feature_vectors f WHERE f.feature_set_version = %(version)s "
         "AND f.timeframe = %(timeframe)s AND f.ts >= %(start)s AND f.ts < %(end)s AND {mine} AND NOT EXISTS ("
         "SELECT 1 FROM {staging} s WHERE s.instrument_id = f.instrument_id AND s.ts = f.ts) RETURNING {kept}) "
-        "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {kept}, now() FROM gone"
+        "INSERT INTO feature_vectors_history ({kept}, superseded_at) SELECT {kept}, %(stamp)s FROM gone"
     ).format(staging=ident(STAGING), kept=kept, mine=mine)
     with conn.connection.driver_connection.cursor() as cur:
-        cur.execute(supersede)
+        cur.execute(supersede, {"stamp": stamp})
         superseded = cur.rowcount
-        cur.execute(upsert)
+        cur.execute(upsert, {"stamp": stamp})
         upserted = cur.rowcount
         # Right after a bulk load the table's statistics are stale, and the planner may take the window
         # for a few rows and run this anti-join as a nested loop over the staged rows: minutes at 600k.
@@ -202,7 +206,14 @@ def upsert_window(
         cur.execute("SET LOCAL enable_nestloop = off")
         cur.execute(
             delete_stale,
-            {"version": feature_set.version, "timeframe": timeframe, "start": start, "end": end, **mine_params},
+            {
+                "version": feature_set.version,
+                "timeframe": timeframe,
+                "start": start,
+                "end": end,
+                "stamp": stamp,
+                **mine_params,
+            },
         )
         deleted = cur.rowcount
         cur.execute("SET LOCAL enable_nestloop = on")
