@@ -100,13 +100,16 @@ class Judgement:
         )
 
 
-def features_in_run(context: dg.AssetExecutionContext) -> bool:
-    """Whether this run materialises a feature asset: it then fails for the instruments a raw step held,
-    after serving the others (see ``report_run``)."""
+def features_in_run(context: dg.AssetExecutionContext, suffix: str = "") -> bool:
+    """Whether this run materialises a feature asset (whose name ends with ``suffix``: ``_1d`` for what reads
+    daily bars): it then fails for the instruments a raw step held, after serving the others (``report_run``)."""
     selection = context.dagster_run.asset_selection
     if not selection:  # None or empty: the job's every asset
         return True
-    return any(key.to_user_string().startswith("feature_vectors_") for key in selection)
+    return any(
+        key.to_user_string().startswith("feature_vectors_") and key.to_user_string().endswith(suffix)
+        for key in selection
+    )
 
 
 def judge_days(

@@ -211,8 +211,9 @@ class _Ingestion:
                 mine = dataclasses.replace(delivery, rows=scope.shard.filter(delivery.rows))
                 yield scope, plan, mine, [day for day in days if day not in spoiled]
 
-    def report(self, provenance: InputProvenance) -> Iterator:
-        """Everything the run records, then its failure: a stopped chunk, or the days files spoiled."""
+    def report(self, provenance: InputProvenance, reads: str = "") -> Iterator:
+        """Everything the run records, then its failure: a stopped chunk, or the days files spoiled.
+        ``reads``: the suffix of the feature assets that read this asset (``_1d`` for daily bars)."""
         failure = self.failure
         if failure is None and self.bad_days:
             failure = _file_failure(self.context, self.bad_days, self.judged)
@@ -223,7 +224,7 @@ class _Ingestion:
             self.judged,
             chained=False,
             failure=failure,
-            held_fails_later=features_in_run(self.context),
+            held_fails_later=features_in_run(self.context, reads),
         )
 
 
@@ -479,7 +480,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
             run.materializations += _write_days(context, store, scope, judgement.accepted, "ohlcv_1d", write_day)
     except dg.Failure as exc:
         run.failure = exc
-    yield from run.report(provenance)
+    yield from run.report(provenance, reads="_1d")
 
 
 def _daily_summary(day: str, bars: pl.DataFrame) -> dict[str, dg.MetadataValue]:

@@ -92,12 +92,16 @@ def _step_today(now: datetime, source: MarketData | None, dsn: str, shard: int |
 def run_today(now: datetime | None = None, shard: int | None = None) -> int:
     prepare_environment()
     from marketfs.db import resolve_dsn
+    from marketfs.features.compute import HistoryError
     from marketfs.sources import SourceFileError
 
     try:
         outcomes, breach = _step_today(now or datetime.now(UTC), None, resolve_dsn(), shard)
     except SourceFileError as exc:
         print(f"today's delivery cannot be read: {exc}", file=sys.stderr)
+        return 1
+    except HistoryError as exc:  # a hole before today, or state that does not continue: nothing was computed
+        print(f"refused, nothing of today computed: {exc}", file=sys.stderr)
         return 1
     instance = dg.DagsterInstance.get()
     for outcome in outcomes:
@@ -120,9 +124,13 @@ def intraday_step_op(
     context: dg.OpExecutionContext, config: IntradayStepConfig, store: FeatureStore, market_data: MarketData
 ):  # noqa: ANN201 - yields Dagster events
     from marketfs.db import resolve_dsn
+    from marketfs.features.compute import HistoryError
 
     now = datetime.fromisoformat(config.now) if config.now else datetime.now(UTC)
-    outcomes, breach = _step_today(now, market_data, store.dsn or resolve_dsn(), config.shard, context.run_id)
+    try:
+        outcomes, breach = _step_today(now, market_data, store.dsn or resolve_dsn(), config.shard, context.run_id)
+    except HistoryError as exc:
+        raise dg.Failure(description=f"refused, nothing of today computed: {exc}", allow_retries=False) from exc
     for outcome in outcomes:
         context.log.info(outcome.describe())
         yield from step_events(outcome)

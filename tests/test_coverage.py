@@ -82,6 +82,13 @@ def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_th
         for table in ("ohlcv_1m", "ohlcv_1d", "feature_vectors"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE ts >= :s"), feb).scalar() == 0, table
 
+    # The same for an intraday step of a day after the hole: refused, nothing of it computed.
+    today = pipelines(env, "run", "--today", "--now", "2024-02-01T16:00:00+00:00")
+    assert today.returncode == 1 and "refused, nothing of today computed" in today.stderr, today.stdout + today.stderr
+    assert "2024-01-16..2024-01-31" in today.stderr and "Traceback" not in today.stderr
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM feature_vectors WHERE ts >= :s"), feb).scalar() == 0
+
     filled = pipelines(env, *command.split()[3:], "--no-snapshot")
     assert filled.returncode == 0, filled.stdout + filled.stderr
     with engine.connect() as conn:
