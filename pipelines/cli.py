@@ -178,8 +178,8 @@ def _holes_before(first: str, end: str, allow_gap: bool, only) -> bool:
             for hole in holes.values():
                 print(f"refused, nothing written: {hole.describe(end=end)}", file=sys.stderr)
             print(
-                f"or, if those sessions are missing for good: python -m pipelines run --start {first} --end {end} "
-                "--allow-gap (every instrument's windows restart after them; its vectors carry GAP until warm)",
+                f'or, if those sessions are missing for good: make run ARGS="--start {first} --end {end} --allow-gap" '
+                "(every instrument's windows restart after them; its vectors carry GAP until warm)",
                 file=sys.stderr,
             )
             return False

@@ -76,8 +76,8 @@ def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_th
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "holds no bar of the 12 session(s) 2024-01-16..2024-01-31" in refused.stderr, refused.stderr
     # The command that fills the hole (the other one printed, with --allow-gap, declares it missing for good).
-    [command] = set(re.findall(r"Fill them first: (python -m pipelines run --start \S+ --end \S+)", refused.stderr))
-    assert command == "python -m pipelines run --start 2024-01-16 --end 2024-02-02"
+    [command] = set(re.findall(r'Fill them first: make run ARGS="(--start \S+ --end \S+)"', refused.stderr))
+    assert command == "--start 2024-01-16 --end 2024-02-02"
     with engine.connect() as conn:
         for table in ("ohlcv_1m", "ohlcv_1d", "feature_vectors"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE ts >= :s"), feb).scalar() == 0, table
@@ -89,7 +89,7 @@ def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_th
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM feature_vectors WHERE ts >= :s"), feb).scalar() == 0
 
-    filled = pipelines(env, *command.split()[3:], "--no-snapshot")
+    filled = pipelines(env, "run", *command.split(), "--no-snapshot")  # what make run ARGS="..." runs
     assert filled.returncode == 0, filled.stdout + filled.stderr
     with engine.connect() as conn:
         # Every 1m and 1d ret_1 of 02-01 now follows the session before it, 01-31.

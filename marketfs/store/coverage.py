@@ -36,7 +36,7 @@ class Hole:
             f"{self.day}: {self.table} holds no bar of the {len(self.missing)} session(s) {span} before it (its newest "
             f"stored session is {self.newest}), so the first windows of {self.day} would read across them as if "
             f"{self.newest} were the session before. Fill them first: "
-            f"python -m pipelines run --start {first} --end {fill_to}"
+            f'make run ARGS="--start {first} --end {fill_to}"'
         )
 
 
