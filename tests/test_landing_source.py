@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from marketfs.sources import LandingFolderBars, SourceFileError
+from marketfs.sources import LandingFolderBars, LandingFolderEvents, SourceFileError
 
 HEADER = "instrument_id,ts,open,high,low,close,volume\n"
 DAY = (datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC))
@@ -81,4 +81,10 @@ def test_wrong_type_names_column_and_line(tmp_path: Path) -> None:
 
 def test_missing_folder_says_how_to_configure(tmp_path: Path) -> None:
     with pytest.raises(SourceFileError, match="MARKETFS_LANDING_DIR"):
-        LandingFolderBars(tmp_path / "nope").bars(*DAY)
+        LandingFolderBars(tmp_path / "nope" / "bars").bars(*DAY)
+
+
+def test_a_landing_folder_without_bars_or_events_delivers_none_of_them(tmp_path: Path) -> None:
+    # A daily-only vendor: the landing folder exists, with bars_1d/ and no bars/ or events/.
+    assert LandingFolderBars(tmp_path / "bars").bars(*DAY).is_empty()
+    assert LandingFolderEvents(tmp_path / "events").events(*DAY).is_empty()

@@ -62,7 +62,7 @@ def test_skipping_a_day_fails_with_a_clear_message(dsn: str) -> None:
     message = result.failure_data_for_node("feature_vectors_fs_v1_1m").error.message
     assert "materialise the previous partition" in message
     # Named by the partition that failed, not by its window's start (the close of 01-03).
-    assert message.startswith("feature_vectors_fs_v1_1m 2024-01-04: "), message
+    assert "Failure: feature_vectors_fs_v1_1m 2024-01-04: stored feature state" in message, message
     from marketfs.db import engine_for
 
     with engine_for(dsn).connect() as conn:
