@@ -223,9 +223,7 @@ def _materialise_shard(
             if breach.instruments is not None:  # before the write records the day as reconciled
                 _retract_intraday(store, context, fs, timeframe, shard, [breach.day], list(breach.instruments))
         if chunk.accepted:
-            held_here = Holds()
-            for day in chunk.accepted:
-                held_here = held_here.merged(chunk.holds_on(day, name))
+            held_here = chunk.holds(name)
             held = computation.holds.merged(held_here)
             kept = FeatureComputation(
                 vectors=held_here.filter(computation.vectors), state=held_here.filter(computation.state), holds=held
@@ -237,9 +235,7 @@ def _materialise_shard(
                 metadata = _day_metadata(rows)
                 on_day = held.at(day_window(day)[1])
                 if on_day:
-                    metadata["held_instruments"] = dg.MetadataValue.text(
-                        Holds({h.instrument_id: h for h in on_day}).describe()
-                    )
+                    metadata["held_instruments"] = dg.MetadataValue.text(on_day.describe())
                 materializations.append((context.asset_key, scope.key(day), metadata, content_version(rows)))
             if computation.holds:
                 context.log.warning(

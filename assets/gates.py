@@ -83,21 +83,17 @@ class Judgement:
     def day_breaches(self) -> list[Breach]:
         return [b for b in self.breaches if b.whole_day]
 
-    def held_on(self, day: str) -> tuple[str, ...]:
-        """The instruments this judgement held on ``day`` (an accepted day's rows are written without them)."""
-        return tuple(sorted({i for b in self.breaches if b.day == day and b.instruments for i in b.instruments}))
-
-    def holds_on(self, day: str, asset: str) -> Holds:
-        """``held_on(day)`` as holds from the day's start: what a write of the day leaves alone."""
-        start = day_window(day)[0]
-        return Holds(
-            {
-                i: HeldInstrument(i, start, day, asset, b.batch_id)
-                for b in self.breaches
-                if b.day == day and b.instruments
-                for i in b.instruments
-            }
-        )
+    def holds(self, asset: str, day: str | None = None) -> Holds:
+        """The instruments this judgement held (on ``day``, or on any day, each from its first), held from the
+        start of their day: what a write leaves alone and a computation leaves out."""
+        held = Holds()
+        for b in self.breaches:
+            if b.instruments and day in (None, b.day):
+                since = day_window(b.day)[0]
+                held = held.merged(
+                    Holds({i: HeldInstrument(i, since, b.day, asset, b.batch_id) for i in b.instruments})
+                )
+        return held
 
 
 def features_in_run(context: dg.AssetExecutionContext, suffix: str = "") -> bool:

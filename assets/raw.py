@@ -38,7 +38,7 @@ from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.db import retry_on_conflict
 from marketfs.features.flags import QualityFlag
 from marketfs.features.resample import daily_bars
-from marketfs.holds import HeldInstrument, Holds
+from marketfs.holds import Holds
 from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
@@ -284,8 +284,8 @@ def _ingest(
             def write_day(
                 conn, day: str, by_day: dict = by_day, empty=empty, scope=scope, judgement=judgement
             ) -> tuple[dict, pl.DataFrame]:
-                held = judgement.holds_on(day, asset)
-                rows = held.filter(by_day.get(day, empty), ts_column) if held else by_day.get(day, empty)
+                held = judgement.holds(asset, day)
+                rows = held.filter(by_day.get(day, empty), ts_column)
                 stored = write(conn, rows, *day_window(day), scope.shard, held)
                 return _held_metadata(summarise(rows, stored), held), stored
 
@@ -419,7 +419,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
             daily = with_day(_combined_daily(built, delivery.rows))
             if minute_held:
                 held_rows = pl.DataFrame(
-                    [(d, i) for d, ids in minute_held.items() for i in ids],
+                    [(d, i) for d, held in minute_held.items() for i in held.held],
                     schema={DAY: daily.schema[DAY], "instrument_id": pl.String},
                     orient="row",
                 )
@@ -448,7 +448,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                         source,
                         learnt=not market_data.declared_instruments() and not universe.instruments,
                         held={
-                            d: minute_held.get(d, set()) | missing_for_good.get(d, set())
+                            d: set(minute_held.get(d, Holds()).held) | missing_for_good.get(d, set())
                             for d in {*minute_held, *missing_for_good}
                         },
                     ),
@@ -469,10 +469,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 judgement=judgement,
                 minute_held=minute_held,
             ) -> tuple[dict, pl.DataFrame]:
-                held = judgement.holds_on(day, "bars_1d")
-                start = day_window(day)[0]
-                for instrument in minute_held.get(day, ()):
-                    held = held.merged(Holds({instrument: HeldInstrument(instrument, start, day, "raw_ohlcv", 0)}))
+                held = judgement.holds("bars_1d", day).merged(minute_held.get(day, Holds()))
                 rows = held.filter(by_day.get(day, empty))
                 replace_bars(conn, rows, *day_window(day), timeframe="1d", shard=scope.shard, protect=held)
                 return _held_metadata(_daily_summary(day, rows), held), rows

@@ -37,17 +37,7 @@ class Holds:
 
     def filter(self, frame: pl.DataFrame, ts_column: str = "ts") -> pl.DataFrame:
         """``frame`` without the rows of held instruments at or after the instant each is held from."""
-        if not self.held or frame.is_empty():
-            return frame
-        since = pl.DataFrame(
-            {"instrument_id": list(self.held), "_held_since": [h.since for h in self.held.values()]},
-            schema={"instrument_id": pl.String, "_held_since": frame.schema[ts_column]},
-        )
-        return (
-            frame.join(since, on="instrument_id", how="left", maintain_order="left")
-            .filter(pl.col("_held_since").is_null() | (pl.col(ts_column) < pl.col("_held_since")))
-            .drop("_held_since")
-        )
+        return drop_from(frame, {i: h.since for i, h in self.held.items()}, ts_column)
 
     def condition(self, instrument: str = "instrument_id", ts: str = "ts") -> sql.Composable:
         """SQL that holds for rows *not* held (parameters ``held_ids``, ``held_since``): a write's delete
@@ -73,9 +63,9 @@ class Holds:
                 held[instrument] = h
         return Holds(held)
 
-    def at(self, day_end: datetime) -> list[HeldInstrument]:
+    def at(self, day_end: datetime) -> Holds:
         """The instruments held on a day ending at ``day_end``."""
-        return sorted((h for h in self.held.values() if h.since < day_end), key=lambda h: h.instrument_id)
+        return Holds({i: h for i, h in self.held.items() if h.since < day_end})
 
     def describe(self, limit: int = 10) -> str:
         items = sorted(self.held.values(), key=lambda h: (h.since, h.instrument_id))
@@ -84,3 +74,18 @@ class Holds:
 
 
 NO_HOLDS = Holds()
+
+
+def drop_from(frame: pl.DataFrame, since: dict[str, datetime], ts_column: str = "ts") -> pl.DataFrame:
+    """``frame`` without each named instrument's rows at or after its instant (held from it, delisted at it)."""
+    if not since or frame.is_empty():
+        return frame
+    instants = pl.DataFrame(
+        {"instrument_id": list(since), "_since": list(since.values())},
+        schema={"instrument_id": pl.String, "_since": frame.schema[ts_column]},
+    )
+    return (
+        frame.join(instants, on="instrument_id", how="left", maintain_order="left")
+        .filter(pl.col("_since").is_null() | (pl.col(ts_column) < pl.col("_since")))
+        .drop("_since")
+    )

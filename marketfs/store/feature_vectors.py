@@ -17,7 +17,7 @@ from psycopg import sql
 
 from marketfs.features.compute import KEY_COLUMNS, FeatureComputation, HistoryError, state_schema, vector_schema
 from marketfs.features.registry import FeatureSet
-from marketfs.holds import NO_HOLDS, HeldInstrument, Holds
+from marketfs.holds import NO_HOLDS, Holds, drop_from
 from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import replace_window, select_list
@@ -365,15 +365,12 @@ def compute_stored(
     )
     # A delisted instrument's last vector stays served; nothing is invented after its last session (no
     # MISSING_OHLCV vector for a bar it can no longer have).
-    ended = Holds(
-        {
-            i: HeldInstrument(i, at, "delisted", "universe", 0)
-            for i, at in active_universe().delisted_at().items()
-            if at < end
-        }
+    delisted = active_universe().delisted_at()
+    return FeatureComputation(
+        vectors=drop_from(holds.filter(computed.vectors), delisted),
+        state=drop_from(holds.filter(computed.state), delisted),
+        holds=holds,
     )
-    kept = ended.merged(holds)
-    return FeatureComputation(vectors=kept.filter(computed.vectors), state=kept.filter(computed.state), holds=holds)
 
 
 def _compute_piece(

@@ -89,21 +89,22 @@ def resolve_superseded(conn: sa.Connection, *, asset: str, partition: str, run_i
 
 def held_instrument_days(
     conn: sa.Connection, asset: str, start: datetime, end: datetime, shard: Shard = ALL
-) -> dict[str, set[str]]:
+) -> dict[str, Holds]:
     """Per day (partition day) of ``[start, end)``, the instruments (of ``shard``) an open batch of ``asset``
-    holds that day: what a product of that day alone (a daily bar) leaves out."""
+    holds that day, from the day's start: what a product of that day alone (a daily bar) leaves out."""
     rows = conn.execute(
         sa.text(
-            "SELECT split_part(partition, '|', 1) AS day, unnest(instruments) AS i FROM quarantine_batches "
-            "WHERE status = 'held' AND instruments IS NOT NULL AND asset = :asset "
+            "SELECT split_part(partition, '|', 1) AS day, unnest(instruments) AS i, window_start, batch_id "
+            "FROM quarantine_batches WHERE status = 'held' AND instruments IS NOT NULL AND asset = :asset "
             "AND window_start >= :s AND window_start < :e"
         ),
         {"asset": asset, "s": start, "e": end},
     ).all()
-    held: dict[str, set[str]] = {}
+    held: dict[str, Holds] = {}
     for r in rows:
         if shard.holds(r.i):
-            held.setdefault(r.day, set()).add(r.i)
+            day = Holds({r.i: HeldInstrument(r.i, r.window_start, r.day, asset, r.batch_id)})
+            held[r.day] = held.get(r.day, Holds()).merged(day)
     return held
 
 
