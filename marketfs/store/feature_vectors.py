@@ -20,7 +20,7 @@ from marketfs.features.registry import FeatureSet
 from marketfs.holds import NO_HOLDS, Holds, drop_from
 from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
-from marketfs.store.tables import replace_window, select_list
+from marketfs.store.tables import replace_window, select_list, writable
 from marketfs.store.timescale import lift_decompression_limit
 
 STAGING = "feature_vectors_staging"
@@ -95,21 +95,12 @@ def upsert_window(
         | (pl.col("timeframe") != timeframe)
         | (pl.col("feature_set_version") != feature_set.version)
     )
-    if stray.height or shard.filter(vectors).height != vectors.height:
+    if stray.height:
         raise ValueError("vector(s) fall outside the window, version or shard being written")
-    if protect.filter(vectors).height != vectors.height:
-        raise ValueError("vector(s) of held instruments given to a write")
-    if only is not None and vectors.filter(~pl.col("instrument_id").is_in(only)).height:
-        raise ValueError(f"vector(s) outside the instruments {only} being written")
     # Rows of the window a write may replace: the shard's, less held instruments', or only those named.
-    mine = sql.SQL(" AND ").join(
-        [
-            shard.condition(sql.Identifier("f", "instrument_id")),
-            protect.condition(),
-            sql.SQL("f.instrument_id = ANY(%(only)s)") if only is not None else sql.SQL("TRUE"),
-        ]
+    mine, mine_params = writable(
+        vectors, "feature_vectors", "ts", shard, protect, only, instrument=sql.Identifier("f", "instrument_id")
     )
-    mine_params = {**shard.params, **protect.params, **({"only": only} if only is not None else {})}
     partial = bool(protect) or only is not None
     staged = vectors.select(columns).with_columns(pl.lit(run_id, pl.String).alias("run_id"))
     # Writers of one version, timeframe and shard take turns: overlapping windows (a backfill and a
@@ -137,10 +128,11 @@ def upsert_window(
     # A window that already holds exactly these vectors (the end-of-day run of a day the intraday steps
     # built, a re-run that changes nothing) is read back and compared rather than staged and upserted:
     # one COPY out instead of a COPY in, three joins and an anti-join (measured in benchmarks/intraday.py).
-    stored = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end, shard=shard)
-    unchanged = stored.height == vectors.height and stored.equals(vectors.select(columns).sort("instrument_id", "ts"))
-    if unchanged and not partial:
-        return {"upserted": 0, "deleted_stale": 0, "superseded": 0}
+    # Not for a partial write: the window then holds rows it leaves alone, so it never equals the vectors.
+    if not partial:
+        stored = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end, shard=shard)
+        if stored.height == vectors.height and stored.equals(vectors.select(columns).sort("instrument_id", "ts")):
+            return {"upserted": 0, "deleted_stale": 0, "superseded": 0}
 
     conn.execute(
         sa.text(

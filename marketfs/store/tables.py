@@ -25,6 +25,32 @@ def select_list(schema: dict[str, pl.DataType], alias: str | None = None) -> sql
     )
 
 
+def writable(
+    frame: pl.DataFrame,
+    table: str,
+    ts_column: str,
+    shard: Shard,
+    protect: Holds = NO_HOLDS,
+    only: list[str] | None = None,
+    instrument: sql.Composable | None = None,
+) -> tuple[sql.Composable, dict]:
+    """The SQL condition (and its parameters) for the stored rows a window write may replace: the shard's,
+    less held instruments' from their hold on, or only the instruments named. Refuses a ``frame`` holding
+    rows the write may not replace. ``instrument``: the column, when the statement aliases the table."""
+    if shard.filter(frame).height != frame.height:
+        raise ValueError(f"rows of {table} outside {shard} were given to a write of {shard}")
+    if protect.filter(frame, ts_column).height != frame.height:
+        raise ValueError(f"rows of held instruments were given to a write of {table}")
+    if only is not None and frame.filter(~pl.col("instrument_id").is_in(only)).height:
+        raise ValueError(f"rows of {table} outside the instruments {only} being replaced")
+    column = instrument if instrument is not None else sql.Identifier("instrument_id")
+    conditions = [shard.condition(column), protect.condition(ts=ts_column)]
+    if only is not None:
+        conditions.append(sql.SQL("{} = ANY(%(only)s)").format(column))
+    params = {**shard.params, **protect.params, **({"only": only} if only is not None else {})}
+    return sql.SQL(" AND ").join(conditions), params
+
+
 def replace_window(
     conn: sa.Connection,
     table: str,
@@ -45,27 +71,15 @@ def replace_window(
 
     Runs in the caller's transaction: a failure before commit leaves the table as it was.
     """
-    foreign = shard.filter(frame).height != frame.height
-    if foreign:
-        raise ValueError(f"rows of {table} outside {shard} were given to a write of {shard}")
+    mine, mine_params = writable(frame, table, ts_column, shard, protect, only)
     outside = frame.filter((pl.col(ts_column) < start) | (pl.col(ts_column) >= end))
     if outside.height:
         raise ValueError(f"{outside.height} row(s) of {table} fall outside the window [{start}, {end}) being replaced")
     conditions = [
         sql.SQL("{} >= %(start)s AND {} < %(end)s").format(sql.Identifier(ts_column), sql.Identifier(ts_column))
     ]
-    params: dict = {"start": start, "end": end, **shard.params}
-    conditions.append(shard.condition())
-    if protect:
-        if protect.filter(frame, ts_column).height != frame.height:
-            raise ValueError(f"rows of held instruments were given to a write of {table}")
-        conditions.append(protect.condition(ts=ts_column))
-        params.update(protect.params)
-    if only is not None:
-        if frame.filter(~pl.col("instrument_id").is_in(only)).height:
-            raise ValueError(f"rows of {table} outside the instruments {only} being replaced")
-        conditions.append(sql.SQL("instrument_id = ANY(%(only)s)"))
-        params["only"] = only
+    params: dict = {"start": start, "end": end, **mine_params}
+    conditions.append(mine)
     for i, (column, value) in enumerate((scope or {}).items()):
         conditions.append(sql.SQL("{} = %(s{})s").format(sql.Identifier(column), sql.SQL(str(i))))
         params[f"s{i}"] = value
