@@ -43,7 +43,7 @@ from marketfs.sources import SourceFileError
 from marketfs.sources.base import Delivery
 from marketfs.sources.normalize import normalize_bars, normalize_events
 from marketfs.store.bars import read_bars, replace_bars
-from marketfs.store.coverage import hole_before
+from marketfs.store.coverage import holes_before
 from marketfs.store.events import replace_events
 from marketfs.store.gaps import declared_instrument_days
 from marketfs.store.holds import held_instrument_days, resolve_superseded
@@ -108,14 +108,17 @@ def refuse_holes(context: dg.AssetExecutionContext, store: FeatureStore, timefra
     asset = context.asset_key.to_user_string()
     last = max(split_key(k)[0] for k in context.partition_keys)
     with store.engine().connect() as conn:
-        for scope in run_scopes(context.partition_keys):
-            hole = hole_before(conn, scope.days[0], timeframe, scope.shard)
-            if hole is not None:
-                raise dg.Failure(
-                    description=f"{asset}: refused, nothing of this run was written. {hole.describe(end=last)}",
-                    metadata={"missing_sessions": dg.MetadataValue.text(", ".join(map(str, hole.missing)))},
-                    allow_retries=False,
-                )
+        holes = [
+            hole
+            for scope in run_scopes(context.partition_keys)
+            for hole in holes_before(conn, scope.days[0], [scope.shard], (timeframe,)).values()
+        ]
+    for hole in holes[:1]:
+        raise dg.Failure(
+            description=f"{asset}: refused, nothing of this run was written. {hole.describe(end=last)}",
+            metadata={"missing_sessions": dg.MetadataValue.text(", ".join(map(str, hole.missing)))},
+            allow_retries=False,
+        )
 
 
 def _file_check(day: str, error: SourceFileError) -> DayCheck:

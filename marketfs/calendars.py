@@ -68,13 +68,20 @@ class Sessions:
         except KeyError:
             raise CalendarError(self.not_a_session(d)) from None
 
+    def closed_reason(self, day: date | str) -> str:
+        """Why a day that is no session is closed, e.g. ``Friday, a holiday``."""
+        d = _as_date(day)
+        return f"{d:%A}, {'a weekend' if self.weekmask[d.weekday()] == '0' else 'a holiday'}"
+
     def not_a_session(self, day: date | str) -> str:
         d = _as_date(day)
         if not self.first <= d <= self.last:
             return f"{d} is outside the {self.name} calendar ({self.first}..{self.last})"
-        why = "a weekend" if self.weekmask[d.weekday()] == "0" else "a holiday"
         following = self.next_session(d)
-        return f"{d} is no {self.name} session ({d:%A}, {why}); its instants belong to the session of {following}"
+        return (
+            f"{d} is no {self.name} session ({self.closed_reason(d)}); its instants belong to the session of "
+            f"{following}"
+        )
 
     def next_session(self, day: date | str) -> date | None:
         """The first session on or after ``day``."""

@@ -160,18 +160,13 @@ def _holes_before(first: str, end: str, allow_gap: bool, only) -> bool:
     from marketfs.db import engine_for
     from marketfs.features.registry import datasets
     from marketfs.shards import shards
-    from marketfs.store.coverage import hole_before
+    from marketfs.store.coverage import holes_before
     from marketfs.store.gaps import declare_gap
     from marketfs.store.migrations import migrate
 
     migrate(os.environ["MARKETFS_DSN"])  # a new database: its tables first (as every run's first step does)
     with engine_for(os.environ["MARKETFS_DSN"]).begin() as conn:
-        holes = {}
-        for shard in only or shards(SHARD_COUNT):
-            for timeframe in ("1m", "1d"):
-                hole = hole_before(conn, first, timeframe, shard)
-                if hole is not None:
-                    holes[timeframe] = hole
+        holes = holes_before(conn, first, only or shards(SHARD_COUNT))
         if not holes:
             return True
         if not allow_gap:

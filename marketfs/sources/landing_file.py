@@ -140,7 +140,7 @@ def _closed_day(path: Path, rows: pl.DataFrame, ts: pl.Series, sessions) -> Sour
     first = rows.row(0, named=True)
     local = ts.dt.convert_time_zone(sessions.tz).dt.date()
     days = sorted(set(local.to_list()))
-    named = ", ".join(f"{d} ({sessions.not_a_session(d).split('(')[1].split(')')[0]})" for d in days[:5])
+    named = ", ".join(f"{d} ({sessions.closed_reason(d)})" for d in days[:5])
     return SourceFileError(
         path,
         f"{rows.height} bar(s) stamped on a day the {sessions.name} calendar is closed: {named} "

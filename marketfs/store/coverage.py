@@ -83,3 +83,16 @@ def hole_before(conn: sa.Connection, day: date | str, timeframe: str = "1m", sha
         declared = declared_sessions(conn, missing[0], missing[-1], timeframe)
         missing = [d for d in missing if d not in declared]
     return Hole(table, sessions.days[position], newest_day, missing) if missing else None
+
+
+def holes_before(
+    conn: sa.Connection, day: date | str, shards: list[Shard], timeframes: tuple[str, ...] = ("1m", "1d")
+) -> dict[str, Hole]:
+    """``hole_before`` of every shard, per bar timeframe (the first shard with a hole names it)."""
+    holes: dict[str, Hole] = {}
+    for shard in shards:
+        for timeframe in timeframes:
+            hole = hole_before(conn, day, timeframe, shard)
+            if hole is not None:
+                holes.setdefault(timeframe, hole)
+    return holes
