@@ -319,7 +319,7 @@ def compute_stored(
     from marketfs.features.registry import dataset_name
     from marketfs.features.timeframes import timeframe as timeframe_spec
     from marketfs.store.coverage import hole_before
-    from marketfs.store.gaps import drop_inside_gaps, read_gap_windows, read_restarts
+    from marketfs.store.gaps import drop_inside_gaps, read_gaps
     from marketfs.store.holds import feature_holds, read_holds
     from marketfs.universe import active_sessions, active_universe
 
@@ -334,7 +334,8 @@ def compute_stored(
         if hole is not None:
             raise HistoryError(hole.describe())
     dataset = dataset_name(feature_set, timeframe)
-    restarts = read_restarts(conn, dataset, end, shard)
+    gaps = read_gaps(conn, dataset, end, shard)
+    restarts = gaps.select("instrument_id", "restart_at").filter(pl.col("restart_at") < end)
     stored_state = holds.filter(
         read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
     )
@@ -351,7 +352,6 @@ def compute_stored(
         states.append(piece.state)
         carried = pl.concat([carried, piece.state]) if piece.state.height else carried
     # Nothing is stamped inside a declared gap of its instrument: the sessions are missing for good.
-    gaps = read_gap_windows(conn, dataset, start, end)
     computed = FeatureComputation(
         vectors=drop_inside_gaps(pl.concat(vectors), gaps), state=drop_inside_gaps(pl.concat(states), gaps)
     )

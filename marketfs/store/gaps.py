@@ -81,47 +81,37 @@ def declared_sessions(conn: sa.Connection, first: date, last: date, timeframe: s
     return declared
 
 
-def read_restarts(conn: sa.Connection, dataset: str | None, before: datetime, shard: Shard = ALL) -> pl.DataFrame:
-    """Every restart instant (``RESTART_SCHEMA``, instrument_id null for every instrument) that applies to
-    ``dataset`` (None: the bars alone) and comes before ``before``, of the shard's instruments."""
+def read_gaps(conn: sa.Connection, dataset: str | None, before: datetime, shard: Shard = ALL) -> pl.DataFrame:
+    """The declared gaps (``WINDOW_SCHEMA``: instrument_id null for every instrument, from the start of the
+    first missing trading day to the restart) that apply to ``dataset`` (None: the bars alone) and begin
+    before ``before``, of the shard's instruments: where windows restart, and where nothing is stamped."""
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
     rows = conn.execute(
         sa.text(
-            "SELECT instrument_id, restart_at FROM declared_gaps WHERE restart_at < :before "
-            "AND (dataset IS NULL OR dataset = :d) ORDER BY restart_at"
+            "SELECT instrument_id, first_session, restart_at FROM declared_gaps "
+            "WHERE (dataset IS NULL OR dataset = :d) ORDER BY restart_at"
         ),
-        {"before": before, "d": dataset},
+        {"d": dataset},
     ).all()
-    frame = pl.DataFrame([tuple(r) for r in rows], schema=RESTART_SCHEMA, orient="row")
+    windows = [(i, sessions.trading_day_window(first)[0], restart) for i, first, restart in rows]
+    frame = pl.DataFrame(windows, schema=WINDOW_SCHEMA, orient="row").filter(pl.col("gap_from") < before)
     if frame.is_empty() or shard.is_all:
         return frame
     mine = [i for i in frame["instrument_id"].drop_nulls().unique().to_list() if shard.holds(i)]
     return frame.filter(pl.col("instrument_id").is_null() | pl.col("instrument_id").is_in(mine))
 
 
-def read_gap_windows(conn: sa.Connection, dataset: str | None, start: datetime, end: datetime) -> pl.DataFrame:
-    """The declared gaps (``WINDOW_SCHEMA``: from the start of the first missing trading day to the restart)
-    that overlap ``[start, end)``: nothing is stamped inside one, not even a MISSING_OHLCV vector."""
-    from marketfs.universe import active_sessions
-
-    sessions = active_sessions()
-    rows = conn.execute(
-        sa.text(
-            "SELECT instrument_id, first_session, restart_at FROM declared_gaps WHERE restart_at > :s "
-            "AND (dataset IS NULL OR dataset = :d)"
-        ),
-        {"s": start, "d": dataset},
-    ).all()
-    windows = [(i, sessions.trading_day_window(first)[0], restart) for i, first, restart in rows]
-    frame = pl.DataFrame(windows, schema=WINDOW_SCHEMA, orient="row")
-    return frame.filter(pl.col("gap_from") < end)
-
-
-def drop_inside_gaps(frame: pl.DataFrame, windows: pl.DataFrame, ts_column: str = "ts") -> pl.DataFrame:
+def drop_inside_gaps(frame: pl.DataFrame, gaps: pl.DataFrame, ts_column: str = "ts") -> pl.DataFrame:
     """``frame`` without rows stamped inside a declared gap of their instrument (or of every instrument)."""
-    if windows.is_empty() or frame.is_empty():
+    if gaps.is_empty() or frame.is_empty():
         return frame
     inside = pl.lit(False)
-    for instrument, gap_from, restart_at in windows.iter_rows():
+    # One term per declared gap overlapping the frame: gaps are few (a person declares each one).
+    first, last = frame[ts_column].min(), frame[ts_column].max()
+    overlapping = gaps.filter((pl.col("gap_from") <= last) & (pl.col("restart_at") > first))
+    for instrument, gap_from, restart_at in overlapping.iter_rows():
         mine = pl.lit(True) if instrument is None else pl.col("instrument_id") == instrument
         inside = inside | (mine & (pl.col(ts_column) >= gap_from) & (pl.col(ts_column) < restart_at))
     return frame.filter(~inside)
