@@ -403,7 +403,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     from marketfs.shards import Shard
     from marketfs.store import quality
     from marketfs.store.migrations import migrate
-    from pipelines.definitions import ALL_ASSETS, defs
+    from pipelines.definitions import defs
     from pipelines.sensors import CHAIN_END_ASSET, materialized_days
 
     migrate(env["MARKETFS_DSN"])
@@ -454,10 +454,9 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
 
     # What was computed without these rows: the released asset's descendants in the daily job from the
     # released day; for a feature asset, itself from the next day (its state chain continues there).
-    daily = {a.key for a in ALL_ASSETS}
-    descendants = (dg.AssetSelection.assets(asset).downstream().resolve(graph) - {asset}) & daily
+    descendants, self_dependent = _recomputed_after(asset)
     first_day = days[0][0]
-    if asset in graph.get(asset).parent_keys:  # self-dependent: the state chain
+    if self_dependent:
         descendants |= {asset}
         first_day = DAILY.get_next_partition_key(days[-1][0])
         if first_day is None:
@@ -490,13 +489,11 @@ def _discard(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     from marketfs.shards import Shard
     from marketfs.store import quality
     from marketfs.store.migrations import migrate
-    from pipelines.definitions import ALL_ASSETS, defs
-    from pipelines.sensors import materialized_days
 
     migrate(env["MARKETFS_DSN"])
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
-            batch = quality.discard(conn, batch_id, actor=actor, note=note)
+            batch = quality.discard(conn, batch_id, actor=actor, note=note, shard_count=SHARD_COUNT)
     except quality.QuarantineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -505,22 +502,28 @@ def _discard(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     print(f"batch {batch_id} discarded by {actor}: {batch['asset']} {day} of {held} is missing for good (a gap)")
     if not batch["gaps"]:
         return 0
-    if batch["shard_count"] != SHARD_COUNT:
-        print(f"recompute from {day} with MARKETFS_SHARDS={batch['shard_count']}: make recompute FROM={day}")
-        return 0
-    graph = defs.resolve_asset_graph()
-    asset = dg.AssetKey(batch["asset"])
-    daily = {a.key for a in ALL_ASSETS}
-    # What follows the day: the descendants of the discarded asset (and a feature asset itself, whose state chain
-    # restarts after the gap), from the day on; never the asset's own raw day again (it would re-read the file).
-    descendants = (dg.AssetSelection.assets(asset).downstream().resolve(graph) - {asset}) & daily
-    if asset in graph.get(asset).parent_keys:
-        descendants |= {asset}
+    # What follows the day, from the day on: never the asset's own raw day again (it would re-read the file),
+    # and a feature asset itself too (its state chain restarts after the gap).
+    descendants, self_dependent = _recomputed_after(dg.AssetKey(batch["asset"]))
+    if self_dependent:
+        descendants |= {dg.AssetKey(batch["asset"])}
     if not descendants:
         return 0
     shard = Shard(batch["shard_index"], batch["shard_count"])
-    through = max([day, *materialized_days(dg.DagsterInstance.get(), dg.AssetKey("raw_ohlcv"), shard)])
-    return _recompute(day, None, asset_selection=sorted(descendants), at_least=through, verbose=verbose, only=[shard])
+    return _recompute(day, None, asset_selection=sorted(descendants), at_least=day, verbose=verbose, only=[shard])
+
+
+def _recomputed_after(asset) -> tuple[set, bool]:
+    """The assets of the daily job computed from ``asset`` (without it), and whether it continues its own
+    state (a feature asset): what a release or a discard of one of its days recomputes."""
+    import dagster as dg
+
+    from pipelines.definitions import ALL_ASSETS, defs
+
+    graph = defs.resolve_asset_graph()
+    daily = {a.key for a in ALL_ASSETS}
+    descendants = (dg.AssetSelection.assets(asset).downstream().resolve(graph) - {asset}) & daily
+    return descendants, asset in graph.get(asset).parent_keys
 
 
 def _ui(port: int) -> int:

@@ -134,7 +134,11 @@ def list_batches(conn: sa.Connection, status: str | None = None) -> list[dict[st
     return [dict(row._mapping) for row in conn.execute(sa.text(query + " ORDER BY batch_id"), params)]
 
 
-def _decided_batch(conn: sa.Connection, batch_id: int) -> dict[str, Any]:
+def _decided_batch(
+    conn: sa.Connection, batch_id: int, shard_count: int | None = None, action: str = "decide"
+) -> dict[str, Any]:
+    """The held batch, locked; refused when already decided, or held under another shard count than the
+    caller's (its partition and what to recompute exist only under that count)."""
     row = conn.execute(
         sa.text("SELECT * FROM quarantine_batches WHERE batch_id = :b FOR UPDATE"), {"b": batch_id}
     ).first()
@@ -144,6 +148,12 @@ def _decided_batch(conn: sa.Connection, batch_id: int) -> dict[str, Any]:
     if batch["status"] != "held":
         raise QuarantineError(
             f"batch {batch_id} was already {batch['status']} by {batch['decided_by']} at {batch['decided_at']}"
+        )
+    if shard_count is not None and batch["shard_count"] != shard_count:
+        raise QuarantineError(
+            f"batch {batch_id} was held with MARKETFS_SHARDS={batch['shard_count']}, this deployment runs "
+            f"{shard_count}: {action} it with MARKETFS_SHARDS={batch['shard_count']} (its partition and the days "
+            "to recompute after it exist under that count)"
         )
     return batch
 
@@ -210,13 +220,7 @@ def release(
 
     if not actor.strip() or not note.strip():
         raise QuarantineError("a release needs the name of the person who reviewed it and a note saying why")
-    batch = _decided_batch(conn, batch_id)
-    if shard_count is not None and batch["shard_count"] != shard_count:
-        raise QuarantineError(
-            f"batch {batch_id} was held with MARKETFS_SHARDS={batch['shard_count']}, this deployment runs "
-            f"{shard_count}: release it with MARKETFS_SHARDS={batch['shard_count']}, or discard it "
-            f"(marketfs quarantine discard {batch_id} --by NAME --note WHY) and recompute its days"
-        )
+    batch = _decided_batch(conn, batch_id, shard_count, "release")
     start, end, asset = batch["window_start"], batch["window_end"], batch["asset"]
     shard = Shard(batch["shard_index"], batch["shard_count"])
     # An instrument-day batch replaces its instruments' rows of the day alone; the others were served.
@@ -254,11 +258,14 @@ def release(
     return {**batch, "rows_written": written}
 
 
-def discard(conn: sa.Connection, batch_id: int, *, actor: str, note: str) -> dict[str, Any]:
-    """Drop a held batch's rows (the batch row and the log entries stay, for the audit trail)."""
+def discard(
+    conn: sa.Connection, batch_id: int, *, actor: str, note: str, shard_count: int | None = None
+) -> dict[str, Any]:
+    """Drop a held batch's rows (the batch row and the log entries stay, for the audit trail); its day becomes
+    a gap for what it held. ``shard_count``: as for ``release``."""
     if not actor.strip() or not note.strip():
         raise QuarantineError("a discard needs the name of the person who decided it and a note saying why")
-    batch = _decided_batch(conn, batch_id)
+    batch = _decided_batch(conn, batch_id, shard_count, "discard")
     for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state"):
         conn.execute(sa.text(f"DELETE FROM quarantine_{table} WHERE batch_id = :b"), {"b": batch_id})
     _record_decision(conn, batch, "discarded", actor, note)
