@@ -59,11 +59,11 @@ def session_verdicts(
     bars of it are held in quarantine; they are known, not missing, and not expected of that day.
     """
     verdicts = {}
-    all_expected = expected
+    expected_ever = expected
     for day in days:
         held_today = (held or {}).get(day, set())
         # Before its listing and after its delisting an instrument has nothing to deliver.
-        expected = {i for i in all_expected if universe.listed_on(i, day)} - held_today
+        expected = {i for i in expected_ever if universe.listed_on(i, day)} - held_today
         bars = bars_by_day.get(day)
         present = set(bars["instrument_id"].unique().to_list()) if bars is not None and bars.height else set()
         # Nothing expected at all is "nothing learnt yet": some bar must come. A shard that a declared list

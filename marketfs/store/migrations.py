@@ -446,21 +446,27 @@ TIME_COLUMNS = {
 
 @migration(12, "TimescaleDB: the flag rollup gains PARTIAL_SESSION (daily bars of partly covered sessions)")
 def _m012_rollup_partial_session(conn: sa.Connection, timescale: bool) -> None:
-    if not timescale:
-        return
+    if timescale:
+        _rollup_counts(conn, "partial_session")
+
+
+def _rollup_counts(conn: sa.Connection, column: str) -> None:
+    """Make the flag rollup count ``column`` (a new QualityFlag's), recreating it when it does not yet.
+
+    A new database got the flag from migration 10, which builds the rollup from QualityFlag as it is now:
+    recreating it again would only restart its jobs while the first writes arrive. A continuous aggregate's
+    columns cannot be altered: it is recreated with one count per QualityFlag (its policy is reconciled after
+    the migrations).
+    """
     from marketfs.store import timescale as ts
 
-    # A new database got the flag from migration 10, which builds the rollup from QualityFlag as it is now:
-    # recreating it again would only restart its jobs while the first writes arrive.
     counted = conn.execute(
-        sa.text("SELECT 1 FROM information_schema.columns WHERE table_name = :v AND column_name = 'partial_session'"),
-        {"v": ts.ROLLUP},
+        sa.text("SELECT 1 FROM information_schema.columns WHERE table_name = :v AND column_name = :c"),
+        {"v": ts.ROLLUP, "c": column},
     ).first()
-    if counted:
-        return
-    # A continuous aggregate's columns cannot be altered: recreate it with one count per QualityFlag.
-    conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))
-    ts.create_daily_quality_rollup(conn)
+    if not counted:
+        conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))
+        ts.create_daily_quality_rollup(conn)
 
 
 @migration(13, "quarantine batches record the instrument shard they hold; quarantine_ohlcv_1d")
@@ -561,17 +567,7 @@ def _m016_declared_gaps(conn: sa.Connection, timescale: bool) -> None:
     )
     conn.execute(sa.text("CREATE INDEX declared_gaps_restart ON declared_gaps (restart_at)"))
     if timescale:
-        from marketfs.store import timescale as ts
-
-        # The rollup counts one column per QualityFlag, and GAP is a new one: recreate it (a new database got it
-        # from migration 10, which builds the rollup from QualityFlag as it is now).
-        counted = conn.execute(
-            sa.text("SELECT 1 FROM information_schema.columns WHERE table_name = :v AND column_name = 'gap'"),
-            {"v": ts.ROLLUP},
-        ).first()
-        if not counted:
-            conn.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {ts.ROLLUP}"))
-            ts.create_daily_quality_rollup(conn)
+        _rollup_counts(conn, "gap")  # the rollup counts one column per QualityFlag, and GAP is a new one
 
 
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
