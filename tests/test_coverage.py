@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +11,10 @@ import dagster as dg
 import polars as pl
 import sqlalchemy as sa
 from dagster_helpers import dagster_process_env, materialize_range
-from test_recompute import new_database  # noqa: F401  (fixture: fresh databases for stores and instances)
+from test_recompute import (
+    new_database,  # noqa: F401  (fixture: fresh databases for stores and instances)
+    pipelines,
+)
 
 from marketfs.db import engine_for
 from marketfs.sources import SyntheticBars, SyntheticEvents
@@ -62,13 +63,19 @@ def test_a_holidays_minute_bars_are_set_aside_and_nothing_stamped_on_it_is_serve
     assert "2024-03-29.parquet, line 1:" in logged and "XNYS calendar is closed: 2024-03-29" in logged, logged
 
 
+def _a_week_of_january(new_database: Callable[[], str], tmp_path: Path) -> dict[str, str]:  # noqa: F811
+    """A store and instance holding the sample's 2024-01-08..01-12, and nothing after."""
+    env = dagster_process_env(new_database(), new_database(), tmp_path, MARKETFS_SYNTHETIC_INSTRUMENTS="2")
+    first = pipelines(env, "run", "--start", "2024-01-08", "--end", "2024-01-12", "--no-snapshot")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return env
+
+
 def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_the_printed_command_fills_them(
     new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
     tmp_path: Path,
 ) -> None:
-    env = dagster_process_env(new_database(), new_database(), tmp_path, MARKETFS_SYNTHETIC_INSTRUMENTS="2")
-    first = pipelines(env, "run", "--start", "2024-01-08", "--end", "2024-01-12", "--no-snapshot")
-    assert first.returncode == 0, first.stdout + first.stderr
+    env = _a_week_of_january(new_database, tmp_path)
     engine = engine_for(env["MARKETFS_DSN"])
     feb = {"s": datetime(2024, 1, 13, tzinfo=UTC)}
 
@@ -102,19 +109,11 @@ def test_a_range_after_sessions_never_materialised_is_refused_naming_them_and_th
     assert {"1d", "1m"} <= {tf for tf, n in served if n}
 
 
-def pipelines(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
-
-
 def test_a_hole_declared_missing_for_good_restarts_every_window_after_it_and_says_gap(
     new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
     tmp_path: Path,
 ) -> None:
-    env = dagster_process_env(new_database(), new_database(), tmp_path, MARKETFS_SYNTHETIC_INSTRUMENTS="2")
-    first = pipelines(env, "run", "--start", "2024-01-08", "--end", "2024-01-12", "--no-snapshot")
-    assert first.returncode == 0, first.stdout + first.stderr
+    env = _a_week_of_january(new_database, tmp_path)
     refused = pipelines(env, "run", "--start", "2024-02-01", "--end", "2024-02-02", "--no-snapshot")
     assert refused.returncode == 1 and "--allow-gap" in refused.stderr, refused.stdout + refused.stderr
 

@@ -18,7 +18,10 @@ from pathlib import Path
 import polars as pl
 import sqlalchemy as sa
 from dagster_helpers import dagster_process_env
-from test_recompute import new_database  # noqa: F401  (fixture: fresh databases for stores and instances)
+from test_recompute import (
+    new_database,  # noqa: F401  (fixture: fresh databases for stores and instances)
+    pipelines,
+)
 
 from marketfs.db import engine_for
 from marketfs.sources import SyntheticBars, SyntheticEvents
@@ -73,18 +76,23 @@ def served(engine: sa.Engine, timeframe: str = "1m") -> dict[tuple[str, str], in
         return {(day, instrument): n for day, instrument, n in rows}
 
 
+def _run_landed(new_database: Callable[[], str], tmp_path: Path, landing: Path):  # noqa: F811
+    """The three days' run on their own store and Dagster instance, as a user runs it; it fails (a bad print)."""
+    env = dagster_process_env(
+        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
+    )
+    run = pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot")
+    assert run.returncode == 1, run.stdout + run.stderr
+    return env, engine_for(env["MARKETFS_DSN"]), run
+
+
 def test_one_bad_print_holds_one_instrument_and_the_printed_fix_serves_it(
     new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
     tmp_path: Path,
 ) -> None:
     landing = tmp_path / "landing"
     held, ts = land(landing, spoil=True)
-    env = dagster_process_env(
-        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
-    )
-    engine = engine_for(env["MARKETFS_DSN"])
-    run = pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot")
-    assert run.returncode == 1, run.stdout + run.stderr
+    env, engine, run = _run_landed(new_database, tmp_path, landing)
 
     # The batch holds the instrument's rows of the day only; the others' bars of the day are stored.
     with engine.connect() as conn:
@@ -130,23 +138,13 @@ def test_one_bad_print_holds_one_instrument_and_the_printed_fix_serves_it(
         assert conn.execute(sa.text("SELECT status FROM quarantine_batches")).scalars().all() == ["resolved"]
 
 
-def pipelines(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
 def test_a_discarded_instrument_day_is_a_gap_its_windows_restart_after(
     new_database: Callable[[], str],  # noqa: F811  (the fixture imported above)
     tmp_path: Path,
 ) -> None:
     landing = tmp_path / "landing"
     held, _ = land(landing, spoil=True)
-    env = dagster_process_env(
-        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
-    )
-    engine = engine_for(env["MARKETFS_DSN"])
-    assert pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot").returncode == 1
+    env, engine, _ = _run_landed(new_database, tmp_path, landing)
     with engine.connect() as conn:
         [batch_id] = conn.execute(sa.text("SELECT batch_id FROM quarantine_batches")).scalars()
     # The vendor cannot re-send the day: a person discards it, and the day is missing for good for that instrument;
@@ -185,12 +183,7 @@ def test_a_bad_bar_of_every_instrument_serves_the_clean_day_before_and_the_print
         pl.when(hit).then(-5.0).otherwise(pl.col("close")).alias("close"),
         pl.when(hit).then(-5.0).otherwise(pl.col("low")).alias("low"),
     ).drop("_row").write_parquet(landing / "bars" / f"{BAD_DAY}.parquet")
-    env = dagster_process_env(
-        new_database(), new_database(), tmp_path, MARKETFS_SOURCE="landing", MARKETFS_LANDING_DIR=str(landing)
-    )
-    engine = engine_for(env["MARKETFS_DSN"])
-    run = pipelines(env, "run", "--start", DAYS[0], "--end", DAYS[-1], "--no-snapshot")
-    assert run.returncode == 1, run.stdout + run.stderr
+    env, engine, run = _run_landed(new_database, tmp_path, landing)
     # The clean day before the breach is served, for every instrument; nothing of the days after it.
     assert {d for d, _ in served(engine)} == {DAYS[0]}
     assert {i for _, i in served(engine)} == set(INSTRUMENTS)
