@@ -20,7 +20,10 @@ reference day at a time, that is at the sample size of one day of this universe:
   score is the standard normal quantile with the same tail probability. A score therefore means
   the same with 5 reference days as with 20 (a raw ``k * spread`` band does not: with 5 days, a day
   falls outside 6 spreads 400 times as often as with 20), and a bound of 3.41 reads "outside what
-  the reference would produce once in 1,500 days".
+  the reference would produce once in 1,500 days". Days are not normal: a day's spread of returns
+  or RSI rests on a few overnight gaps, and far tails measured several times normal, so the degrees
+  of freedom are capped at ``meta.tail_df`` (8): a heavier-tailed prediction, which brought the
+  clean-day trip rate from four times the target to below it (docs/drift.md).
 - ``kl_score``: the KL divergence of the day's histogram from the pooled reference's, on the
   reference's decile bins, judged against the *leave-one-out* divergences of the reference days
   (each reference day against the other m - 1 pooled, on the same bins). Those m values are draws
@@ -206,6 +209,7 @@ def drift_profile(
         if missing:
             raise ValueError(f"drift suite {template.get('name')}: {name} lack the columns {missing}")
     bins = int(template.get("meta", {}).get("kl_bins", 10))
+    tail_df = template.get("meta", {}).get("tail_df")
     pool = _pool(vectors, history, spec, day_of)
     labels, day_slot, lo, hi = pool.labels, pool.day_slot, pool.lo, pool.hi
     found = hi - lo
@@ -244,7 +248,9 @@ def drift_profile(
             observed, reference = values[day_slot], values[ref_idx]
         rows = summary.rows
         ok = ref_in & np.isfinite(reference)
-        score, center, spread, lower, upper = _score(observed, reference, ok, gate, log_scale=gate.statistic == "kl")
+        score, center, spread, lower, upper = _score(
+            observed, reference, ok, gate, log_scale=gate.statistic == "kl", tail_df=tail_df
+        )
         scores[gate.column] = score
         tables.append(
             pl.DataFrame(
@@ -426,9 +432,18 @@ def _kl(counts: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> np.ndar
 
 
 def _score(
-    observed: np.ndarray, reference: np.ndarray, ok: np.ndarray, gate: DriftGate, *, log_scale: bool
+    observed: np.ndarray,
+    reference: np.ndarray,
+    ok: np.ndarray,
+    gate: DriftGate,
+    *,
+    log_scale: bool,
+    tail_df: int | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Score of each day's ``observed`` against the ``ok`` values of its row of ``reference``.
+
+    ``tail_df`` caps the degrees of freedom of the prediction: days' statistics have heavier tails
+    than normal, which m - 1 degrees of freedom understate once m passes about 10.
 
     Returns the score and, in the statistic's own units, the reference's center and spread and the
     values at the gate's bounds.
@@ -438,7 +453,7 @@ def _score(
     if log_scale:
         observed, reference = np.log(np.maximum(observed, KL_FLOOR)), np.log(np.maximum(reference, KL_FLOOR))
     m = ok.sum(axis=1)
-    df = np.maximum(m - 1, 1)
+    df = np.maximum(m - 1, 1) if tail_df is None else np.clip(m - 1, 1, tail_df)
     with np.errstate(divide="ignore", invalid="ignore"):
         center = np.where(ok, reference, 0.0).sum(axis=1) / m
         spread = np.sqrt(np.where(ok, (reference - center[:, None]) ** 2, 0.0).sum(axis=1) / (m - 1))

@@ -35,7 +35,8 @@ DRIFT_DESCRIPTION = (
     "Drift gate, validated over the drift profile (expectations/drift.py, drift_profile): one row per day, one "
     "column per gate, so an unexpected row is a day that drifted. Each score puts the day's statistic against the "
     "reference days' own values of it (for KL: each reference day's divergence from the other reference days), as "
-    "the standard normal quantile of its Student's t prediction tail; the bounds are therefore constants, the same "
+    "the standard normal quantile of its Student's t prediction tail (at most meta.tail_df degrees of freedom: "
+    "days have heavier tails than normal); the bounds are therefore constants, the same "
     "for any universe size and reference length. See docs/drift.md."
 )
 DERIVED_COLUMNS = {
@@ -64,6 +65,8 @@ def load_policy(path: Path = POLICY_PATH) -> dict[str, Any]:
                     raise ValueError(f"flag_share.{scope}.{flag}: severity critical|warning and 0 <= max <= 1")
         drift = policy["drift"]
         float(drift["trip_rate_target"]), int(drift["kl_bins"]), dict(drift["reference"]), list(drift["timeframes"])
+        if int(drift["tail_df"]) < 1:
+            raise ValueError("drift.tail_df: at least 1 degree of freedom")
     except (OSError, tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
         raise PolicyError(f"{path}: {exc.__class__.__name__}: {exc}. Fix: see the comments in that file") from exc
     return policy
@@ -217,6 +220,7 @@ def drift_suite(fs: FeatureSet, timeframe: str, policy: dict[str, Any]) -> dict[
                 f"one-sided, norm.isf({target:g} / {gates}) = {one_sided:.4f} -> {kl}. A low target, because a "
                 "backfill is a chain of days and every clean day that trips holds back the days after it.",
                 "kl_bins": int(drift["kl_bins"]),
+                "tail_df": int(drift["tail_df"]),
             },
             "expectations": expectations,
         }

@@ -122,6 +122,30 @@ def test_mean_score_is_the_students_t_prediction_as_a_normal_quantile() -> None:
     assert (row["lower"], row["upper"]) == pytest.approx((2 - half_width, 2 + half_width))
 
 
+def test_tail_df_caps_the_degrees_of_freedom_of_the_prediction() -> None:
+    """12 reference days (11 df) under meta.tail_df = 8: the score and the raw bounds use 8 df."""
+    from scipy import stats
+
+    means = np.arange(12.0)
+    reference = pl.concat(
+        [day_frame(FIRST + timedelta(days=i), np.array([m - 1.0, m + 1.0])) for i, m in enumerate(means)]
+    )
+    day = FIRST + timedelta(days=12)
+    template = suite()
+    template["meta"]["tail_df"] = 8
+    capped = drift_profile(day_frame(day, np.array([19.0, 21.0])), reference, template, source="test")
+    uncapped = drift_profile(day_frame(day, np.array([19.0, 21.0])), reference, suite(), source="test")
+    t = (20 - means.mean()) / (np.std(means, ddof=1) * math.sqrt(1 + 1 / 12))
+    assert scores(capped, day.isoformat())["mean_z__a"] == pytest.approx(stats.norm.isf(stats.t.sf(t, 8)))
+    assert scores(uncapped, day.isoformat())["mean_z__a"] == pytest.approx(stats.norm.isf(stats.t.sf(t, 11)))
+    # The heavier tail is the laxer gate: the same day scores lower and the raw bound lies further out.
+    assert scores(capped, day.isoformat())["mean_z__a"] < scores(uncapped, day.isoformat())["mean_z__a"]
+    upper = [
+        p.references[day.isoformat()].filter(pl.col("statistic") == "mean")["upper"][0] for p in (capped, uncapped)
+    ]
+    assert upper[0] > upper[1]
+
+
 def test_kl_bound_follows_the_sample_size_of_a_day() -> None:
     """Days of 40 and of 4,000 rows: raw divergences differ a hundredfold, the scores do not trip."""
     template = suite()
