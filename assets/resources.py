@@ -12,7 +12,15 @@ import psycopg
 import sqlalchemy as sa
 from pydantic import PrivateAttr
 
-from marketfs.db import engine_for, resolve_dsn, unreachable_message, write_conflict
+from marketfs.db import (
+    connection_lost,
+    engine_for,
+    outage_seconds,
+    resolve_dsn,
+    unreachable_message,
+    wait_until_reachable,
+    write_conflict,
+)
 from marketfs.sources import (
     BarSource,
     EventSource,
@@ -90,18 +98,15 @@ def database_unreachable(dsn: str, exc: Exception) -> dg.Failure:
     return dg.Failure(description=unreachable_message(dsn, exc), allow_retries=True)
 
 
-# How long one storage call of dagster-postgres keeps retrying a connection before it gives up.
-INSTANCE_RETRY_SECONDS = 10.0
-
-
 class _BoundedRetry:
     """dagster-postgres's connection retry, bounded in time, quiet, and short-circuited once the server is gone.
 
     Its own retry logs a warning per attempt and backs off for about 6 s per call; a stored event is
     several calls and a failing step logs several events, so a lost server took minutes and hundreds of
-    lines before a `DagsterPostgresException`. Here a call retries for at most ``INSTANCE_RETRY_SECONDS``
-    (a server restart or a dropped pooled connection recovers well within that) and, once one call has
-    given up, the next ones try once, until a connection succeeds again: the run ends in seconds.
+    lines before a `DagsterPostgresException`. Here a call retries for at most ``$MARKETFS_DB_OUTAGE_SECONDS``
+    (60 s by default: a server restart or failover is ridden out, and the run goes on where it was) and,
+    once one call has given up (or a step found the feature store's server still gone after that long),
+    the next ones try once, until a connection succeeds again: a lost server ends the run in one line.
     """
 
     def __init__(self) -> None:
@@ -112,7 +117,7 @@ class _BoundedRetry:
 
         from dagster_postgres.utils import DagsterPostgresException
 
-        deadline = time.monotonic() + (0 if self.gone else INSTANCE_RETRY_SECONDS)
+        deadline = time.monotonic() + (0 if self.gone else outage_seconds())
         wait = retry_wait
         while True:
             try:
@@ -149,9 +154,14 @@ def bound_instance_retries() -> None:
 
 
 def translate_database_errors(fn):
-    """Wrap an asset body: a database lost mid-run ends in the clear, retryable failure above.
+    """Wrap an asset body: a database lost mid-run is waited for, then the step is retried.
 
-    Works for plain and generator asset functions; the wrapped signature is what Dagster sees.
+    A lost connection (a server restart, a failover, a dropped connection) waits up to
+    ``$MARKETFS_DB_OUTAGE_SECONDS`` for the server to answer again and then fails the attempt as
+    retryable: the step's retry policy runs it again (every write is one transaction, so the failed
+    attempt wrote nothing). A server still gone after that ends the run in the one clear line of
+    ``unreachable_message``, not retried. Works for plain and generator asset functions; the wrapped
+    signature is what Dagster sees.
     """
 
     def failure(kwargs: dict, exc: Exception) -> dg.Failure:
@@ -165,7 +175,19 @@ def translate_database_errors(fn):
             )
         store = kwargs.get("store")
         dsn = (store._dsn or store.dsn) if isinstance(store, FeatureStore) else resolve_dsn()
-        return database_unreachable(dsn, exc)
+        waited = wait_until_reachable(dsn, outage_seconds())
+        if waited is None:
+            _bounded_retry.gone = True  # Dagster's own writes of this failure try once: the server is gone
+            return dg.Failure(description=unreachable_message(dsn, exc), allow_retries=False)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return dg.Failure(
+            description=f"lost the feature store database ({reason[0] if reason else 'connection lost'}); it "
+            f"answered again after {waited:.0f} s. Nothing of this attempt was written; the step is retried",
+            allow_retries=True,
+        )
+
+    def handled(exc: Exception) -> bool:
+        return write_conflict(exc) is not None or connection_lost(exc)
 
     if inspect.isgeneratorfunction(fn):
 
@@ -173,7 +195,9 @@ def translate_database_errors(fn):
         def generator(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
+            except (sa.exc.DBAPIError, psycopg.Error) as exc:
+                if not handled(exc):
+                    raise
                 raise failure(kwargs, exc) from exc
 
         return generator
@@ -182,13 +206,16 @@ def translate_database_errors(fn):
     def plain(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
+        except (sa.exc.DBAPIError, psycopg.Error) as exc:
+            if not handled(exc):
+                raise
             raise failure(kwargs, exc) from exc
 
     return plain
 
 
-# Safe to retry: every write is one transaction, so a step that failed wrote nothing.
+# Safe to retry: every write is one transaction, so a step that failed wrote nothing. A lost database is
+# waited for inside the failed attempt (translate_database_errors), so the delays here stay short.
 DATABASE_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 

@@ -147,6 +147,11 @@ def _tolerance(text: str) -> timedelta | None:
     ``none`` for no bound."""
     if text.strip().lower() == "none":
         return None
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a tolerance is how far back from each entity's ts a vector may be, never negative; "
+            f"write {text.strip()[1:]!r}"
+        )
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration >= 0; write e.g. 90s, 5m, 1h or 2d")
@@ -166,6 +171,20 @@ def _as_of(text: str) -> datetime | str:
             f"{text!r}: write an instant with its offset, e.g. 2024-03-01T00:00Z, or entity"
         )
     return instant
+
+
+def _attached(argv: list[str], option: str) -> list[str]:
+    """``option VALUE`` as ``option=VALUE``: argparse takes a value such as ``-5m`` for an option and says only
+    "expected one argument"; attached, the value reaches its type, which says what is wrong with it."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == option:
+            value = next(it, None)
+            out.append(arg if value is None else f"{option}={value}")
+        else:
+            out.append(arg)
+    return out
 
 
 def _names(text: str) -> list[str]:
@@ -205,6 +224,7 @@ def _retrieve(args: argparse.Namespace) -> int:
                 feature_set=args.feature_set,
                 as_of=args.as_of,
                 include_flags=args.flags,
+                full_feature_names=args.full_feature_names,
                 dsn=dsn,
             )
     except (retrieval.RetrievalError, SnapshotError) as exc:
@@ -252,13 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     frame.add_argument("--as-of", type=_as_of, help="read values as served then: an ISO instant with offset, or entity")
     frame.add_argument("--flags", action="store_true", help="add the matched vectors' quality_flags")
+    frame.add_argument(
+        "--full-feature-names",
+        action="store_true",
+        help="name columns <feature set>_<timeframe>__<feature> (as Feast's full_feature_names)",
+    )
     frame.add_argument("--snapshot", help="read a frozen snapshot instead of the live table")
     frame.add_argument("--out", help="write the frame to this .parquet or .csv file instead of printing it")
     for p in (latest, frame):
         p.add_argument("--features", required=True, type=_names, help="comma-separated, e.g. ret_1,rsi_14 or 1d:rsi_14")
         p.add_argument("--timeframe", default="1m", help="the timeframe of unprefixed features: 1m, 5m or 1d")
         p.add_argument("--feature-set", default=None, help="a declared feature set version (default fs_v1)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attached(sys.argv[1:] if argv is None else argv, "--tolerance"))
     for name, value in vars(args).items():
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, str) and "\x00" in v for v in values):

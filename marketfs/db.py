@@ -14,6 +14,26 @@ if TYPE_CHECKING:  # imported where used: a training or inference client need no
     import sqlalchemy as sa
 
 DSN_ENV = "MARKETFS_DSN"
+OUTAGE_ENV = "MARKETFS_DB_OUTAGE_SECONDS"
+DEFAULT_OUTAGE_SECONDS = 60.0
+
+
+def outage_seconds() -> float:
+    """How long a run waits for a lost database to come back before it fails (``$MARKETFS_DB_OUTAGE_SECONDS``).
+
+    A server restart, a failover or a dropped connection lasts seconds to a minute; a run that waits it
+    out needs nobody, one that fails at once needs a person to re-run it.
+    """
+    text = os.environ.get(OUTAGE_ENV, "").strip()
+    if not text:
+        return DEFAULT_OUTAGE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{OUTAGE_ENV}={text!r}: a number of seconds >= 0 (default {DEFAULT_OUTAGE_SECONDS:g})")
+    return value
 
 
 def resolve_dsn() -> str:
@@ -82,6 +102,38 @@ def timescaledb_installed(conn: sa.Connection) -> bool:
     import sqlalchemy as sa
 
     return bool(conn.execute(sa.text("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")).scalar())
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True when ``exc`` says the server is gone or the connection broke (not a bad statement or a conflict)."""
+    import psycopg
+    import sqlalchemy as sa
+
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError)) and write_conflict(orig) is None
+
+
+def wait_until_reachable(dsn: str, seconds: float, poll: float = 1.0) -> float | None:
+    """Wait up to ``seconds`` for the server behind ``dsn`` to answer; the seconds waited, or None if it did not."""
+    import time
+
+    import psycopg
+
+    began = time.monotonic()
+    url = sqlalchemy_url(dsn)
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    while True:
+        try:
+            with psycopg.connect(conninfo, connect_timeout=max(1, min(5, int(seconds) or 1))) as conn:
+                conn.execute("SELECT 1")
+            return time.monotonic() - began
+        except psycopg.Error:
+            remaining = began + seconds - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(poll, remaining))
 
 
 def write_conflict(exc: BaseException) -> str | None:

@@ -163,6 +163,15 @@ class EmbeddedPostgres:
         self.home.mkdir(parents=True, exist_ok=True)
         with self._lock():
             if not self._initialised():
+                if self.durable:
+                    # A command run from another folder (or with another MARKETFS_HOME) lands here too: an
+                    # empty store that looks like lost data unless this says where it is and why.
+                    print(
+                        f"note: no embedded database in {self.home} yet: creating a new, empty one there "
+                        "(MARKETFS_HOME; default .marketfs in the current folder). To use an existing one, set "
+                        "MARKETFS_HOME to its folder or run from the folder that holds it.",
+                        file=sys.stderr,
+                    )
                 state = self._initdb()
             else:
                 self._check_owner()

@@ -96,8 +96,11 @@ class StepOutcome:
 
     def describe(self) -> str:
         shard = "" if self.shard.is_all else f" shard {self.shard.index}"
-        begin = f"{self.start:%H:%M}" if self.start.date() == self.end.date() else f"{self.start:%Y-%m-%d %H:%M}"
-        span = f"{begin}-{self.end:%H:%M} UTC"
+        # Both ends dated when they fall on different dates: "21:00-21:00" read as one minute, not a trading day.
+        if self.start.date() == self.end.date():
+            span = f"{self.start:%H:%M}-{self.end:%H:%M} UTC"
+        else:
+            span = f"{self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC"
         if self.status == "nothing to do":
             return f"{self.dataset} {self.day}{shard}: up to date through {self.end:%H:%M} UTC"
         text = f"{self.dataset} {self.day}{shard} {span}: {self.vectors} vectors {self.status}"

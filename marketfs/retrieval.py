@@ -367,7 +367,7 @@ def _output_columns(
             if target in seen:
                 raise RetrievalError(
                     f"column {target!r} ({tf} {name}) is already in {seen[target]}; rename that column, or pass "
-                    f"full_feature_names=True to get {version}_{tf}__{name}"
+                    f"full_feature_names=True (marketfs frame --full-feature-names) to get {version}_{tf}__{name}"
                 )
             seen[target] = f"the {tf} request"
             mapping[name] = target

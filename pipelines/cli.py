@@ -23,7 +23,7 @@ import os
 import sys
 from datetime import date, timedelta
 
-from pipelines.environment import PROJECT_ROOT, prepare_environment
+from pipelines.environment import PROJECT_ROOT, DatabaseUnreachable, prepare_environment
 from pipelines.run_report import (
     Tally,
     console_log_level,
@@ -208,7 +208,7 @@ def _run(
     shard: int | None = None,
     allow_gap: bool = False,
 ) -> int:
-    prepare_environment()
+    prepare_environment(check=True)
     import dagster as dg
     import sqlalchemy as sa
 
@@ -322,7 +322,7 @@ def _recompute(
 
     ``end`` None: the newest materialised day of the features, or ``at_least`` when that is later.
     """
-    prepare_environment()
+    prepare_environment(check=True)
     import dagster as dg
 
     from assets.partitions import DAILY, session_keys
@@ -393,7 +393,7 @@ def _say_failed_runs(failed_runs: list[str], tally: Tally) -> None:
 
 def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int:
     """Release a quarantine batch, tell Dagster, and recompute what was computed without it."""
-    env = prepare_environment()
+    env = prepare_environment(check=True)
 
     import dagster as dg
 
@@ -480,7 +480,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
 def _discard(batch_id: int, actor: str, note: str, verbose: bool = False) -> int:
     """Discard a quarantine batch (its day becomes a gap for what it held) and recompute what follows it: the
     held instruments restart after the day instead of waiting for it."""
-    env = prepare_environment()
+    env = prepare_environment(check=True)
 
     import dagster as dg
 
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The embedded server's own errors (a damaged state file, a taken port, root without user
         # namespaces) already say what to do.
-        message = str(exc) if isinstance(exc, EmbeddedPostgresError) else database_gone(exc)
+        message = str(exc) if isinstance(exc, EmbeddedPostgresError | DatabaseUnreachable) else database_gone(exc)
         if message is None or verbose:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -23,8 +23,36 @@ def default_environment() -> None:
         os.environ.setdefault(variable, default)
 
 
-def prepare_environment() -> dict[str, str]:
-    """Set (and return) the variables a Dagster process of this project needs; start the embedded server if used."""
+class DatabaseUnreachable(RuntimeError):
+    """A database a command needs did not answer when the command started; the message says which and what to do."""
+
+
+def check_servers(dsn: str, instance_dsn: str) -> None:
+    """One connection attempt to each database a command uses, before it starts anything.
+
+    A run rides out a server lost mid-run for ``$MARKETFS_DB_OUTAGE_SECONDS`` (assets/resources.py); a
+    server already down when a person starts a command is said at once instead.
+    """
+    import psycopg
+
+    from marketfs.db import unreachable_message
+
+    for url, what, variable in (
+        (dsn, "feature store database", DSN_ENV),
+        (instance_dsn, "Dagster instance database", DAGSTER_PG_ENV),
+    ):
+        conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            psycopg.connect(conninfo, connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnreachable(unreachable_message(url, exc, what=what, variable=variable)) from exc
+
+
+def prepare_environment(check: bool = False) -> dict[str, str]:
+    """Set (and return) the variables a Dagster process of this project needs; start the embedded server if used.
+
+    ``check``: connect once to each database first (``check_servers``).
+    """
     default_environment()
     if os.environ.get(DSN_ENV):
         dsn = os.environ[DSN_ENV]
@@ -48,4 +76,6 @@ def prepare_environment() -> dict[str, str]:
     if template.exists() and (not target.exists() or target.read_text() != template.read_text()):
         shutil.copyfile(template, target)
     os.environ["DAGSTER_HOME"] = str(home)
+    if check:
+        check_servers(dsn, instance_dsn)
     return {k: os.environ[k] for k in (DSN_ENV, DAGSTER_PG_ENV, "DAGSTER_HOME")}

@@ -90,7 +90,7 @@ def _step_today(now: datetime, source: MarketData | None, dsn: str, shard: int |
 
 
 def run_today(now: datetime | None = None, shard: int | None = None) -> int:
-    prepare_environment()
+    prepare_environment(check=True)
     from marketfs.db import resolve_dsn
     from marketfs.features.compute import HistoryError
     from marketfs.sources import SourceFileError

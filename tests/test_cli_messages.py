@@ -133,7 +133,8 @@ def test_arguments_that_cannot_be_right_are_usage_errors(
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
-        (["frame", "e.csv", "--features", "ret_1", "--tolerance=-5m"], "'-5m' is not a duration >= 0"),
+        (["frame", "e.csv", "--features", "ret_1", "--tolerance=-5m"], "never negative; write '5m'"),
+        (["frame", "e.csv", "--features", "ret_1", "--tolerance", "-5m"], "never negative; write '5m'"),
         (["frame", "e.csv", "--features", "ret_1", "--tolerance", "five minutes"], "'five minutes' is not a duration"),
         (["frame", "e.csv", "--features", "ret_1", "--tolerance", "none", "--as-of", "2024-03-01"], "with its offset"),
         (["latest", "AAA", "--features", " , "], "name at least one feature"),

@@ -100,26 +100,66 @@ def test_database_gone_fails_with_a_clear_message() -> None:
     assert "secret" not in messages
 
 
-def test_database_lost_mid_run_becomes_the_clear_retryable_failure() -> None:
+def test_a_database_still_gone_after_the_outage_budget_is_the_clear_final_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import psycopg
 
+    from assets import resources
     from assets.resources import FeatureStore, translate_database_errors
+
+    monkeypatch.setenv("MARKETFS_DB_OUTAGE_SECONDS", "2")
+    monkeypatch.setattr(resources._bounded_retry, "gone", False)
 
     @translate_database_errors
     def body(context=None, store=None):
         yield "started"
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    steps = body(store=FeatureStore(dsn="postgresql://u:p@db.example:5432/marketfs"))
+    steps = body(store=FeatureStore(dsn="postgresql://u:p@127.0.0.1:1/marketfs"))
     assert next(steps) == "started"
-    try:
+    began = time.monotonic()
+    with pytest.raises(dg.Failure) as failure:
         next(steps)
-    except dg.Failure as failure:
-        assert "cannot reach the feature store database db.example:5432/marketfs" in failure.description
-        assert "server closed the connection" in failure.description
-        assert failure.allow_retries
-    else:
-        raise AssertionError("no failure")
+    assert 1.5 < time.monotonic() - began < 10  # waited the budget for the server, then gave up
+    assert "cannot reach the feature store database 127.0.0.1:1/marketfs" in failure.value.description
+    assert "server closed the connection" in failure.value.description
+    assert not failure.value.allow_retries  # retrying a server gone this long only delays the one line
+    assert resources._bounded_retry.gone  # Dagster's writes of the failure try once
+
+
+def test_a_connection_lost_to_a_server_that_answers_again_retries_the_step(dsn: str) -> None:
+    """A restart dropped the connection; the server answers again at once: the attempt is retried, not the run."""
+    import psycopg
+
+    from assets.resources import FeatureStore, translate_database_errors
+
+    @translate_database_errors
+    def body(store=None) -> None:  # noqa: ANN001 - as Dagster passes it
+        raise sa.exc.OperationalError(
+            "SELECT 1", {}, psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+        )
+
+    with pytest.raises(dg.Failure) as failure:
+        body(store=FeatureStore(dsn=dsn))
+    assert failure.value.allow_retries
+    assert "lost the feature store database (terminating connection" in failure.value.description
+    assert (
+        "answered again after 0 s" in failure.value.description and "the step is retried" in failure.value.description
+    )
+
+
+def test_a_bad_statement_is_not_taken_for_a_lost_database() -> None:
+    import psycopg
+
+    from assets.resources import translate_database_errors
+
+    @translate_database_errors
+    def body(store=None) -> None:  # noqa: ANN001 - as Dagster passes it
+        raise sa.exc.ProgrammingError("SELECT nope", {}, psycopg.errors.UndefinedColumn("column nope does not exist"))
+
+    with pytest.raises(sa.exc.ProgrammingError):
+        body(store=None)
 
 
 def test_a_write_that_loses_a_deadlock_is_retried_and_named(

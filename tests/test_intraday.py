@@ -327,3 +327,16 @@ def test_pushed_bars_land_as_files_the_end_of_day_run_reads(dsn: str, tmp_path) 
     start, end = _window(TODAY)
     landed = LandingFolderBars(tmp_path / "bars", index_path=tmp_path / "index.json").bars(start, end)
     assert_frame_equal(landed.select(pushed.columns).sort("instrument_id", "ts"), pushed.sort("instrument_id", "ts"))
+
+
+def test_a_step_over_a_whole_trading_day_says_both_dates() -> None:
+    """A trading day runs from the previous close: "21:00-21:00 UTC" read as one minute."""
+    from marketfs.intraday import StepOutcome
+
+    start, end = datetime(2024, 1, 11, 21, tzinfo=UTC), datetime(2024, 1, 12, 21, tzinfo=UTC)
+    whole = StepOutcome("fs_v1_1m", ALL, "2024-01-12", start, end, "served", 3900)
+    assert whole.describe() == "fs_v1_1m 2024-01-12 2024-01-11 21:00 to 2024-01-12 21:00 UTC: 3900 vectors served"
+    minute = StepOutcome(
+        "fs_v1_1m", ALL, "2024-01-12", end.replace(hour=15), end.replace(hour=15, minute=1), "served", 10
+    )
+    assert minute.describe() == "fs_v1_1m 2024-01-12 15:00-15:01 UTC: 10 vectors served"

@@ -103,6 +103,28 @@ def test_a_name_taken_twice_is_refused_or_prefixed_on_request(stored: str) -> No
     assert out.row(0)[2:] == (0.5, 2.0, None)  # the label stays; the 1d vector is not known yet at T+6
 
 
+def test_the_cli_names_its_own_option_for_a_taken_name_and_that_option_runs(
+    stored: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from marketfs.cli import main as marketfs_main
+
+    path = tmp_path / "labelled.csv"
+    entities(("A", 5)).with_columns(pl.lit(0.5).alias("ret_1")).write_csv(path)
+    monkeypatch.setenv("MARKETFS_DSN", stored)
+    argv = ["frame", str(path), "--features", "ret_1", "--tolerance", "5m"]
+    assert marketfs_main(argv) == 2
+    err = capsys.readouterr().err
+    option = re.search(r"marketfs frame (--[a-z-]+)", err)
+    assert option, err
+    out = tmp_path / "out.csv"
+    assert marketfs_main([*argv, option.group(1), "--out", str(out)]) == 0
+    frame = pl.read_csv(out)
+    assert frame.columns == ["instrument_id", "ts", "ret_1", "fs_v1_1m__ret_1"]
+    assert frame.row(0)[2:] == (0.5, 2.0)
+
+
 def test_future_vectors_never_match(stored: str) -> None:
     out = training_frame(entities(("A", 9.99)), ["ret_1"], timedelta(hours=1), dsn=stored)
     assert out["ret_1"].to_list() == [2.0]  # the vector at 10 is in the entity's future
