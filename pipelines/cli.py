@@ -561,12 +561,19 @@ def _ui(port: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
     # Until the whole group is gone, not only `dagster dev`: a code server may outlive it.
+    killed = False
     while dev.poll() is None or (stopping and group_alive()):
         if stopping and time.monotonic() - stopping[0] > UI_STOP_GRACE_SECONDS:
             os.killpg(dev.pid, signal.SIGKILL)
+            killed = True
             break
         time.sleep(0.2)
     code = dev.wait()
+    if killed:
+        # Stopped as asked, by force: a loaded machine can take longer than the grace period to wind down,
+        # which is no failure of the stop (runs in flight are failed by the dead_runs sensor on the next start).
+        print(f"note: the UI did not stop within {UI_STOP_GRACE_SECONDS:g} s of the signal; killed", file=sys.stderr)
+        return 0
     return 0 if code in (0, -signal.SIGINT, 128 + signal.SIGINT) else code
 
 

@@ -116,8 +116,9 @@ def _positions(
     if mismatch.height:
         row = mismatch.row(0, named=True)
         raise HistoryError(
-            f"stored feature state of {row['instrument_id']} is at {row['_state_ts']}, but its last bar before "
-            f"{start} is at {row['_last_warm']}: a feature partition in between was not materialised, or the "
+            f"stored feature state of {row['instrument_id']} is at {row['_state_ts']:%Y-%m-%d %H:%M} UTC, but its last "
+            f"bar before the window (which starts at {start:%Y-%m-%d %H:%M} UTC, the previous session's close) is at "
+            f"{row['_last_warm']:%Y-%m-%d %H:%M} UTC: a feature partition in between was not materialised, or the "
             f"bars changed after it was. Fix: materialise the previous partition first, i.e. the feature "
             f"partitions from the day after {row['_state_ts']:%Y-%m-%d} on, in order (a backfill does that)."
         )
@@ -125,9 +126,10 @@ def _positions(
         truncated = joined.filter(pl.col("_state_ts").is_null() & (pl.col("_n_warm") >= warmup_limit))
         if truncated.height:
             raise HistoryError(
-                f"no feature state for {truncated['instrument_id'][0]} (and {truncated.height - 1} more) before "
-                f"{start}, and their history is longer than the warm-up read. Fix: materialise the previous "
-                "partition of this feature asset first (or backfill from the first day)."
+                f"no feature state for {truncated['instrument_id'][0]} (and {truncated.height - 1} more) before the "
+                f"window (which starts at {start:%Y-%m-%d %H:%M} UTC, the previous session's close), and their "
+                "history is longer than the warm-up read. Fix: materialise the previous partition of this feature "
+                "asset first (or backfill from the first day)."
             )
     joined = joined.with_columns(
         pl.when(pl.col("_state_ts").is_not_null())
