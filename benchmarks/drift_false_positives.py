@@ -1,14 +1,16 @@
 """How often the drift gate trips on clean data, and which planted shifts it catches, per universe size.
 
-    python benchmarks/drift_false_positives.py [--instruments 2 10 50] [--days 125] [--seed 7] [--write]
+    python benchmarks/drift_false_positives.py [--instruments 2 10 50] [--days 125] [--seed 7]
+        [--dataset fs_v1_1m] [--write]
 
 Workload, for each universe size: deterministic synthetic bars and events, 125 trading days from
 2024-01-02. Every day with at least ``min_partitions`` reference days before it is profiled against
 its trailing 20 days (``expectations.drift.drift_profile``) and the profile is validated with the
-drift suite ``expectations/suites/feature_vectors_fs_v1_1m_drift.json`` in one Great Expectations
-validation (``expectations.gate.validate_days``), as the asset does (pure functions, no database).
-Then the last day is replaced by planted shifts and gated again. ``--write`` replaces the generated
-part of docs/drift.md.
+drift suite ``expectations/suites/feature_vectors_<dataset>_drift.json`` (``--dataset``, default
+fs_v1_1m; fs_v2_1m and fs_v2_5m are the other gated ones, 5m bars resampled from the minute bars) in one
+Great Expectations validation (``expectations.gate.validate_days``), as the asset does (pure functions,
+no database). Then the last day is replaced by planted shifts and gated again. ``--write`` replaces the
+generated part of docs/drift.md (the default dataset only).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 from expectations.drift import drift_gates, drift_profile  # noqa: E402
 from expectations.gate import load_suite_json, suite_path, validate_days  # noqa: E402
 from marketfs.features.compute import compute_feature_vectors  # noqa: E402
-from marketfs.features.registry import DEFAULT_FEATURE_SET  # noqa: E402
+from marketfs.features.registry import feature_set  # noqa: E402
+from marketfs.features.resample import resample  # noqa: E402
 from marketfs.sources import SyntheticBars, SyntheticEvents  # noqa: E402
 from marketfs.universe import active_sessions  # noqa: E402
 
 START = datetime(2024, 1, 2, tzinfo=UTC)
-SUITE = "feature_vectors_fs_v1_1m_drift"
-WARMUP_BARS = DEFAULT_FEATURE_SET.warmup_bars("1m")
+DEFAULT_DATASET = "fs_v1_1m"
 SHIFTS = (
     "variance x2",
     "variance x1.2",
@@ -102,20 +104,35 @@ def gated(columns: list[str], gates: dict) -> str:
     return ", ".join(f"{f} ({', '.join(s)})" for f, s in sorted(by_feature.items())) or "-"
 
 
-def run_size(n: int, n_days: int, seed: int, template: dict) -> dict:
+def dataset_parts(dataset: str) -> tuple[str, str]:
+    """``fs_v2_5m`` -> ("fs_v2", "5m")."""
+    version, _, timeframe = dataset.rpartition("_")
+    return version, timeframe
+
+
+def run_size(n: int, n_days: int, seed: int, template: dict, dataset: str) -> dict:
+    version, timeframe = dataset_parts(dataset)
+    fs = feature_set(version)
+    warmup_bars = fs.warmup_bars(timeframe)
+    suite = f"feature_vectors_{dataset}_drift"
+
+    def bars_of(minute_bars: pl.DataFrame) -> pl.DataFrame:
+        return minute_bars if timeframe == "1m" else resample(minute_bars, timeframe)
+
     gates = {gate.column: gate for gate in drift_gates(template)}
     instruments = tuple(f"SYN{i:03d}" for i in range(n))
     days = active_sessions().between(START.date(), (START + timedelta(days=4 * n_days)).date())[:n_days]
     end = day_bounds(days[-1])[1]
     t0 = time.perf_counter()
-    bars = SyntheticBars(instruments=instruments, seed=seed).bars(START, end)
+    minute_bars = SyntheticBars(instruments=instruments, seed=seed).bars(START, end)
+    bars = bars_of(minute_bars)
     events = SyntheticEvents(instruments=instruments, seed=seed).events(START - timedelta(days=1), end)
-    computed = compute_feature_vectors(bars, "1m", events=events)
+    computed = compute_feature_vectors(bars, timeframe, events=events, feature_set=fs)
     vectors = computed.vectors
     t1 = time.perf_counter()
     profile = drift_profile(vectors, vectors.clear(), template, source="synthetic")
     t2 = time.perf_counter()
-    results = validate_days(profile.frame, SUITE, suite=profile.suite)
+    results = validate_days(profile.frame, suite, suite=profile.suite)
     t3 = time.perf_counter()
     evaluated = sorted(results)
     tripped = [d for d in evaluated if not results[d].passed]
@@ -137,9 +154,12 @@ def run_size(n: int, n_days: int, seed: int, template: dict) -> dict:
     # as a partition run does, then gated against the trailing days before it.
     start, stop = day_bounds(days[-1])
     history = vectors.filter(pl.col("ts") < start)
-    warm = bars.filter(pl.col("ts") < start).group_by("instrument_id", maintain_order=True).tail(WARMUP_BARS)
+    warm = bars.filter(pl.col("ts") < start).group_by("instrument_id", maintain_order=True).tail(warmup_bars)
     state = computed.state.filter(pl.col("ts") < start).sort("ts").group_by("instrument_id").last()
-    clean_bars, clean_events = bars.filter(pl.col("ts") >= start), events.filter(pl.col("published_at") >= start)
+    clean_bars, clean_events = (
+        minute_bars.filter(pl.col("ts") >= start),
+        events.filter(pl.col("published_at") >= start),
+    )
     lookback = events.filter((pl.col("published_at") >= start - timedelta(days=1)) & (pl.col("published_at") < start))
     for kind in ("clean", *SHIFTS):
         new_bars, new_events = (
@@ -148,20 +168,21 @@ def run_size(n: int, n_days: int, seed: int, template: dict) -> dict:
             else plant(clean_bars, clean_events, kind, instruments, days[-1], seed)
         )
         shifted = compute_feature_vectors(
-            pl.concat([warm, new_bars.select(bars.columns)]),
-            "1m",
+            pl.concat([warm, bars_of(new_bars.select(minute_bars.columns)).select(bars.columns)]),
+            timeframe,
             events=pl.concat([lookback, new_events]),
             state=state,
             start=start,
             end=stop,
-            warmup_limit=WARMUP_BARS,
+            warmup_limit=warmup_bars,
+            feature_set=fs,
         ).vectors
         if kind == "clean":  # the recomputation path gives the stored values
             expected = vectors.filter(pl.col("ts") >= start)
             assert shifted.drop("quality_flags").equals(expected.drop("quality_flags")), "recomputed day differs"
             continue
         shifted_profile = drift_profile(shifted, history, template, source="synthetic")
-        [result] = validate_days(shifted_profile.frame, SUITE, suite=shifted_profile.suite).values()
+        [result] = validate_days(shifted_profile.frame, suite, suite=shifted_profile.suite).values()
         out["shifts"][kind] = [o.column for o in result.blocking_failures]
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -174,9 +195,11 @@ def report(sizes: list[dict], args: argparse.Namespace, template: dict, elapsed:
     sizes_arg = " ".join(str(s["instruments"]) for s in sizes)
     lines = [
         f"Command: `python benchmarks/drift_false_positives.py --instruments {sizes_arg} --days {args.days}"
-        f"{'' if args.seed == 7 else f' --seed {args.seed}'}`"
+        f"{'' if args.seed == 7 else f' --seed {args.seed}'}"
+        f"{'' if args.dataset == DEFAULT_DATASET else f' --dataset {args.dataset}'}`"
         f" (run {datetime.now(UTC):%Y-%m-%d}, {elapsed:.0f} s).",
-        f"Suite: `expectations/suites/{SUITE}.json` ({len(template['expectations'])} expectations, trailing "
+        f"Suite: `expectations/suites/feature_vectors_{args.dataset}_drift.json` "
+        f"({len(template['expectations'])} expectations, trailing "
         f"{spec['partitions']}-partition reference, at least {spec['min_partitions']}; "
         f"trip-rate target {100 * target:g}% of clean days).",
         "",
@@ -231,16 +254,19 @@ def main() -> int:
     parser.add_argument("--instruments", type=int, nargs="+", default=[2, 10, 50], help="universe sizes")
     parser.add_argument("--days", type=int, default=125)
     parser.add_argument("--seed", type=int, default=7, help="of the synthetic bars and events")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a gated feature set and timeframe, e.g. fs_v2_5m")
     parser.add_argument("--write", action="store_true", help="replace the generated part of docs/drift.md")
     args = parser.parse_args()
+    if args.write and args.dataset != DEFAULT_DATASET:
+        parser.error(f"--write documents {DEFAULT_DATASET} only; run --dataset {args.dataset} without it")
 
-    template = load_suite_json(suite_path(SUITE))
+    template = load_suite_json(suite_path(f"feature_vectors_{args.dataset}_drift"))
     t0 = time.perf_counter()
     # Imported up front, so that the per-size timings are the work alone.
     import great_expectations  # noqa: F401
     import scipy.stats  # noqa: F401
 
-    sizes = [run_size(n, args.days, args.seed, template) for n in args.instruments]
+    sizes = [run_size(n, args.days, args.seed, template, args.dataset) for n in args.instruments]
     text = "\n".join(report(sizes, args, template, time.perf_counter() - t0))
     print(text)
     if args.write:
