@@ -22,7 +22,7 @@ reference day at a time, that is at the sample size of one day of this universe:
   falls outside 6 spreads 400 times as often as with 20), and a bound of 3.41 reads "outside what
   the reference would produce once in 1,500 days". Days are not normal: a day's spread of returns
   or RSI rests on a few overnight gaps, and far tails measured several times normal, so the degrees
-  of freedom are capped at ``meta.tail_df`` (8): a heavier-tailed prediction, which brought the
+  of freedom are capped at ``meta.tail_df`` (10): a heavier-tailed prediction, which brought the
   clean-day trip rate from four times the target to below it (docs/drift.md).
 - ``kl_score``: the KL divergence of the day's histogram from the pooled reference's, on the
   reference's decile bins, judged against the *leave-one-out* divergences of the reference days
