@@ -12,17 +12,21 @@ LOCK := requirements.lock
 
 .PHONY: run recompute test ui dsn stop lint install lock clean-db bench docs
 
-# The locked set (tools/lockfile.py), hash-checked, then this project editable on top; one line per phase.
+# The locked set (tools/lockfile.py), hash-checked, then this project editable on top; one line per phase,
+# pip's own output (warnings about this machine's pip configuration, the build backend's notes) in a log
+# that is shown when a phase fails.
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) tools/lockfile.py check
 	@began=$$(date +%s); \
 	echo "install 1/3: virtual environment $(VENV) ($$($(PYTHON) --version))"; \
-	$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip && \
+	$(PYTHON) -m venv $(VENV) && \
+	$(BIN)/python -m pip install --quiet --upgrade pip >$(VENV)/install.log 2>&1 && \
 	echo "install 2/3: $$(grep -c '^[A-Za-z0-9]' $(LOCK)) locked packages from $(LOCK), hash-checked (about 2 minutes on a fresh machine, seconds after)" && \
-	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK) && \
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK) >>$(VENV)/install.log 2>&1 && \
 	echo "install 3/3: marketfs itself, editable" && \
-	$(BIN)/python -m pip install --quiet --no-deps -e . && \
-	touch $(STAMP) && echo "installed in $$(( $$(date +%s) - began )) s"
+	$(BIN)/python -m pip install --quiet --no-deps -e . >>$(VENV)/install.log 2>&1 && \
+	touch $(STAMP) && echo "installed in $$(( $$(date +%s) - began )) s (pip's output: $(VENV)/install.log)" || \
+	{ status=$$?; tail -40 $(VENV)/install.log; echo "install failed; the whole log is $(VENV)/install.log"; exit $$status; }
 
 install: $(STAMP)
 
