@@ -201,6 +201,14 @@ class DayChunks:
             i += size
 
 
+# Said on each check's page, beside the "non-blocking" label Dagster gives it (see daily_asset).
+GATE_NOTE = (
+    "Severity ERROR blocks: the asset runs this check before it writes, and a breaching day (or instrument-day) "
+    "fails the step and is not written. Dagster labels the check non-blocking because its own blocking flag "
+    "would only stop later steps, after the write."
+)
+
+
 def daily_asset(
     name: str,
     *,
@@ -237,7 +245,7 @@ def daily_asset(
             )
         ],
         check_specs=[
-            dg.AssetCheckSpec(check, asset=name, description=text, partitions_def=PARTITIONS)
+            dg.AssetCheckSpec(check, asset=name, description=f"{text} {GATE_NOTE}", partitions_def=PARTITIONS)
             for check, text in (checks or {}).items()
         ],
         partitions_def=PARTITIONS,
