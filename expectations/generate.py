@@ -65,6 +65,8 @@ def load_policy(path: Path = POLICY_PATH) -> dict[str, Any]:
                     raise ValueError(f"flag_share.{scope}.{flag}: severity critical|warning and 0 <= max <= 1")
         drift = policy["drift"]
         float(drift["trip_rate_target"]), int(drift["kl_bins"]), dict(drift["reference"]), list(drift["timeframes"])
+        if not 0 <= float(drift["min_day_share"]) <= 1:
+            raise ValueError("drift.min_day_share: a share between 0 and 1")
         if int(drift["tail_df"]) < 1:
             raise ValueError("drift.tail_df: at least 1 degree of freedom")
     except (OSError, tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
@@ -221,6 +223,7 @@ def drift_suite(fs: FeatureSet, timeframe: str, policy: dict[str, Any]) -> dict[
                 "backfill is a chain of days and every clean day that trips holds back the days after it.",
                 "kl_bins": int(drift["kl_bins"]),
                 "tail_df": int(drift["tail_df"]),
+                "min_day_share": float(drift["min_day_share"]),
             },
             "expectations": expectations,
         }

@@ -146,6 +146,21 @@ def test_tail_df_caps_the_degrees_of_freedom_of_the_prediction() -> None:
     assert upper[0] > upper[1]
 
 
+def test_a_short_day_is_not_judged_against_full_days(history: pl.DataFrame) -> None:
+    """An early close (here half the rows of the reference days) is left out under meta.min_day_share, saying why."""
+    day = FIRST + timedelta(days=20)
+    half = day_frame(day, np.random.default_rng(5).standard_normal(ROWS // 2) * 3)  # would trip on its stdev
+    template = suite()
+    assert breaches(drift_profile(half, history, template, source="test"), template)
+    template["meta"]["min_day_share"] = 0.75
+    profile = drift_profile(half, history, template, source="test")
+    assert profile.frame.is_empty()
+    assert "a short day: 200 vectors against a median of 400" in profile.not_evaluated[day.isoformat()]
+    # A day at the share or above is judged as before.
+    full = day_frame(day, np.random.default_rng(5).standard_normal(ROWS * 3 // 4) * 3)
+    assert breaches(drift_profile(full, history, template, source="test"), template)
+
+
 def test_kl_bound_follows_the_sample_size_of_a_day() -> None:
     """Days of 40 and of 4,000 rows: raw divergences differ a hundredfold, the scores do not trip."""
     template = suite()
