@@ -58,9 +58,10 @@ bench: $(STAMP)  ## benchmarks at the default size (a few minutes); ARGS="--days
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 	$(BIN)/python benchmarks/retrieval.py
 
-docs: $(STAMP)  ## regenerate docs/features.md and the feature suites from the declarations
+docs: $(STAMP)  ## regenerate docs/features.md and the feature suites from the declarations, the README's lineage from the definitions
 	$(BIN)/python -m marketfs.catalog --write
 	$(BIN)/python -m expectations.generate
+	$(BIN)/python -m pipelines.lineage --write
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

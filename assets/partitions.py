@@ -130,7 +130,7 @@ RUN_DAYS = 31
 # `list(get_partition_keys())[:max_partitions_per_run]`): a shard's days then ran out of order and at
 # once (seen: 2024-01-03 and 2024-01-11 of one shard side by side, before its 2024-01-02). A single run
 # per shard and range keeps the order; its memory stays bounded by MARKETFS_CHUNK_ROWS, its time is the
-# range's (see dagster/max_runtime in the README).
+# range's (see dagster/max_runtime in docs/operations.md, "Schedules and backfills").
 BACKFILL_POLICY = (
     dg.BackfillPolicy.single_run() if SHARDED else dg.BackfillPolicy.multi_run(max_partitions_per_run=RUN_DAYS)
 )

@@ -24,7 +24,7 @@ CLOSE_SETTLE = timedelta(minutes=15)
 ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, *FEATURE_ASSETS]
 
 # One process per run: a daily run is five short steps, and a step subprocess costs ~2 s of imports.
-# Runs still scale out, one per partition batch, through the instance's run launcher (see README).
+# Runs still scale out, one per partition batch, through the instance's run launcher (docs/deploying.md).
 daily_features_job = dg.define_asset_job(
     "daily_features",
     selection=ALL_ASSETS,
