@@ -30,10 +30,12 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
-lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml (keeps held versions; ARGS=--upgrade for newest)
+# Not on $(STAMP): the install refuses a lock older than pyproject.toml, which is what this target fixes.
+lock:  ## re-resolve requirements.lock from pyproject.toml (keeps held versions; ARGS=--upgrade for newest)
+	@test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet uv; }
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes \
 		--custom-compile-command "make lock" --quiet -o $(LOCK) $(ARGS)
-	$(BIN)/python tools/lockfile.py stamp
+	$(PYTHON) tools/lockfile.py stamp
 
 run: $(STAMP)  ## materialise the sample pipeline end to end on the embedded database
 	$(BIN)/python -m pipelines run $(ARGS)

@@ -10,6 +10,7 @@ marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows (the day 
 marketfs latest INSTRUMENT... --features F,G [--timeframe 1m]          the newest vector per instrument
 marketfs frame ENTITIES --features F,1d:G --tolerance 5m|none [--as-of T|entity] [--flags] [--snapshot ID] [--out FILE]
                                      point-in-time join of a CSV or Parquet of (instrument_id, ts) rows
+marketfs serve [--host 127.0.0.1] [--port 8000]   /v1/latest, /health and /metrics over HTTP (marketfs/serve.py)
 
 Exit codes: 2 a usage error or a request that cannot be served (the message says why), 3 the database
 cannot be reached.
@@ -263,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("id")
     delete.add_argument("--by", required=True, help="who deletes it")
     delete.add_argument("--note", required=True, help="why")
+    served = sub.add_parser("serve", help="the newest vectors and metrics over HTTP")
+    served.add_argument("--host", default="127.0.0.1", help="the address to listen on (default loopback only)")
+    served.add_argument("--port", type=int, default=8000)
     latest = sub.add_parser("latest", help="the newest feature vector per instrument")
     latest.add_argument("instruments", nargs="+")
     frame = sub.add_parser("frame", help="point-in-time join of entity rows (instrument_id, ts)")
@@ -316,6 +320,10 @@ def _command(args: argparse.Namespace) -> int:
         return _snapshot(args)
     elif args.command in ("latest", "frame"):
         return _retrieve(args)
+    elif args.command == "serve":
+        from marketfs.serve import serve
+
+        serve(resolve_dsn(), host=args.host, port=args.port)
     elif args.command == "quarantine" and args.action in ("release", "discard"):
         return _decide_through_dagster(args)
     else:
