@@ -145,7 +145,7 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", None: "seco
 
 def _tolerance(text: str) -> timedelta | None:
     """An argparse type: a duration such as 90s, 5m, 1h, 2d (a bare number is seconds), never negative;
-    ``none`` for no bound."""
+    ``none`` (or a duration beyond what a timedelta holds) for no bound."""
     if text.strip().lower() == "none":
         return None
     if text.strip().startswith("-"):
@@ -156,7 +156,10 @@ def _tolerance(text: str) -> timedelta | None:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration >= 0; write e.g. 90s, 5m, 1h or 2d")
-    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    except OverflowError:
+        return None  # longer than any timestamps can span: no bound, as training_frame takes timedelta.max
 
 
 def _as_of(text: str) -> datetime | str:

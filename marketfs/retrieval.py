@@ -141,7 +141,8 @@ def training_frame(
 
     A vector stamped ``ts`` is known from ``ts + 1 minute`` on (its bar's close; see
     ``marketfs/features/timeframes.py``), and matches an entity row at ``t`` when it became known at
-    or before ``t`` and at most ``tolerance`` before it (``None``: no bound).
+    or before ``t`` and at most ``tolerance`` before it (``None``: no bound; a tolerance reaching back
+    before PostgreSQL's first instant, 4714 BC, such as ``timedelta.max``, is no bound either).
 
     ``features`` are names of ``timeframe``'s vectors, ``"<timeframe>:<name>"`` (``"1d:rsi_14"``) for
     another timeframe of the same feature set, or ``"<feature set>:<timeframe>:<name>"``
@@ -183,6 +184,7 @@ def training_frame(
         version, timeframe = manifest["feature_set_version"], manifest["timeframe"]
     groups = _requests(features, version, timeframe, snapshot)
     columns = _output_columns(frame, groups, include_feature_ts, include_flags, full_feature_names)
+    tolerance = _unbounded_if_beyond(tolerance, frame)
     keyed = frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row_no"), "instrument_id", "ts")
 
     def match(part: pl.DataFrame) -> dict[tuple[str, str], pl.DataFrame]:
@@ -231,6 +233,29 @@ def _assemble(
     return result.to_pandas() if output == "pandas" else result
 
 
+# PostgreSQL's first instant: no vector is older, so a window reaching before it bounds nothing.
+_FIRST_INSTANT = sql.SQL("'4714-11-24 00:00:00+00 BC'::timestamptz")
+_FIRST_INSTANT_US = -210_866_803_200_000_000  # the same, in microseconds since 1970
+_US = timedelta(microseconds=1)
+
+
+def _unbounded_if_beyond(tolerance: timedelta | None, entities: pl.DataFrame) -> timedelta | None:
+    """``None`` for a tolerance reaching before PostgreSQL's first instant from every entity row
+    (``timedelta.max``, say): it bounds nothing, and the server could not compute where it starts."""
+    if tolerance is None:
+        return None
+    latest_us = entities["ts"].dt.epoch("us").max()
+    return None if tolerance // _US >= latest_us - _FIRST_INSTANT_US else tolerance
+
+
+def _window_start(ts: sql.Composable) -> sql.Composed:
+    """``ts - lag - tolerance`` (params ``lag``, ``tolerance``), at PostgreSQL's first instant for a row whose
+    window reaches before it: the subtraction never leaves the timestamps the server can hold."""
+    return sql.SQL("GREATEST({ts}, {first} + %(lag)s + %(tolerance)s) - %(lag)s - %(tolerance)s").format(
+        ts=ts, first=_FIRST_INSTANT
+    )
+
+
 def _connect(dsn: str) -> psycopg.Connection:
     """A connection for one bulk read, in UTC, with no server-side prepares (as ``engine_for``'s)."""
     return psycopg.connect(dsn, **CONNECT_ARGS)
@@ -275,15 +300,17 @@ def _merge_wanted(conn: psycopg.Connection, tolerance: timedelta | None, lag: ti
         return method == "merge"
     if not conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'").fetchone()[0]:
         return False
-    return bool(
-        conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM timescaledb_information.chunks WHERE hypertable_name = 'feature_vectors' "
-            "AND hypertable_schema = current_schema() AND is_compressed AND range_end > "
-            "(SELECT min(ts) FROM pit_entities) - CAST(%(lag)s AS interval) - CAST(%(tol)s AS interval) "
-            "AND range_start <= (SELECT max(ts) FROM pit_entities))",
-            {"lag": lag, "tol": tolerance if tolerance is not None else timedelta(days=36500)},
-        ).fetchone()[0]
-    )
+    reach = sql.SQL("")
+    if tolerance is not None:
+        reach = sql.SQL(" AND range_end > {start}").format(
+            start=_window_start(sql.SQL("(SELECT min(ts) FROM pit_entities)"))
+        )
+    query = sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.chunks WHERE hypertable_name = 'feature_vectors' "
+        "AND hypertable_schema = current_schema() AND is_compressed{reach} "
+        "AND range_start <= (SELECT max(ts) FROM pit_entities))"
+    ).format(reach=reach)
+    return bool(conn.execute(query, {"lag": lag, "tolerance": tolerance}).fetchone()[0])
 
 
 def _merge_point_in_time(
@@ -305,7 +332,8 @@ def _merge_point_in_time(
         {},
         {"row_no": pl.Int64(), "instrument_id": pl.String(), "ts": pl.Datetime("us", "UTC")},
     )
-    lower = sql.SQL(" AND v.ts >= (SELECT min(ts) FROM pit_entities) - %(lag)s - %(tol)s") if tolerance else sql.SQL("")
+    earliest = sql.SQL("(SELECT min(ts) FROM pit_entities)")
+    lower = sql.SQL(" AND v.ts >= {start}").format(start=_window_start(earliest)) if tolerance else sql.SQL("")
     flags = [sql.SQL("array_to_string(v.quality_flags, ',') AS quality_flags")] if "quality_flags" in schema else []
     query = sql.SQL(
         "SELECT {ts}, v.instrument_id, {cols} FROM feature_vectors v "
@@ -320,7 +348,7 @@ def _merge_point_in_time(
     vector_schema = {"feature_ts": pl.Datetime("us", "UTC"), "instrument_id": pl.String()} | {
         k: v for k, v in schema.items() if k not in ("row_no", "feature_ts")
     }
-    params = {"version": version, "tf": timeframe, "lag": lag, "tol": tolerance}
+    params = {"version": version, "tf": timeframe, "lag": lag, "tolerance": tolerance}
     vectors = copy_query_out(conn, query, params, vector_schema).with_columns(
         (pl.col("feature_ts") + lag).alias("_known_at")
     )
@@ -499,7 +527,7 @@ def _point_in_time(
     # A vector stamped v.ts is known at v.ts + lag: known at or before e.ts, and within the tolerance.
     window = sql.SQL("v.ts <= e.ts - %(lag)s")
     if tolerance is not None:
-        window += sql.SQL(" AND v.ts >= e.ts - %(lag)s - %(tolerance)s")
+        window += sql.SQL(" AND v.ts >= {start}").format(start=_window_start(sql.SQL("e.ts")))
     flags = [sql.SQL("array_to_string(m.quality_flags, ',')")] if include_flags else []
     query = sql.SQL(
         "SELECT e.row_no, {feature_ts}, {cols} FROM pit_entities e LEFT JOIN LATERAL ("

@@ -457,3 +457,42 @@ def test_the_cli_takes_feature_set_references(
     assert frame["ret_1"].to_list() == [2.0, 2.0, 7.0] and frame["rsi_7"].to_list() == [25.0, 30.0, None]
     assert marketfs_main([*argv[:3], "ret_1,fs_v9:1m:rsi_7", *argv[4:]]) == 2
     assert "unknown feature set version 'fs_v9'; known: fs_v1, fs_v2 (in feature reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lookup", "merge"])
+def test_a_tolerance_beyond_any_timestamp_is_no_bound(
+    stored: str, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """timedelta.max (or any tolerance reaching before 4714 BC, PostgreSQL's first instant) matches as None does,
+    where PostgreSQL would otherwise refuse to compute the window's start."""
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", method)
+    e = entities(("A", 500), ("B", 8), ("C", 1), ("A", -60))
+    unbounded = training_frame(e, ["ret_1", "1d:rsi_14"], None, dsn=stored, include_feature_ts=True)
+    assert unbounded["ret_1"].to_list() == [3.0, 7.0, None, None]
+    for tolerance in (timedelta.max, timedelta(days=3_000_000), timedelta(days=365 * 6738)):
+        out = training_frame(e, ["ret_1", "1d:rsi_14"], tolerance, dsn=stored, include_feature_ts=True)
+        assert out.equals(unbounded), tolerance
+    # Entities millennia apart: the earliest row's window reaches before 4714 BC (no bound for it), the latest's
+    # does not (still bounded: 5,000 years back from 2024 leaves out nothing here, but is computed).
+    ancient = pl.DataFrame(
+        {"instrument_id": ["A", "A"], "ts": [datetime(1, 1, 1, tzinfo=UTC), T + timedelta(minutes=11)]},
+        schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+    assert training_frame(ancient, ["ret_1"], timedelta(days=365 * 5000), dsn=stored)["ret_1"].to_list() == [None, 3.0]
+    # A bounded tolerance still bounds.
+    assert training_frame(e, ["ret_1"], timedelta(minutes=2), dsn=stored)["ret_1"].to_list() == [None, 7.0, None, None]
+
+
+def test_the_cli_takes_a_tolerance_beyond_any_timestamp_as_no_bound(
+    stored: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from marketfs.cli import main as marketfs_main
+
+    path = tmp_path / "entities.csv"
+    entities(("A", 500), ("B", 8), ("C", 1)).write_csv(path)
+    monkeypatch.setenv("MARKETFS_DSN", stored)
+    for tolerance in ("999999999d", "1000000000d", "99999999999999999999999s"):  # the last two: beyond timedelta
+        out = tmp_path / "out.csv"
+        argv = ["frame", str(path), "--features", "ret_1", "--tolerance", tolerance, "--out", str(out)]
+        assert marketfs_main(argv) == 0, tolerance
+        assert pl.read_csv(out)["ret_1"].to_list() == [3.0, 7.0, None], tolerance
