@@ -102,7 +102,8 @@ def _entities(entities: pl.DataFrame | pd.DataFrame) -> pl.DataFrame:
     if frame.schema["instrument_id"] not in (pl.String, pl.Categorical, pl.Enum):
         raise RetrievalError(f"entities.instrument_id must be text, not {frame.schema['instrument_id']}")
     ids = frame["instrument_id"].cast(pl.String)
-    with_nul = frame.with_row_index("row").filter(ids.str.contains("\x00", literal=True))
+    # Only these two columns: the entities may have a column of any name, "row" included.
+    with_nul = frame.select(pl.int_range(pl.len()).alias("row"), ids).filter(ids.str.contains("\x00", literal=True))
     if with_nul.height:
         row = with_nul.row(0, named=True)
         raise RetrievalError(
@@ -220,7 +221,7 @@ def _assemble(
     output: Output,
 ) -> pl.DataFrame | pd.DataFrame:
     """The entity rows, in their order, with each request's matched columns beside them."""
-    row = "row_no"
+    row = _free_name(frame.columns, "_marketfs_row")  # the entities may have any column, row_no included
     result = frame.with_row_index(row).with_columns(pl.col(row).cast(pl.Int64))
     for key, mapping in columns.items():
         matched = pl.concat([m[key] for m in matches])
@@ -231,6 +232,14 @@ def _assemble(
         )
     result = result.sort(row).drop(row)
     return result.to_pandas() if output == "pandas" else result
+
+
+def _free_name(taken: Sequence[str], base: str) -> str:
+    """``base``, with underscores before it until no column in ``taken`` has that name."""
+    name = base
+    while name in taken:
+        name = f"_{name}"
+    return name
 
 
 # PostgreSQL's first instant: no vector is older, so a window reaching before it bounds nothing.

@@ -496,3 +496,23 @@ def test_the_cli_takes_a_tolerance_beyond_any_timestamp_as_no_bound(
         argv = ["frame", str(path), "--features", "ret_1", "--tolerance", tolerance, "--out", str(out)]
         assert marketfs_main(argv) == 0, tolerance
         assert pl.read_csv(out)["ret_1"].to_list() == [3.0, 7.0, None], tolerance
+
+
+def test_entity_columns_named_like_the_joins_own_columns_are_kept(stored: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """row_no, row (and the names the join uses instead) are the caller's columns, passed through untouched."""
+    e = entities(("A", 5), ("B", 8), ("A", 12)).with_columns(
+        pl.Series("row_no", [30, 10, 20]),
+        pl.Series("row", ["x", "y", "z"]),
+        pl.Series("_marketfs_row", [1.5, 2.5, 3.5]),
+        pl.Series("_part", [7, 8, 9]),
+        pl.Series("_known_at", [True, False, True]),
+    )
+    expected = e.with_columns(pl.Series("ret_1", [2.0, 7.0, 3.0]), pl.Series("rsi_14", [20.0, 70.0, 30.0]))
+    assert training_frame(e, ["ret_1", "1m:rsi_14"], timedelta(minutes=5), dsn=stored).equals(expected)
+    assert training_frame(e.to_pandas(), ["ret_1", "rsi_14"], timedelta(minutes=5), dsn=stored, output="pandas").equals(
+        expected.to_pandas()
+    )
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "merge")
+    monkeypatch.setenv("MARKETFS_RETRIEVAL_CONNECTIONS", "2")
+    monkeypatch.setattr(retrieval, "PARALLEL_FROM_ROWS", 1)
+    assert training_frame(e, ["ret_1", "rsi_14"], timedelta(minutes=5), dsn=stored).equals(expected)
