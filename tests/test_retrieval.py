@@ -221,6 +221,25 @@ def test_latest_returns_the_newest_vector_per_instrument(stored: str) -> None:
         latest(["A"], ["bogus"], dsn=stored)
 
 
+def test_latest_frames_keep_their_dtypes_and_values(two_sets: str) -> None:
+    """The default output, built from integers since 2026-12: the same frame as built from the records."""
+    reader = OnlineReader(two_sets)
+    dt = pl.Datetime("us", "UTC")
+    for instruments, version in ((["A"], "fs_v2"), (["C"], "fs_v2"), (["B", "A", "C"], "fs_v1"), (["A", "B"], "fs_v2")):
+        records = reader.latest(instruments, ["ret_1", "rsi_14"], feature_set=version, output="records")
+        frame = reader.latest(instruments, ["ret_1", "rsi_14"], feature_set=version)
+        schema = {"instrument_id": pl.String, "ts": dt, "quality_flags": pl.List(pl.String)}
+        schema |= {"ret_1": pl.Float64, "rsi_14": pl.Float64, "known_at": dt}
+        assert frame.schema == pl.Schema(schema)
+        assert frame.equals(pl.DataFrame(records, schema=schema)), (instruments, version)
+        pandas = reader.latest(instruments, ["ret_1", "rsi_14"], feature_set=version, output="pandas")
+        assert pandas.equals(pl.DataFrame(records, schema=schema).to_pandas())
+    one = reader.latest(["A"], ["ret_1", "rsi_14"], feature_set="fs_v2")
+    assert one.row(0) == ("A", T + timedelta(minutes=8), ["STALE"], 60.0, 600.0, T + timedelta(minutes=9))
+    assert reader.latest(["C"], ["ret_1"]).row(0) == ("C", None, None, None, None)
+    reader.close()
+
+
 def _at(engine: sa.Engine, table: str, column: str, minutes: int) -> None:
     """Move every row's ``column`` of ``table`` to T + minutes: a timeline the test controls."""
     with engine.begin() as conn:
