@@ -42,8 +42,8 @@ Output = Literal["polars", "pandas"]
 
 
 class RetrievalError(ValueError):
-    """A request the caller can fix: unknown feature, timeframe or snapshot, naive timestamps, empty
-    entities, a negative tolerance, NUL bytes in text."""
+    """A request the caller can fix: unknown feature, timeframe, feature set or snapshot, a malformed
+    feature reference, naive timestamps, empty entities, a negative tolerance, NUL bytes in text."""
 
 
 def _text(value: object, what: str) -> str:
