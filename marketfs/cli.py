@@ -8,8 +8,9 @@ marketfs quarantine show BATCH       a batch, why it was held, and its failed ex
 marketfs quarantine release BATCH --by NAME --note WHY   runs `python -m pipelines quarantine release ...`
 marketfs quarantine discard BATCH --by NAME --note WHY   drop its rows (the day is a gap), recompute, logged
 marketfs latest INSTRUMENT... --features F,G [--timeframe 1m]          the newest vector per instrument
-marketfs frame ENTITIES --features F,1d:G --tolerance 5m|none [--as-of T|entity] [--flags] [--snapshot ID] [--out FILE]
-                                     point-in-time join of a CSV or Parquet of (instrument_id, ts) rows
+marketfs frame ENTITIES --features F,1d:G,fs_v2:1m:H --tolerance 5m|none [--as-of T|entity] [--flags] [--snapshot ID]
+               [--out FILE]          point-in-time join of a CSV or Parquet of (instrument_id, ts) rows; 1d:G is
+                                     another timeframe's feature, fs_v2:1m:H another feature set's
 marketfs serve [--host 127.0.0.1] [--port 8000]   /v1/latest, /health and /metrics over HTTP (marketfs/serve.py)
 
 Exit codes: 2 a usage error or a request that cannot be served (the message says why), 3 the database
@@ -145,7 +146,7 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", None: "seco
 
 def _tolerance(text: str) -> timedelta | None:
     """An argparse type: a duration such as 90s, 5m, 1h, 2d (a bare number is seconds), never negative;
-    ``none`` for no bound."""
+    ``none`` (or a duration beyond what a timedelta holds) for no bound."""
     if text.strip().lower() == "none":
         return None
     if text.strip().startswith("-"):
@@ -156,7 +157,10 @@ def _tolerance(text: str) -> timedelta | None:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration >= 0; write e.g. 90s, 5m, 1h or 2d")
-    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    except OverflowError:
+        return None  # longer than any timestamps can span: no bound, as training_frame takes timedelta.max
 
 
 def _as_of(text: str) -> datetime | str:
@@ -283,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     frame.add_argument("--snapshot", help="read a frozen snapshot instead of the live table")
     frame.add_argument("--out", help="write the frame to this .parquet or .csv file instead of printing it")
+    examples = {latest: "ret_1,rsi_14", frame: "ret_1,1d:rsi_14,fs_v2:1m:rsi_7 (<timeframe>:, <set>:<timeframe>:)"}
     for p in (latest, frame):
-        p.add_argument("--features", required=True, type=_names, help="comma-separated, e.g. ret_1,rsi_14 or 1d:rsi_14")
+        p.add_argument("--features", required=True, type=_names, help=f"comma-separated, e.g. {examples[p]}")
         p.add_argument("--timeframe", default="1m", help="the timeframe of unprefixed features: 1m, 5m or 1d")
         p.add_argument("--feature-set", default=None, help="a declared feature set version (default fs_v1)")
     args = parser.parse_args(_attached(sys.argv[1:] if argv is None else argv, "--tolerance"))

@@ -9,8 +9,10 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from marketfs import snapshots
+from marketfs import retrieval, snapshots
 from marketfs.feature_sets.fs_v1 import FEATURE_SET as FS_V1
+from marketfs.feature_sets.fs_v2 import FEATURE_SET as FS_V2
+from marketfs.features.registry import FeatureSet
 from marketfs.retrieval import OnlineReader, RetrievalError, latest, training_frame
 from marketfs.store.feature_vectors import upsert_window, vector_schema
 
@@ -18,19 +20,23 @@ DAY = datetime(2024, 1, 3, tzinfo=UTC)
 T = DAY + timedelta(hours=10)
 
 
-def vectors(instrument: str, minutes: list[int], values: list[float], timeframe: str = "1m") -> pl.DataFrame:
-    schema = vector_schema(FS_V1, timeframe)
+def vectors(
+    instrument: str, minutes: list[int], values: list[float], timeframe: str = "1m", fs: FeatureSet = FS_V1
+) -> pl.DataFrame:
+    schema = vector_schema(fs, timeframe)
     rows = {name: [None] * len(minutes) for name in schema}
     rows.update(
         instrument_id=[instrument] * len(minutes),
         timeframe=[timeframe] * len(minutes),
         ts=[T + timedelta(minutes=m) for m in minutes],
-        feature_set_version=["fs_v1"] * len(minutes),
+        feature_set_version=[fs.version] * len(minutes),
         ret_1=values,
         quality_flags=[[] for _ in minutes],
     )
     if timeframe == "1m":
         rows["rsi_14"] = [v * 10 for v in values]
+    if "rsi_7" in schema:
+        rows["rsi_7"] = [v / 2 for v in values]
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -42,6 +48,15 @@ def stored(dsn: str, engine: sa.Engine) -> str:
         daily = vectors("A", [11], [99.0], timeframe="1d")
         upsert_window(conn, daily, feature_set=FS_V1, timeframe="1d", start=DAY, end=DAY + timedelta(days=1))
     return dsn
+
+
+@pytest.fixture
+def two_sets(stored: str, engine: sa.Engine) -> str:
+    """``stored`` (fs_v1) and fs_v2 1m vectors beside it: A at T+0 and T+8 (ret_1 50, 60; rsi_7 25, 30), not B."""
+    with engine.begin() as conn:
+        frame = vectors("A", [0, 8], [50.0, 60.0], fs=FS_V2).with_columns(pl.lit(["STALE"]).alias("quality_flags"))
+        upsert_window(conn, frame, feature_set=FS_V2, timeframe="1m", start=DAY, end=DAY + timedelta(days=1))
+    return stored
 
 
 def entities(*rows: tuple[str, int | float], known: bool = True) -> pl.DataFrame:
@@ -206,6 +221,25 @@ def test_latest_returns_the_newest_vector_per_instrument(stored: str) -> None:
         latest(["A"], ["bogus"], dsn=stored)
 
 
+def test_latest_frames_keep_their_dtypes_and_values(two_sets: str) -> None:
+    """The default output, built from integers since 2026-12: the same frame as built from the records."""
+    reader = OnlineReader(two_sets)
+    dt = pl.Datetime("us", "UTC")
+    for instruments, version in ((["A"], "fs_v2"), (["C"], "fs_v2"), (["B", "A", "C"], "fs_v1"), (["A", "B"], "fs_v2")):
+        records = reader.latest(instruments, ["ret_1", "rsi_14"], feature_set=version, output="records")
+        frame = reader.latest(instruments, ["ret_1", "rsi_14"], feature_set=version)
+        schema = {"instrument_id": pl.String, "ts": dt, "quality_flags": pl.List(pl.String)}
+        schema |= {"ret_1": pl.Float64, "rsi_14": pl.Float64, "known_at": dt}
+        assert frame.schema == pl.Schema(schema)
+        assert frame.equals(pl.DataFrame(records, schema=schema)), (instruments, version)
+        pandas = reader.latest(instruments, ["ret_1", "rsi_14"], feature_set=version, output="pandas")
+        assert pandas.equals(pl.DataFrame(records, schema=schema).to_pandas())
+    one = reader.latest(["A"], ["ret_1", "rsi_14"], feature_set="fs_v2")
+    assert one.row(0) == ("A", T + timedelta(minutes=8), ["STALE"], 60.0, 600.0, T + timedelta(minutes=9))
+    assert reader.latest(["C"], ["ret_1"]).row(0) == ("C", None, None, None, None)
+    reader.close()
+
+
 def _at(engine: sa.Engine, table: str, column: str, minutes: int) -> None:
     """Move every row's ``column`` of ``table`` to T + minutes: a timeline the test controls."""
     with engine.begin() as conn:
@@ -335,3 +369,169 @@ def test_a_write_that_waited_for_the_writers_lock_is_dated_when_it_could_first_b
     with engine_for(dsn).connect() as conn:
         first = conn.execute(sa.text("SELECT min(written_at) FROM feature_vectors")).scalar()
     assert first >= released, (first, released)
+
+
+def test_several_feature_sets_in_one_call(two_sets: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fs_v2:1m:rsi_7`` beside the call's own set: each (set, timeframe) is its own point-in-time join."""
+    e = entities(("A", 5), ("A", 9), ("B", 8), ("A", -60))  # at T+6, T+10, T+9, T-59
+    out = training_frame(e, ["ret_1", "fs_v2:1m:rsi_7", "rsi_14"], None, dsn=two_sets)
+    assert out.columns == ["instrument_id", "ts", "ret_1", "rsi_14", "rsi_7"]
+    assert out["ret_1"].to_list() == [2.0, 2.0, 7.0, None]  # fs_v1: T+10's vector is known at T+11
+    assert out["rsi_14"].to_list() == [20.0, 20.0, 70.0, None]
+    assert out["rsi_7"].to_list() == [25.0, 30.0, None, None]  # fs_v2: T+8's vector is known at T+9; no B vectors
+    alone = training_frame(e, ["rsi_7"], None, feature_set="fs_v2", dsn=two_sets)
+    assert out["rsi_7"].equals(alone["rsi_7"])  # the same join as asking fs_v2 on its own
+    # The call's set can be fs_v2 and a reference fs_v1; the tolerance bounds each join.
+    back = training_frame(e, ["rsi_7", "fs_v1:1m:ret_1"], timedelta(minutes=2), feature_set="fs_v2", dsn=two_sets)
+    assert back.columns == ["instrument_id", "ts", "rsi_7", "ret_1"]
+    assert back["rsi_7"].to_list() == [None, 30.0, None, None] and back["ret_1"].to_list() == [2.0, None, 7.0, None]
+    # Three forms in one call, with flags: suffixed by set and timeframe once sets differ.
+    flagged = training_frame(
+        e, ["rsi_14", "1d:ret_1", "fs_v2:1m:rsi_7"], None, dsn=two_sets, include_flags=True, include_feature_ts=True
+    )
+    assert [c for c in flagged.columns if c.startswith("quality_flags")] == [
+        "quality_flags_fs_v1_1m",
+        "quality_flags_fs_v1_1d",
+        "quality_flags_fs_v2_1m",
+    ]
+    assert flagged["quality_flags_fs_v2_1m"].to_list() == [["STALE"], ["STALE"], None, None]
+    assert flagged["feature_ts_fs_v2_1m"][1] == T + timedelta(minutes=8)
+    assert flagged["ret_1"].to_list() == [None, None, None, None]  # the 1d vector (T+11) is not known yet
+    # The merge (used over columnstore chunks) and the split over connections give the same frame.
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "merge")
+    assert training_frame(e, ["ret_1", "fs_v2:1m:rsi_7", "rsi_14"], None, dsn=two_sets).equals(out)
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "lookup")
+    monkeypatch.setenv("MARKETFS_RETRIEVAL_CONNECTIONS", "2")
+    monkeypatch.setattr(retrieval, "PARALLEL_FROM_ROWS", 1)
+    assert training_frame(e, ["ret_1", "fs_v2:1m:rsi_7", "rsi_14"], None, dsn=two_sets).equals(out)
+
+
+def test_one_feature_name_from_two_sets_is_refused_or_prefixed_on_request(two_sets: str) -> None:
+    e = entities(("A", 9))
+    with pytest.raises(
+        RetrievalError,
+        match=r"column 'ret_1' \(fs_v2 1m ret_1\) is already in the fs_v1 1m request; .*full_feature_names=True "
+        r".* fs_v2_1m__ret_1",
+    ):
+        training_frame(e, ["ret_1", "fs_v2:1m:ret_1"], None, dsn=two_sets)
+    out = training_frame(e, ["ret_1", "fs_v2:1m:ret_1", "fs_v2:1m:rsi_7"], None, dsn=two_sets, full_feature_names=True)
+    assert out.columns == ["instrument_id", "ts", "fs_v1_1m__ret_1", "fs_v2_1m__ret_1", "fs_v2_1m__rsi_7"]
+    assert out.row(0)[2:] == (2.0, 60.0, 30.0)
+    # One feature written two ways is asked for once.
+    twice = training_frame(e, ["rsi_7", "fs_v2:1m:rsi_7"], None, feature_set="fs_v2", dsn=two_sets)
+    assert twice.columns == ["instrument_id", "ts", "rsi_7"] and twice["rsi_7"].to_list() == [30.0]
+
+
+def test_a_reference_that_cannot_be_served_names_itself_and_what_exists(two_sets: str) -> None:
+    e = entities(("A", 5))
+    cases = {
+        "fs_v9:1m:rsi_7": r"unknown feature set version 'fs_v9'; known: fs_v1, fs_v2 \(in feature reference "
+        r"'fs_v9:1m:rsi_7'; the forms are <feature>, <timeframe>:<feature>",
+        "fs_v2:1d:rsi_7": r"feature set fs_v2 has no timeframe '1d'; it has \('1m', '5m'\) \(in feature reference "
+        r"'fs_v2:1d:rsi_7'",
+        "fs_v2:1m:nope": r"unknown feature\(s\) fs_v2:1m:nope for fs_v2 1m; known: ret_1, ret_5, vol_20, rsi_7",
+        "fs_v2:rsi_7": r"'fs_v2:rsi_7' names feature set fs_v2 but no timeframe; write fs_v2:<timeframe>:rsi_7, "
+        r"e.g. fs_v2:1m:rsi_7",
+        "fs_v2:1m:rsi_7:x": r"feature reference 'fs_v2:1m:rsi_7:x' is not <feature>, <timeframe>:<feature> "
+        r"\(1d:rsi_14\) or <feature set>:<timeframe>:<feature> \(fs_v2:1m:rsi_7\)",
+        "1d:": r"feature reference '1d:' is not <feature>",
+    }
+    for reference, message in cases.items():
+        with pytest.raises(RetrievalError, match=message):
+            training_frame(e, ["ret_1", reference], None, dsn=two_sets)
+    # A set given by argument keeps its message: no reference wrote it.
+    with pytest.raises(RetrievalError, match=r"^unknown feature set version 'fs_v9'; known: fs_v1, fs_v2$"):
+        training_frame(e, ["ret_1"], None, feature_set="fs_v9", dsn=two_sets)
+
+
+def test_a_snapshot_serves_references_to_its_own_set_and_refuses_others(two_sets: str, engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        snap = snapshots.create_snapshot(
+            conn, feature_set_version="fs_v1", timeframe="1m", start=DAY, end=DAY + timedelta(days=1)
+        ).snapshot_id
+    e = entities(("A", 6), ("B", 8))
+    full = training_frame(e, ["fs_v1:1m:ret_1", "1m:rsi_14"], None, snapshot=snap, dsn=two_sets)
+    assert full["ret_1"].to_list() == [2.0, 7.0] and full["rsi_14"].to_list() == [20.0, 70.0]
+    for reference, other in (("fs_v2:1m:rsi_7", "fs_v2 1m"), ("1d:ret_1", "fs_v1 1d")):
+        with pytest.raises(
+            RetrievalError,
+            match=rf"snapshot {snap} holds fs_v1 1m vectors only, and '{reference}' asks for {other}; ask for the "
+            rf"snapshot's features by name alone, or read {other} from the live table \(no snapshot\)",
+        ):
+            training_frame(e, ["ret_1", reference], None, snapshot=snap, dsn=two_sets)
+
+
+def test_the_cli_takes_feature_set_references(
+    two_sets: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from marketfs.cli import main as marketfs_main
+
+    path, out = tmp_path / "entities.csv", tmp_path / "out.csv"
+    entities(("A", 5), ("A", 9), ("B", 8)).write_csv(path)
+    monkeypatch.setenv("MARKETFS_DSN", two_sets)
+    argv = ["frame", str(path), "--features", "ret_1,fs_v2:1m:rsi_7", "--tolerance", "none", "--out", str(out)]
+    assert marketfs_main(argv) == 0
+    frame = pl.read_csv(out)
+    assert frame.columns == ["instrument_id", "ts", "ret_1", "rsi_7"]
+    assert frame["ret_1"].to_list() == [2.0, 2.0, 7.0] and frame["rsi_7"].to_list() == [25.0, 30.0, None]
+    assert marketfs_main([*argv[:3], "ret_1,fs_v9:1m:rsi_7", *argv[4:]]) == 2
+    assert "unknown feature set version 'fs_v9'; known: fs_v1, fs_v2 (in feature reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lookup", "merge"])
+def test_a_tolerance_beyond_any_timestamp_is_no_bound(
+    stored: str, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """timedelta.max (or any tolerance reaching before 4714 BC, PostgreSQL's first instant) matches as None does,
+    where PostgreSQL would otherwise refuse to compute the window's start."""
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", method)
+    e = entities(("A", 500), ("B", 8), ("C", 1), ("A", -60))
+    unbounded = training_frame(e, ["ret_1", "1d:rsi_14"], None, dsn=stored, include_feature_ts=True)
+    assert unbounded["ret_1"].to_list() == [3.0, 7.0, None, None]
+    for tolerance in (timedelta.max, timedelta(days=3_000_000), timedelta(days=365 * 6738)):
+        out = training_frame(e, ["ret_1", "1d:rsi_14"], tolerance, dsn=stored, include_feature_ts=True)
+        assert out.equals(unbounded), tolerance
+    # Entities millennia apart: the earliest row's window reaches before 4714 BC (no bound for it), the latest's
+    # does not (still bounded: 5,000 years back from 2024 leaves out nothing here, but is computed).
+    ancient = pl.DataFrame(
+        {"instrument_id": ["A", "A"], "ts": [datetime(1, 1, 1, tzinfo=UTC), T + timedelta(minutes=11)]},
+        schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+    assert training_frame(ancient, ["ret_1"], timedelta(days=365 * 5000), dsn=stored)["ret_1"].to_list() == [None, 3.0]
+    # A bounded tolerance still bounds.
+    assert training_frame(e, ["ret_1"], timedelta(minutes=2), dsn=stored)["ret_1"].to_list() == [None, 7.0, None, None]
+
+
+def test_the_cli_takes_a_tolerance_beyond_any_timestamp_as_no_bound(
+    stored: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from marketfs.cli import main as marketfs_main
+
+    path = tmp_path / "entities.csv"
+    entities(("A", 500), ("B", 8), ("C", 1)).write_csv(path)
+    monkeypatch.setenv("MARKETFS_DSN", stored)
+    for tolerance in ("999999999d", "1000000000d", "99999999999999999999999s"):  # the last two: beyond timedelta
+        out = tmp_path / "out.csv"
+        argv = ["frame", str(path), "--features", "ret_1", "--tolerance", tolerance, "--out", str(out)]
+        assert marketfs_main(argv) == 0, tolerance
+        assert pl.read_csv(out)["ret_1"].to_list() == [3.0, 7.0, None], tolerance
+
+
+def test_entity_columns_named_like_the_joins_own_columns_are_kept(stored: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """row_no, row (and the names the join uses instead) are the caller's columns, passed through untouched."""
+    e = entities(("A", 5), ("B", 8), ("A", 12)).with_columns(
+        pl.Series("row_no", [30, 10, 20]),
+        pl.Series("row", ["x", "y", "z"]),
+        pl.Series("_marketfs_row", [1.5, 2.5, 3.5]),
+        pl.Series("_part", [7, 8, 9]),
+        pl.Series("_known_at", [True, False, True]),
+    )
+    expected = e.with_columns(pl.Series("ret_1", [2.0, 7.0, 3.0]), pl.Series("rsi_14", [20.0, 70.0, 30.0]))
+    assert training_frame(e, ["ret_1", "1m:rsi_14"], timedelta(minutes=5), dsn=stored).equals(expected)
+    assert training_frame(e.to_pandas(), ["ret_1", "rsi_14"], timedelta(minutes=5), dsn=stored, output="pandas").equals(
+        expected.to_pandas()
+    )
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "merge")
+    monkeypatch.setenv("MARKETFS_RETRIEVAL_CONNECTIONS", "2")
+    monkeypatch.setattr(retrieval, "PARALLEL_FROM_ROWS", 1)
+    assert training_frame(e, ["ret_1", "rsi_14"], timedelta(minutes=5), dsn=stored).equals(expected)
