@@ -171,3 +171,20 @@ def test_a_data_dir_left_by_the_old_system_user_is_taken_back(server: EmbeddedPo
             os.lchown(name, 4242, 4242)
     assert server.ensure_running() == dsn
     assert server.data_dir.stat().st_uid == 0
+
+
+def test_a_new_home_says_it_creates_an_empty_database_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """A command run from another folder (another MARKETFS_HOME) starts a second, empty store: said on stderr,
+    naming the folder, the first time only."""
+    home = Path(tempfile.mkdtemp(prefix="marketfs-newhome-"))
+    server = EmbeddedPostgres(home)  # durable, as `make run` and the CLIs create it
+    try:
+        server.ensure_running()
+        said = capsys.readouterr().err
+        assert f"no embedded database in {home} yet: creating a new, empty one there" in said
+        assert "MARKETFS_HOME" in said
+        server.ensure_running()
+        assert "no embedded database" not in capsys.readouterr().err
+    finally:
+        server.destroy()
+        shutil.rmtree(home, ignore_errors=True)
