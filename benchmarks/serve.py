@@ -1,7 +1,7 @@
 """`marketfs serve` latency and throughput, beside in-process `latest()` on the same store.
 
     make run                                   # the sample store, once
-    .venv/bin/python benchmarks/serve.py [--requests 2000] [--clients 8] [--seconds 10]
+    .venv/bin/python benchmarks/serve.py [--requests 2000] [--clients 8] [--seconds 10] [--workers 1]
 
 The server runs as `marketfs serve` in its own process on loopback (one uvicorn worker, as shipped);
 the clients are http.client connections kept alive, in this process. Latency: one instrument's newest
@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--instrument", default="SYN001")
+    parser.add_argument("--workers", type=int, default=1, help="marketfs serve --workers")
     args = parser.parse_args()
 
     dsn = resolve_dsn()
@@ -72,7 +73,11 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "MARKETFS_DSN": dsn}
     env.pop("MARKETFS_SERVE_TOKEN", None)
-    server = subprocess.Popen([sys.executable, "-m", "marketfs.cli", "serve", "--port", str(port)], env=env, cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "marketfs.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
+        env=env,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -118,7 +123,8 @@ def main() -> int:
     p50, p99 = statistics.median(ms), percentile(ms, 0.99)
     print(f"latest in process (records): p50 {statistics.median(local):.3f} ms, p99 {percentile(local, 0.99):.3f} ms")
     print(f"GET /v1/latest, 1 instrument: p50 {p50:.3f} ms, p99 {p99:.3f} ms ({args.requests} kept-alive requests)")
-    print(f"GET /v1/latest, {args.clients} clients: {rate:.0f} requests/s over {args.seconds:g} s")
+    workers = f", {args.workers} server workers" if args.workers > 1 else ""
+    print(f"GET /v1/latest, {args.clients} clients: {rate:.0f} requests/s over {args.seconds:g} s{workers}")
     print(f"target p50 <= 1 ms (bar 2 ms): {'met' if p50 <= 1 else 'bar met' if p50 <= 2 else 'missed'}")
     print(f"target p99 <= 5 ms: {'met' if p99 <= 5 else 'missed'}")
     print(f"target >= 5000 requests/s with 8 clients: {'met' if rate >= 5000 else 'missed'}")

@@ -11,7 +11,8 @@ marketfs latest INSTRUMENT... --features F,G [--timeframe 1m]          the newes
 marketfs frame ENTITIES --features F,1d:G,fs_v2:1m:H --tolerance 5m|none [--as-of T|entity] [--flags] [--snapshot ID]
                [--out FILE]          point-in-time join of a CSV or Parquet of (instrument_id, ts) rows; 1d:G is
                                      another timeframe's feature, fs_v2:1m:H another feature set's
-marketfs serve [--host 127.0.0.1] [--port 8000]   /v1/latest, /health and /metrics over HTTP (marketfs/serve.py)
+marketfs serve [--host 127.0.0.1] [--port 8000] [--workers 1]
+                                     /v1/latest, /health and /metrics over HTTP (marketfs/serve.py)
 
 Exit codes: 2 a usage error or a request that cannot be served (the message says why), 3 the database
 cannot be reached.
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     served = sub.add_parser("serve", help="the newest vectors and metrics over HTTP")
     served.add_argument("--host", default="127.0.0.1", help="the address to listen on (default loopback only)")
     served.add_argument("--port", type=int, default=8000)
+    served.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     latest = sub.add_parser("latest", help="the newest feature vector per instrument")
     latest.add_argument("instruments", nargs="+")
     frame = sub.add_parser("frame", help="point-in-time join of entity rows (instrument_id, ts)")
@@ -328,7 +330,7 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "serve":
         from marketfs.serve import serve
 
-        serve(resolve_dsn(), host=args.host, port=args.port)
+        serve(resolve_dsn(), host=args.host, port=args.port, workers=args.workers)
     elif args.command == "quarantine" and args.action in ("release", "discard"):
         return _decide_through_dagster(args)
     else:

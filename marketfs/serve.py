@@ -201,8 +201,21 @@ def create_app(dsn: str, token: str | None = None):  # noqa: ANN201 - a Starlett
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def serve(dsn: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until interrupted (uvicorn, one process)."""
+def app_from_environment():  # noqa: ANN201 - a Starlette app
+    """``create_app`` on ``$MARKETFS_DSN``: the factory each worker process of ``serve(workers > 1)`` calls."""
+    from marketfs.db import resolve_dsn
+
+    return create_app(resolve_dsn())
+
+
+def serve(dsn: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the server until interrupted: uvicorn, in ``workers`` processes sharing the port, each with its
+    own connection (one process serves one request's read at a time)."""
     import uvicorn
 
-    uvicorn.run(create_app(dsn), host=host, port=port, log_level="warning", access_log=False)
+    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+    if workers <= 1:
+        uvicorn.run(create_app(dsn), **options)
+        return
+    os.environ["MARKETFS_DSN"] = dsn  # the worker processes resolve the same server
+    uvicorn.run("marketfs.serve:app_from_environment", factory=True, workers=workers, **options)

@@ -108,3 +108,39 @@ def test_metrics_carry_freshness_and_request_latency(server: int) -> None:
     lag = next(x for x in lines if x.startswith('marketfs_freshness_seconds{feature_set="fs_v1",timeframe="1m"}'))
     assert float(lag.split()[-1]) == pytest.approx((datetime.now(UTC) - newest).total_seconds(), abs=60)
     assert 'marketfs_request_seconds_count{route="/v1/latest",status="200"} 3.0' in text
+
+
+def test_the_command_serves_with_several_workers(dsn: str, engine: sa.Engine, tmp_path) -> None:
+    """`marketfs serve --workers 2`: two processes on one port, each with its own connection; SIGTERM ends both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with engine.begin() as conn:
+        upsert_window(
+            conn, vectors("A", [0], [4.0]), feature_set=FS_V1, timeframe="1m", start=DAY, end=DAY + timedelta(days=1)
+        )
+    port = free_port()
+    env = {**os.environ, "MARKETFS_DSN": dsn, "MARKETFS_HOME": str(tmp_path)}
+    env.pop("MARKETFS_SERVE_TOKEN", None)
+    command = [sys.executable, "-m", "marketfs.cli", "serve", "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "marketfs serve ended by itself"
+            try:
+                if get(port, "/health", token=None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "marketfs serve did not answer in 60 s"
+            time.sleep(0.2)
+        for _ in range(20):  # fresh connections: both workers take some of them
+            status, _, body = get(port, "/v1/latest?instruments=A&features=ret_1", token=None)
+            assert status == 200 and json.loads(body)["vectors"][0]["features"] == {"ret_1": 4.0}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
