@@ -9,17 +9,19 @@ set's declaration: each feature's family and parameters.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import polars as pl
 
+from marketfs.corporate_actions import ADJ, FACTOR_SCHEMA, adjust
 from marketfs.features import recursive
 from marketfs.features.events import EVENT_SCHEMA, event_feature_names, event_features
 from marketfs.features.flags import FlagConfig, QualityFlag, flag_if, load_flag_config
 from marketfs.features.registry import DEFAULT_FEATURE_SET, FeatureSet, parse_window
 from marketfs.features.timeframes import timeframe as timeframe_spec
-from marketfs.features.windows import with_helpers
+from marketfs.features.windows import lag, with_helpers
 from marketfs.holds import NO_HOLDS, Holds
 
 KEY_COLUMNS = ["instrument_id", "timeframe", "ts", "feature_set_version"]
@@ -52,12 +54,23 @@ class HistoryError(ValueError):
     """The history handed in cannot give exact values (missing or mismatched recursion state)."""
 
 
+JUMP_SCHEMA: dict[str, pl.DataType] = {
+    "instrument_id": pl.String(),
+    "ts": pl.Datetime("us", "UTC"),
+    "open": pl.Float64(),
+    "previous_close": pl.Float64(),
+}
+
+
 @dataclass(frozen=True)
 class FeatureComputation:
     vectors: pl.DataFrame
     state: pl.DataFrame  # state_schema rows: the state at each instrument's last valid bar of each UTC day
     # Instruments left out from a held instrument-day on (their rows are in neither frame).
     holds: Holds = NO_HOLDS
+    # Overnight jumps no known corporate action explains, in the window (JUMP_SCHEMA, on the scale of the
+    # jump's own bar): what a person needs to tell a split from a crash.
+    jumps: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=JUMP_SCHEMA))
 
 
 def available_after(timeframe: str) -> timedelta:
@@ -179,6 +192,7 @@ def compute_feature_vectors(
     warmup_limit: int | None = None,
     config: FlagConfig | None = None,
     restarts: pl.DataFrame | None = None,
+    adjustments: pl.DataFrame | None = None,
 ) -> FeatureComputation:
     """Feature vectors of ``feature_set`` at ``timeframe`` for ``[start, end)``.
 
@@ -188,6 +202,9 @@ def compute_feature_vectors(
     stored recursion state at each instrument's last bar before ``start``. ``restarts`` (instrument_id,
     restart_at): instruments whose history restarts after a declared gap (the caller has left out their bars
     and state from before it); their vectors are flagged GAP until every window is warm again.
+    ``adjustments`` (``corporate_actions.FACTOR_SCHEMA``): the corporate actions in effect, every one of the
+    instruments' (not only the window's): the bars are put on one scale (``corporate_actions.adjust``), the
+    state is on that scale, and features in price units come out in the units of their own bar.
     """
     config = config or load_flag_config()
     features = feature_set.for_timeframe(timeframe)
@@ -196,6 +213,8 @@ def compute_feature_vectors(
     if "source_flags" not in bars.columns:
         bars = bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
     bars = bars.sort("instrument_id", "ts")
+    adjustments = adjustments if adjustments is not None else pl.DataFrame(schema=FACTOR_SCHEMA)
+    bars = adjust(bars, adjustments.filter(pl.col("instrument_id").is_in(bars["instrument_id"].unique().implode())))
     in_window = pl.lit(True)
     if start is not None:
         in_window = in_window & (pl.col("ts") >= start)
@@ -213,10 +232,29 @@ def compute_feature_vectors(
     valid = _positions(bars.filter(valid_bar()), state, start, warmup_limit, schema, recursive.seed_bars(recursions))
     valid = recursive.apply(valid, recursions)
     exprs = {f.name: f.spec.expr(f.p) for f in market}
+    # Features in price units are put back on their own bar's scale (1 where no action applies: unchanged).
+    exprs |= {f.name: exprs[f.name] / pl.col(ADJ) for f in market if f.price_units and adjustments.height}
     valid = with_helpers(valid, list(exprs.values())).with_columns(**exprs)
     lookback_short = pl.any_horizontal([pl.col("_pos") + 1 < f.lookback for f in features if f.lookback > 0])
+    longest = max((f.lookback for f in market), default=0)
+    valid = _with_jumps(valid, config.unexplained_jump, longest)
     computed = valid.filter(in_window).select(
-        "instrument_id", "ts", *[f.name for f in market], lookback_short.alias("_short"), pl.lit(True).alias("_valid")
+        "instrument_id",
+        "ts",
+        *[f.name for f in market],
+        lookback_short.alias("_short"),
+        pl.lit(True).alias("_valid"),
+        "_jumped",
+    )
+    jumps = (
+        valid.filter(in_window & pl.col("_jump"))
+        .select(
+            "instrument_id",
+            "ts",
+            (pl.col("open") / pl.col(ADJ)).alias("open"),
+            (pl.col("_previous_close") / pl.col(ADJ)).alias("previous_close"),
+        )
+        .cast(JUMP_SCHEMA)
     )
 
     window_bars = bars.filter(in_window)
@@ -273,7 +311,31 @@ def compute_feature_vectors(
             )
             .sort("instrument_id", "ts")
         )
-    return FeatureComputation(vectors=out, state=new_state)
+    return FeatureComputation(vectors=out, state=new_state, jumps=jumps)
+
+
+def _with_jumps(valid: pl.DataFrame, threshold: float, longest: int) -> pl.DataFrame:
+    """``_jump``: a bar that opens a trading day beyond ``threshold`` of the last close before it (both on one
+    scale, so a split with its action known is no jump); ``_jumped``: a bar whose longest window still holds
+    such a jump. Held only where no corporate action explains the move: a split delivered without its action,
+    a bad print at the open, or a real crash a person must look at (UNEXPLAINED_JUMP)."""
+    from marketfs.universe import active_sessions
+
+    session = active_sessions().session_index(valid["ts"]).alias("_session")
+    previous_close = lag(pl.col("close"), 1)
+    move = pl.col("open") / previous_close
+    opens_day = pl.col("_session") != lag(pl.col("_session"), 1)
+    jump = (opens_day & ((move > 1 + threshold) | (move < 1 / (1 + threshold)))).fill_null(False)
+    last_jump = pl.when(pl.col("_jump")).then(pl.col("_pos")).forward_fill().over("instrument_id")
+    jump_session = pl.when(pl.col("_jump")).then(pl.col("_session")).forward_fill().over("instrument_id")
+    # Within the jump's own trading day only: that instrument-day is what the gate holds, and a day a person
+    # released (the move was real) must not hold the days after it for the weeks its windows still span.
+    jumped = (pl.col("_session") == jump_session) & ((pl.col("_pos") - last_jump) < max(longest - 1, 1))
+    return (
+        valid.with_columns(session)
+        .with_columns(jump.alias("_jump"), previous_close.alias("_previous_close"))
+        .with_columns(jumped.fill_null(False).alias("_jumped"))
+    )
 
 
 def _flags(vectors: pl.DataFrame, names: list[str], windows: list[str], timeframe: str, config: FlagConfig) -> pl.Expr:
@@ -304,6 +366,8 @@ def _flags(vectors: pl.DataFrame, names: list[str], windows: list[str], timefram
         ),
         # The history restarts after a declared gap and is not warm yet: no value reached across the gap.
         flag_if(pl.col("_gap"), QualityFlag.GAP),
+        # A window spans an overnight move no known corporate action explains (``_with_jumps``).
+        flag_if(pl.col("_jumped").fill_null(False), QualityFlag.UNEXPLAINED_JUMP),
         flag_if(non_finite.fill_null(False), QualityFlag.COMPUTATION_ERROR),
     ]
     return pl.concat_list(flags)

@@ -39,6 +39,9 @@ class Family:
     bounds: Callable[[Params], Bounds] = lambda p: (None, None)
     bounds_why: Callable[[Params], str | None] = lambda p: None
     null_reasons: Callable[[Params], tuple[QualityFlag, ...]] = lambda p: MARKET_NULL_REASONS
+    # Whether the value is in price units (an EMA, a band, a range): it changes scale with a split, and is
+    # served in the units of its own bar; the others (returns, ratios, oscillators, z-scores) are scale-free.
+    price_units: Callable[[Params], bool] = lambda p: False
 
     @property
     def is_events(self) -> bool:
@@ -109,6 +112,7 @@ FAMILIES: dict[str, Family] = {
                 "pct_b": f"(close - lower) / (upper - lower), bands of BBANDS({p['n']}, {p['k']:g})",
             }[p["output"]],
             expr=lambda p: market.bollinger(p["n"], p["k"], p["output"]),
+            price_units=lambda p: p["output"] in ("upper", "lower"),
         ),
         Family(
             "volume_z",
@@ -145,6 +149,7 @@ FAMILIES: dict[str, Family] = {
             ),
             expr=lambda p: recursive.macd(p["fast"], p["slow"], p["signal"], p["output"]),
             recursions=lambda p: recursive.macd_recursions(p["fast"], p["slow"], p["signal"]),
+            price_units=lambda p: True,
         ),
         Family(
             "atr",
@@ -155,6 +160,7 @@ FAMILIES: dict[str, Family] = {
             ),
             expr=lambda p: recursive.atr(p["n"]),
             recursions=lambda p: recursive.atr_recursions(p["n"]),
+            price_units=lambda p: True,
             bounds=lambda p: (0, None),
         ),
         Family(

@@ -23,6 +23,7 @@ class QualityFlag(StrEnum):
     TIMESTAMP_MISMATCH = "TIMESTAMP_MISMATCH"
     PARTIAL_SESSION = "PARTIAL_SESSION"
     GAP = "GAP"
+    UNEXPLAINED_JUMP = "UNEXPLAINED_JUMP"
     COMPUTATION_ERROR = "COMPUTATION_ERROR"
 
 
@@ -52,6 +53,13 @@ FLAG_MEANINGS: dict[QualityFlag, str] = {
         "discarded batch, a trading halt): its windows and recursions start again after it, and until they are "
         "warm again its vectors carry GAP beside INSUFFICIENT_OHLCV. No value spans the gap."
     ),
+    QualityFlag.UNEXPLAINED_JUMP: (
+        "The instrument opened its trading day beyond `unexplained_jump` of its last close (as a fraction, either "
+        "way, on the scale the known corporate actions give) and no corporate action explains it: a split or "
+        "dividend delivered without its action, a bad opening print, or a real move. Set on that day's vectors "
+        "whose windows hold the jump; the gate holds the instrument-day until a person delivers the action "
+        "(corporate_actions/) or releases the batch (docs/corporate_actions.md)."
+    ),
     QualityFlag.COMPUTATION_ERROR: "A feature came out non-finite (inf or NaN); it is stored as null.",
 }
 
@@ -63,6 +71,7 @@ class FlagConfig:
     low_event_count: int
     low_sentiment_confidence: float
     stale_after: dict[str, timedelta]
+    unexplained_jump: float = 0.25
 
     def stale_after_for(self, timeframe: str) -> timedelta:
         try:
@@ -92,11 +101,18 @@ def load_flag_config(path: Path | None = None) -> FlagConfig:
             low_event_count=int(data["low_event_count"]),
             low_sentiment_confidence=float(data["low_sentiment_confidence"]),
             stale_after={k: _duration(v) for k, v in data["stale_after"].items()},
+            unexplained_jump=_positive(float(data["unexplained_jump"]), "unexplained_jump"),
         )
     except (OSError, tomllib.TOMLDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"{path}: quality flag configuration is invalid ({exc}). Fix: see marketfs/config/quality_flags.toml"
         ) from exc
+
+
+def _positive(value: float, key: str) -> float:
+    if not value > 0:
+        raise ValueError(f"{key} = {value} must be above 0")
+    return value
 
 
 def flag_if(condition: pl.Expr, flag: QualityFlag) -> pl.Expr:

@@ -69,6 +69,10 @@ class Feature:
     def is_event(self) -> bool:
         return self.spec.is_events
 
+    @property
+    def price_units(self) -> bool:
+        return self.spec.price_units(self.p)
+
     def recursions(self) -> list[Recursion]:
         return self.spec.recursions(self.p)
 
@@ -147,6 +151,13 @@ class FeatureSet:
     features: tuple[Feature, ...]
     owner: str = "quant-platform"
     description: str = ""
+    # What a cash dividend does to the series: "price" (price return, the default: dividends adjust nothing)
+    # or "total" (total return: each dividend scales the earlier prices like a split, marketfs/corporate_actions.py).
+    returns: str = "price"
+
+    @property
+    def total_return(self) -> bool:
+        return self.returns == "total"
 
     def for_timeframe(self, timeframe: str) -> list[Feature]:
         if timeframe not in self.timeframes:
@@ -197,6 +208,8 @@ def _validate(fs: FeatureSet, origin: str) -> FeatureSet:
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", fs.version):
         raise fail("the version must be lowercase letters, digits and underscores (e.g. fs_v3)")
+    if fs.returns not in ("price", "total"):
+        raise fail(f"returns = {fs.returns!r}: 'price' (dividends not adjusted) or 'total' (total return)")
     unknown = [tf for tf in fs.timeframes if tf not in TIMEFRAMES]
     if unknown or not fs.timeframes:
         raise fail(f"timeframes {unknown or '()'} not among {list(TIMEFRAMES)}")
