@@ -9,7 +9,7 @@ first breaching day, quarantines that day, and holds back the days after it.
 
 import dataclasses
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -41,6 +41,7 @@ from marketfs.features.timeframes import timeframe as timeframe_spec
 from marketfs.holds import Holds
 from marketfs.intraday import record_day_written, retract_day
 from marketfs.shards import Shard
+from marketfs.store.corporate_actions import close_restatements
 from marketfs.store.feature_vectors import (
     compute_stored,
     read_recent_partitions,
@@ -53,6 +54,10 @@ from marketfs.store.timescale import settle_write
 
 if TYPE_CHECKING:
     from expectations.drift import DriftProfile
+
+# A run tagged with instruments recomputes those alone (a restatement after a late corporate action): the
+# others' served vectors are not touched, and nothing of them is computed.
+RESTATE_TAG = "marketfs/restate"
 
 # The asset that materialises a timeframe's bar table: its bars are what the vectors read.
 BARS_ASSET = {"ohlcv_1m": "raw_ohlcv", "ohlcv_1d": "bars_1d"}
@@ -105,6 +110,8 @@ def _feature_vectors_asset(fs: FeatureSet, timeframe: str) -> dg.AssetsDefinitio
             day_dependency(BARS_ASSET[spec.bar_table], -spec.lookback_days),
             # Events of the look-back window reach into the previous day.
             day_dependency("raw_events", -1),
+            # Each instrument's history is put on one scale by the corporate actions known.
+            day_dependency("corporate_actions", 0),
             # Recursions continue from the state stored at the shard's previous day's last bar.
             day_dependency(name, -1, -1),
         ],
@@ -136,6 +143,10 @@ def _materialise(
 
     name = dataset_name(fs, timeframe)
     provenance = InputProvenance.capture(context)
+    restating = restated_instruments(context)
+    # One instrument's day against the universe's reference would be a shift by construction; the day was judged
+    # for drift with the universe, and a restatement changes only the scale it is computed on.
+    drift = drift and restating is None
     quality_suite = load_suite_json(suite_path(name))
     drift_template = load_suite_json(suite_path(f"{name}_drift")) if drift else None
     gate = _DayGate(context, name, quality_suite, drift_template, DataDocs.default())
@@ -145,10 +156,15 @@ def _materialise(
     try:
         for scope in run_scopes(context.partition_keys):
             breached = _materialise_shard(
-                store, context, gate, scope, fs, timeframe, drift_template, judgement, materializations
+                store, context, gate, scope, fs, timeframe, drift_template, judgement, materializations, restating
             )
             if breached:
                 break
+        if restating is not None and judgement.accepted:
+            with store.engine().begin() as conn:
+                through = date.fromisoformat(max(judgement.accepted))
+                closed = close_restatements(conn, name, restating, through, context.run_id)
+            context.log.info(f"{name}: {', '.join(restating)} restated through {through} ({closed} restatement(s))")
     except dg.Failure as exc:  # a bad file or missing history in a later chunk: written days are recorded
         failure = exc
     if failure is None and not judgement.breaches:
@@ -199,6 +215,7 @@ def _materialise_shard(
     drift_template: dict | None,
     judgement: Judgement,
     materializations: list[tuple],
+    restating: list[str] | None = None,
 ) -> bool:
     """One shard's days in order, in chunks; whether a whole day breached (the days after it are held back).
 
@@ -211,13 +228,14 @@ def _materialise_shard(
     history = None  # the drift reference, read once and carried from chunk to chunk
     for days in plan:
         start, end = day_window(days[0])[0], day_window(days[-1])[1]
-        computation = _compute(store, fs, timeframe, start, end, shard, days[0])
+        computation = _compute(store, fs, timeframe, start, end, shard, days[0], restating)
         vectors = with_day(computation.vectors)
         by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
         plan.saw(vectors.height, len(by_day))
         if drift_template is not None and history is None:
             history = _drift_history(store, fs, drift_template, timeframe, start, shard)
         chunk = gate.judge(store, scope, days, computation, vectors, by_day, history, fs, timeframe)
+        chunk.notes.extend(_unexplained_jumps(chunk, computation))
         judgement.extend(chunk)
         for breach in chunk.breaches:
             if breach.instruments is not None:  # before the write records the day as reconciled
@@ -228,7 +246,7 @@ def _materialise_shard(
             kept = FeatureComputation(
                 vectors=held_here.filter(computation.vectors), state=held_here.filter(computation.state), holds=held
             )
-            accepted = _write_accepted(store, context, fs, timeframe, kept, chunk.accepted, shard)
+            accepted = _write_accepted(store, context, fs, timeframe, kept, chunk.accepted, shard, restating)
             empty = vectors.clear().drop(DAY)
             for day in chunk.accepted:
                 rows = held_here.filter(by_day.get(day, empty))
@@ -251,6 +269,31 @@ def _materialise_shard(
     return False
 
 
+def _unexplained_jumps(chunk: Judgement, computation: FeatureComputation) -> list[str]:
+    """For each held instrument-day that opened with a jump no corporate action explains: the prices, and the fix."""
+    if computation.jumps.is_empty():
+        return []
+    from marketfs.corporate_actions import observed_ratio
+
+    jumps = with_day(computation.jumps)
+    notes = []
+    for breach in chunk.breaches:
+        held = jumps.filter(pl.col(DAY) == breach.day)
+        if breach.instruments is not None:
+            held = held.filter(pl.col("instrument_id").is_in(list(breach.instruments)))
+        for row in held.iter_rows(named=True):
+            ratio = row["previous_close"] / row["open"]
+            notes.append(
+                f"{row['instrument_id']} {breach.day}: opened {observed_ratio(row['open'], row['previous_close'])} and "
+                "no corporate action explains it (UNEXPLAINED_JUMP). If it is a split or a dividend, deliver the "
+                f"action: the line {row['instrument_id']},{breach.day},split,{ratio:.6g},<known_at, ISO 8601> (or "
+                "cash_dividend,<amount>) in <landing>/corporate_actions/actions.csv, or "
+                "marketfs.ingest.push_corporate_actions; then recompute from that day (below). If the move is real, "
+                f"release the batch instead (marketfs quarantine release {breach.batch_id} --by NAME --note WHY)."
+            )
+    return notes
+
+
 @dataclasses.dataclass
 class _DayGate:
     """The quality and drift verdicts of a chunk's days, logged, quarantined and published."""
@@ -267,7 +310,10 @@ class _DayGate:
         checks_by_day = {GATE_CHECK: validate_days(vectors, self.name, suite=self.quality_suite)}
         profile = None
         if self.drift_template is not None:
-            checks_by_day[DRIFT_CHECK], profile = _drift(vectors, history, self.drift_template, fs, timeframe)
+            # An instrument-day the quality gate holds is no part of its day's distribution: one split delivered
+            # without its action must not hold the universe's day as drift.
+            drifting = _less_held(vectors, checks_by_day[GATE_CHECK])
+            checks_by_day[DRIFT_CHECK], profile = _drift(drifting, history, self.drift_template, fs, timeframe)
 
         def rows_of_day(day: str) -> dict[str, pl.DataFrame]:
             day_start, day_end = day_window(day)
@@ -298,6 +344,20 @@ class _DayGate:
         )
 
 
+def _less_held(vectors: pl.DataFrame, verdicts: dict[str, GateResult]) -> pl.DataFrame:
+    """``vectors`` without the rows of the instruments whose day the verdicts hold alone."""
+    held = [
+        (day, instrument)
+        for day, gate in verdicts.items()
+        if not gate.passed and gate.breaching_instruments is not None
+        for instrument in gate.breaching_instruments
+    ]
+    if not held:
+        return vectors
+    pairs = pl.DataFrame(held, schema={DAY: pl.String(), "instrument_id": pl.String()}, orient="row")
+    return vectors.join(pairs, on=[DAY, "instrument_id"], how="anti", maintain_order="left")
+
+
 def _write_accepted(
     store: FeatureStore,
     context: dg.AssetExecutionContext,
@@ -306,8 +366,10 @@ def _write_accepted(
     computation: FeatureComputation,
     days: list[str],
     shard: Shard,
+    restating: list[str] | None = None,
 ) -> FeatureComputation:
-    """The days before the first breach, with their state, in one transaction (the shard's instruments)."""
+    """The days before the first breach, with their state, in one transaction (the shard's instruments, or
+    those ``restating`` alone)."""
     start, end = day_window(days[0])[0], day_window(days[-1])[1]
     accepted = FeatureComputation(
         vectors=_in_window(computation.vectors, start, end),
@@ -328,7 +390,10 @@ def _write_accepted(
                 run_id=context.run_id,
                 shard=shard,
                 protect=accepted.holds,
+                only=restating,
             )
+            if restating is not None:
+                return  # a few instruments' vectors: the day as a whole is what its own run recorded
             # The day is now what this run computed whole: its intraday steps are replaced by it.
             for day in days:
                 day_vectors = _in_window(accepted.vectors, *day_window(day))
@@ -363,12 +428,24 @@ def _retract_intraday(
                 )
 
 
+def restated_instruments(context: dg.AssetExecutionContext) -> list[str] | None:
+    tag = context.run.tags.get(RESTATE_TAG)
+    return sorted(tag.split(",")) if tag else None
+
+
 def _compute(
-    store: FeatureStore, fs: FeatureSet, timeframe: str, start: datetime, end: datetime, shard: Shard, first_day: str
+    store: FeatureStore,
+    fs: FeatureSet,
+    timeframe: str,
+    start: datetime,
+    end: datetime,
+    shard: Shard,
+    first_day: str,
+    restating: list[str] | None = None,
 ) -> FeatureComputation:
     try:
         with store.engine().connect() as conn:
-            return compute_stored(conn, fs, timeframe, start, end, shard)
+            return compute_stored(conn, fs, timeframe, start, end, shard, instruments=restating)
     except HistoryError as exc:
         # Named by the partition (the session), not by the window's start, which is the close before it.
         name = dataset_name(fs, timeframe)

@@ -73,11 +73,14 @@ class Judgement:
     accepted: list[str] = field(default_factory=list)  # days that may be (and are) written, in order
     breaches: list[Breach] = field(default_factory=list)
     checks: list[DayCheck] = field(default_factory=list)
+    # What the run found beside the verdicts that tells a person what to do (an unexplained jump's prices).
+    notes: list[str] = field(default_factory=list)
 
     def extend(self, other: Judgement) -> None:
         self.accepted.extend(other.accepted)
         self.breaches.extend(other.breaches)
         self.checks.extend(other.checks)
+        self.notes.extend(other.notes)
 
     @property
     def day_breaches(self) -> list[Breach]:
@@ -302,6 +305,7 @@ def breach_failure(context: dg.AssetExecutionContext, judgement: Judgement, *, c
                 f"{breach.day} were written, and the held instruments' later days wait for this one. "
                 f"{breach.describe()}"
             )
+    lines.extend(judgement.notes)
     first = judgement.breaches[0]
     if judgement.accepted:
         lines.append(f"Written: {_days(judgement.accepted)}.")

@@ -270,6 +270,11 @@ class MarketData(dg.ConfigurableResource):
         """The instruments the source itself declares (synthetic); a landing folder declares none."""
         return self._instruments() if self.source == "synthetic" else ()
 
+    def corporate_actions_dir(self) -> Path | None:
+        """``<landing_dir>/corporate_actions`` (absent: none), or None for the synthetic source (no actions)."""
+        self._check()
+        return None if self.source == "synthetic" else Path(self.landing_dir) / "corporate_actions"
+
     def event_source(self) -> EventSource:
         self._check()
         if self.source == "synthetic":

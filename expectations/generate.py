@@ -63,6 +63,11 @@ def load_policy(path: Path = POLICY_PATH) -> dict[str, Any]:
                 QualityFlag(flag)
                 if entry["severity"] not in ("critical", "warning") or not 0 <= float(entry["max"]) <= 1:
                     raise ValueError(f"flag_share.{scope}.{flag}: severity critical|warning and 0 <= max <= 1")
+        if policy["unexplained_jump"]["severity"] not in ("critical", "warning"):
+            raise ValueError(
+                "unexplained_jump.severity: critical (hold the instrument-day) or warning (serve, flagged)"
+            )
+        str(policy["unexplained_jump"]["why"])
         drift = policy["drift"]
         float(drift["trip_rate_target"]), int(drift["kl_bins"]), dict(drift["reference"]), list(drift["timeframes"])
         if not 0 <= float(drift["min_day_share"]) <= 1:
@@ -139,6 +144,15 @@ def quality_suite(fs: FeatureSet, timeframe: str, policy: dict[str, Any]) -> dic
             "kwargs": {"column": "unexplained_nulls", "value_set": [0]},
             "severity": "critical",
             "meta": {"why": "a null feature must be explained by a quality flag"},
+        }
+    )
+    jump = policy["unexplained_jump"]
+    expectations.append(
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": f"flag_{QualityFlag.UNEXPLAINED_JUMP.value}", "value_set": [False]},
+            "severity": jump["severity"],
+            "meta": {"why": jump["why"]},
         }
     )
     shares = {**policy["flag_share"].get("default", {}), **policy["flag_share"].get(timeframe, {})}

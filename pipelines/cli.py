@@ -44,7 +44,7 @@ UI_STOP_GRACE_SECONDS = 8
 
 
 def _execute_in_order(
-    keys: list[str], asset_selection=None, verbose: bool = False, only=None
+    keys: list[str], asset_selection=None, verbose: bool = False, only=None, tags: dict[str, str] | None = None
 ) -> tuple[list[str], Tally]:
     """Run the daily job over the days ``keys`` in ranged runs of up to 31 days, in order, shard by shard
     (``only``: those shards); in a shard, stop at the first failure (later days continue its state).
@@ -58,11 +58,18 @@ def _execute_in_order(
     tally = Tally()
     failed_runs: list[str] = []
     for shard in only or shards(SHARD_COUNT):
-        failed_runs += _execute_shard(keys, shard, tally, asset_selection, verbose)
+        failed_runs += _execute_shard(keys, shard, tally, asset_selection, verbose, tags or {})
     return failed_runs, tally
 
 
-def _execute_shard(keys: list[str], shard, tally: Tally, asset_selection=None, verbose: bool = False) -> list[str]:
+def _execute_shard(
+    keys: list[str],
+    shard,
+    tally: Tally,
+    asset_selection=None,
+    verbose: bool = False,
+    tags: dict[str, str] | None = None,
+) -> list[str]:
     import dagster as dg
 
     from assets.partitions import RUN_DAYS, partition_key
@@ -82,6 +89,7 @@ def _execute_shard(keys: list[str], shard, tally: Tally, asset_selection=None, v
                 instance=instance,
                 asset_selection=asset_selection,
                 tags={
+                    **(tags or {}),
                     **chain_tags(shard),
                     **process_tags(),
                     RANGE_START_TAG: partition_key(chunk[0], shard),
@@ -232,6 +240,8 @@ def _run(
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE  # nothing more can be read or written: the message above says what to do
 
+    if not failed_runs and _restate(verbose, quiet=True) != 0:
+        failed_runs.append("(restatement)")
     snapshot_id = None
     if snapshot and not failed_runs:
         end_day = (date.fromisoformat(keys[-1]) + timedelta(days=1)).isoformat()
@@ -317,6 +327,7 @@ def _recompute(
     verbose: bool = False,
     shard: int | None = None,
     only=None,
+    tags: dict[str, str] | None = None,
 ) -> int:
     """Re-materialise the daily job (or ``asset_selection`` of it) for ``start..end``, in order, per shard.
 
@@ -357,13 +368,46 @@ def _recompute(
         return 0
     names = ", ".join(k.to_user_string() for k in asset_selection) if asset_selection else "the daily_features job"
     print(f"recomputing {names} for {keys[0]} .. {keys[-1]} ({len(keys)} days, in order)")
-    failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose, only=only)
+    failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose, only=only, tags=tags)
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE
     print(tally.line())
     _say_held(conn_dsn=os.environ["MARKETFS_DSN"])
     _say_failed_runs(failed_runs, tally)
-    return 1 if failed_runs else 0
+    if failed_runs:
+        return 1
+    return 0 if tags else _restate(verbose, quiet=True)
+
+
+def _restate(verbose: bool = False, quiet: bool = False) -> int:
+    """Recompute the instruments a late corporate action changed, from its ex-date, in the datasets that served
+    them: their vectors alone (the others' are not touched), each old version kept in the history."""
+    prepare_environment(check=True)
+    import dagster as dg
+
+    from assets.features import RESTATE_TAG
+    from marketfs.db import engine_for
+    from marketfs.store.corporate_actions import pending_restatements
+    from marketfs.store.migrations import migrate
+
+    migrate(os.environ["MARKETFS_DSN"])
+    with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:
+        pending = pending_restatements(conn)
+    if pending.is_empty():
+        if not quiet:
+            print("nothing to restate: no corporate action arrived after the vectors it changes were served")
+        return 0
+    instruments = sorted(set(pending["instrument_id"]))
+    datasets = sorted(set(pending["dataset"]))
+    start = pending["from_date"].min().isoformat()
+    print(f"restating      {', '.join(instruments)} from {start} in {', '.join(datasets)} (late corporate actions)")
+    return _recompute(
+        start,
+        None,
+        asset_selection=[dg.AssetKey(d) for d in datasets],
+        verbose=verbose,
+        tags={RESTATE_TAG: ",".join(instruments)},
+    )
 
 
 def _say_held(conn_dsn: str) -> None:
@@ -374,7 +418,7 @@ def _say_held(conn_dsn: str) -> None:
     from marketfs.features.registry import datasets
     from marketfs.store.holds import RAW_ASSETS, read_holds
 
-    assets = (*RAW_ASSETS, "bars_1d", *datasets())
+    assets = (*RAW_ASSETS, "bars_1d", "corporate_actions", *datasets())
     with engine_for(conn_dsn).connect() as conn:
         held = read_holds(conn, assets, datetime.max.replace(tzinfo=UTC))
     if held:
@@ -617,6 +661,11 @@ def _parser() -> argparse.ArgumentParser:
     recompute.add_argument("--from", dest="start", required=True, type=_day, help="first day")
     recompute.add_argument("--to", dest="end", type=_day, help="last day (default: the newest materialised day)")
     recompute.add_argument("--shard", type=int, help="only this instrument shard (0..MARKETFS_SHARDS-1)")
+    sub.add_parser(
+        "restate",
+        parents=[verbose],
+        help="recompute the instruments late corporate actions changed, from their ex-dates (run does it itself)",
+    )
     quarantine = sub.add_parser("quarantine", help="release or discard a held quarantine batch through Dagster")
     actions = quarantine.add_subparsers(dest="action", required=True)
     for action in ("release", "discard"):
@@ -665,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recompute":
             end = args.end.isoformat() if args.end else None
             return _recompute(args.start.isoformat(), end, verbose=verbose, shard=args.shard)
+        if args.command == "restate":
+            return _restate(verbose)
         if args.command == "quarantine" and args.action == "discard":
             return _discard(args.batch, args.by, args.note, verbose)
         if args.command == "quarantine":

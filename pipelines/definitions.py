@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import dagster as dg
 
+from assets.corporate_actions import corporate_actions
 from assets.features import FEATURE_ASSETS
 from assets.partitions import SESSIONS, SHARD_COUNT, START_DATE, partition_key
 from assets.raw import bars_1d, raw_events, raw_ohlcv
@@ -21,7 +22,7 @@ from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor, chain_tags
 # Late prints and the vendor's end-of-session files arrive minutes after the close.
 CLOSE_SETTLE = timedelta(minutes=15)
 
-ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, *FEATURE_ASSETS]
+ALL_ASSETS = [raw_ohlcv, raw_events, bars_1d, corporate_actions, *FEATURE_ASSETS]
 
 # One process per run: a daily run is five short steps, and a step subprocess costs ~2 s of imports.
 # Runs still scale out, one per partition batch, through the instance's run launcher (docs/deploying.md).

@@ -9,14 +9,14 @@ range, agree bit for bit across the ex-date.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 
 import polars as pl
 import pytest
 
 from marketfs.corporate_actions import ACTION_SCHEMA, CLOSE_SCHEMA, adjust, factors, in_effect
 from marketfs.features.compute import compute_feature_vectors
-from marketfs.features.registry import FeatureSet, feature, feature_set
+from marketfs.features.registry import FeatureSet, feature_set
 from marketfs.features.resample import session_bars
 from marketfs.sources import SyntheticBars
 from marketfs.universe import active_sessions
@@ -94,8 +94,10 @@ def test_a_split_with_its_action_is_the_same_series_in_post_split_units(timefram
     assert got["quality_flags"].to_list() == expected["quality_flags"].to_list(), label
     # The other instruments are untouched: the same bits.
     others = pl.col("instrument_id") != "SPL00"
-    assert _vectors(timeframe, split, _split(ratio)).vectors.filter(others).equals(
-        _vectors(timeframe, plain, None).vectors.filter(others)
+    assert (
+        _vectors(timeframe, split, _split(ratio))
+        .vectors.filter(others)
+        .equals(_vectors(timeframe, plain, None).vectors.filter(others))
     )
 
 
@@ -107,7 +109,9 @@ def test_a_split_without_its_action_is_an_unexplained_jump_on_the_ex_date(timefr
     first = ex_day.row(0, named=True)
     assert first["ret_1"] < -0.4 and "UNEXPLAINED_JUMP" in first["quality_flags"]
     # Every vector of the day whose window spans the jump says so; none with a -50% return goes unflagged.
-    assert ex_day.filter((pl.col("ret_1") < -0.4) & ~pl.col("quality_flags").list.contains("UNEXPLAINED_JUMP")).is_empty()
+    assert ex_day.filter(
+        (pl.col("ret_1") < -0.4) & ~pl.col("quality_flags").list.contains("UNEXPLAINED_JUMP")
+    ).is_empty()
     # The jump is named with the prices that show it; no other instrument jumped.
     [jump] = computed.jumps.filter(pl.col("ts") >= active_sessions().trading_day_window(EX_DATE)[0]).rows(named=True)
     assert jump["instrument_id"] == "SPL00" and 0.45 < jump["open"] / jump["previous_close"] < 0.55
@@ -156,7 +160,9 @@ def test_a_dividend_adjusts_a_total_return_set_and_leaves_a_price_return_set_alo
     # A 4% dividend: the stock opens that much lower on the ex-date, everything after it with it.
     paid = _scaled(plain, "SPL00", EX_DATE, (last_close - amount) / last_close, 1.0)
     dividend = _actions(("SPL00", EX_DATE, "cash_dividend", amount, datetime(2024, 1, 2, tzinfo=UTC)))
-    closes = pl.DataFrame({"instrument_id": ["SPL00"], "ex_date": [EX_DATE], "close": [last_close]}, schema=CLOSE_SCHEMA)
+    closes = pl.DataFrame(
+        {"instrument_id": ["SPL00"], "ex_date": [EX_DATE], "close": [last_close]}, schema=CLOSE_SCHEMA
+    )
     total = FeatureSet(version="fs_tr", timeframes=("1m",), features=FS.features[:12], returns="total")
     expected = _after_ex(_vectors("1m", plain, None, total).vectors)
     got = _after_ex(_vectors("1m", paid, dividend, total, closes).vectors)

@@ -304,6 +304,7 @@ def compute_stored(
     end: datetime,
     shard: Shard = ALL,
     holds: Holds | None = None,
+    instruments: list[str] | None = None,
 ) -> FeatureComputation:
     """The vectors of ``[start, end)`` from the stored bars (with their warm-up), events and recursion state:
     what a daily run and an intraday step both compute. Raises ``HistoryError`` when the state is missing.
@@ -315,16 +316,33 @@ def compute_stored(
     Instruments held by a quarantined instrument-day (``holds``; by default the open holds of the
     dataset's bars, events and its own vectors) are computed only up to their hold: their bars from it on
     are not read, so nothing continues from a day that is missing, and the result says who was left out.
+    So are instruments waiting for a restatement (a corporate action that arrived after their vectors across
+    its ex-date were served): their state is on the scale before it. ``instruments``: these alone (a
+    restatement), computed whatever restatement they wait for.
+
+    The corporate actions in effect now put each instrument's bars on one scale (``corporate_actions.py``).
     """
     from marketfs.features.registry import dataset_name
     from marketfs.features.timeframes import timeframe as timeframe_spec
+    from marketfs.store.corporate_actions import adjustments_for, pending_holds
     from marketfs.store.coverage import hole_before
     from marketfs.store.gaps import drop_inside_gaps, read_gaps
     from marketfs.store.holds import feature_holds, read_holds
     from marketfs.universe import active_sessions, active_universe
 
     if holds is None:
-        holds = read_holds(conn, feature_holds(dataset_name(feature_set, timeframe), timeframe), end, shard)
+        dataset = dataset_name(feature_set, timeframe)
+        upstream = tuple(a for a in feature_holds(dataset, timeframe) if a != dataset)
+        # The dataset's own holds from a day of this window on are what this computation judges again (a
+        # recompute after the fix): only those of earlier days keep their instruments out.
+        holds = read_holds(conn, upstream, end, shard).merged(read_holds(conn, (dataset,), start, shard))
+    pending = pending_holds(conn, dataset_name(feature_set, timeframe))
+    if instruments is not None:
+        pending = Holds({i: h for i, h in pending.held.items() if i not in instruments})
+    holds = holds.merged(Holds({i: h for i, h in pending.held.items() if shard.holds(i)}))
+    adjustments = adjustments_for(
+        conn, total_return=feature_set.total_return, bar_table="1d" if timeframe_spec(timeframe).per_session else "1m"
+    )
     sessions = active_sessions()
     day = sessions.trading_day(pl.Series([start], dtype=pl.Datetime("us", "UTC"))).item()
     day_start = sessions.trading_day_window(day)[0] if day is not None else start
@@ -336,20 +354,33 @@ def compute_stored(
     dataset = dataset_name(feature_set, timeframe)
     gaps = read_gaps(conn, dataset, end, shard)
     restarts = gaps.select("instrument_id", "restart_at").filter(pl.col("restart_at") < end)
-    stored_state = holds.filter(
-        read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)
+    stored_state = _only(
+        holds.filter(read_state_before(conn, feature_set=feature_set, timeframe=timeframe, start=start, shard=shard)),
+        instruments,
     )
     # A declared gap inside the window splits it: each piece continues the state the piece before computed,
     # and the instruments the gap covers start again after it.
     cuts = sorted({r for r in restarts["restart_at"].to_list() if start < r < end})
     bounds = [start, *cuts, end]
-    vectors, states, carried = [], [], stored_state
+    vectors, states, jumps, carried = [], [], [], stored_state
     for piece_start, piece_end in zip(bounds, bounds[1:], strict=False):
         piece = _compute_piece(
-            conn, feature_set, timeframe, piece_start, piece_end, shard, holds, restarts, carried, day_start
+            conn,
+            feature_set,
+            timeframe,
+            piece_start,
+            piece_end,
+            shard,
+            holds,
+            restarts,
+            carried,
+            day_start,
+            adjustments,
+            instruments,
         )
         vectors.append(piece.vectors)
         states.append(piece.state)
+        jumps.append(piece.jumps)
         carried = pl.concat([carried, piece.state]) if piece.state.height else carried
     # Nothing is stamped inside a declared gap of its instrument: the sessions are missing for good.
     computed = FeatureComputation(
@@ -362,6 +393,7 @@ def compute_stored(
         vectors=drop_from(holds.filter(computed.vectors), delisted),
         state=drop_from(holds.filter(computed.state), delisted),
         holds=holds,
+        jumps=pl.concat(jumps),
     )
 
 
@@ -376,6 +408,8 @@ def _compute_piece(
     restarts: pl.DataFrame,
     state: pl.DataFrame,
     day_start: datetime,
+    adjustments: pl.DataFrame,
+    instruments: list[str] | None,
 ) -> FeatureComputation:
     """``compute_stored`` for a window no declared gap cuts: its bars with their warm-up, less what each
     instrument had before its latest restart; the state each instrument last reached before ``start``."""
@@ -387,8 +421,11 @@ def _compute_piece(
 
     since = max(day_start, start - load_flag_config().stale_after_for(timeframe))
     warmup = feature_set.warmup_bars(timeframe)
-    bars = holds.filter(read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since))
-    events = read_events(conn, start - feature_set.event_lookback(timeframe), end, shard=shard)
+    bars = _only(
+        holds.filter(read_bars_for(conn, timeframe, start, end, warmup_bars=warmup, shard=shard, active_since=since)),
+        instruments,
+    )
+    events = _only(read_events(conn, start - feature_set.event_lookback(timeframe), end, shard=shard), instruments)
     latest = state.filter(pl.col("ts") < start).sort("ts").group_by("instrument_id", maintain_order=True).last()
     restart = restarts_at(restarts, bars["instrument_id"], start)
     return compute_feature_vectors(
@@ -401,7 +438,12 @@ def _compute_piece(
         end=end,
         warmup_limit=warmup,
         restarts=restart,
+        adjustments=adjustments,
     )
+
+
+def _only(frame: pl.DataFrame, instruments: list[str] | None) -> pl.DataFrame:
+    return frame if instruments is None else frame.filter(pl.col("instrument_id").is_in(instruments))
 
 
 HISTORY_RETENTION_ENV = "MARKETFS_HISTORY_RETENTION"

@@ -26,7 +26,8 @@ RAW_ASSETS = ("raw_ohlcv", "raw_events")
 def feature_holds(dataset: str, timeframe: str) -> tuple[str, ...]:
     """The assets whose holds keep an instrument out of a feature dataset's days."""
     bars = ("raw_ohlcv", "bars_1d") if timeframe == "1d" else ("raw_ohlcv",)
-    return (*bars, "raw_events", dataset)
+    # A bad corporate action row holds its instrument: the jump it was to explain must not be served unexplained.
+    return (*bars, "raw_events", "corporate_actions", dataset)
 
 
 def read_holds(

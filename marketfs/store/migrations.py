@@ -570,6 +570,58 @@ def _m016_declared_gaps(conn: sa.Connection, timescale: bool) -> None:
         _rollup_counts(conn, "gap")  # the rollup counts one column per QualityFlag, and GAP is a new one
 
 
+@migration(17, "corporate_actions and their restatements: splits and dividends, known when, and what they restate")
+def _m017_corporate_actions(conn: sa.Connection, timescale: bool) -> None:
+    # Every version of an action is kept: a correction is a row of the same (instrument, ex-date, kind) known
+    # later, so what a computation applied at any instant can be read back.
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE corporate_actions (
+                instrument_id text NOT NULL,
+                ex_date date NOT NULL,
+                kind text NOT NULL CHECK (kind IN ('split', 'cash_dividend')),
+                ratio double precision NOT NULL CHECK (ratio > 0 AND ratio < 'Infinity'::float8),
+                known_at timestamptz NOT NULL,
+                source text NOT NULL,
+                delivered_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                PRIMARY KEY (instrument_id, ex_date, kind, known_at)
+            )
+            """
+        )
+    )
+    # An action that arrives after vectors across its ex-date were served: that instrument's vectors of each
+    # dataset are recomputed from the ex-date (python -m pipelines restate); until then they are not extended.
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE corporate_action_restatements (
+                instrument_id text NOT NULL,
+                dataset text NOT NULL,
+                from_date date NOT NULL,
+                reason text NOT NULL,
+                requested_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                done_at timestamptz,
+                run_id text
+            )
+            """
+        )
+    )
+    conn.execute(
+        sa.text(
+            "CREATE INDEX corporate_action_restatements_open ON corporate_action_restatements (dataset, instrument_id) "
+            "WHERE done_at IS NULL"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "CREATE TABLE quarantine_corporate_actions (batch_id bigint NOT NULL REFERENCES quarantine_batches "
+            "(batch_id), delivery_order bigint NOT NULL, instrument_id text, ex_date text, kind text, ratio text, "
+            "known_at text, source text, problem text NOT NULL)"
+        )
+    )
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

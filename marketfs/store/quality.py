@@ -236,6 +236,10 @@ def release(
     elif asset == "raw_events":
         events = normalize_events(read_quarantined(conn, batch_id, "news_events", EVENT_SCHEMA))
         written = replace_events(conn, events, start, end, shard=shard, only=only)
+    elif asset == "corporate_actions":
+        # A bad action row can never be applied (no ratio to scale by): releasing it ends the hold, and the
+        # instrument is computed without the action (a jump it would have explained is flagged, and gated).
+        written = 0
     elif (dataset := _feature_dataset(asset)) is not None:
         feature_set, timeframe = dataset
         vectors = read_quarantined(conn, batch_id, "feature_vectors", vector_schema(feature_set, timeframe))
@@ -266,7 +270,7 @@ def discard(
     if not actor.strip() or not note.strip():
         raise QuarantineError("a discard needs the name of the person who decided it and a note saying why")
     batch = _decided_batch(conn, batch_id, shard_count, "discard")
-    for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state"):
+    for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state", "corporate_actions"):
         conn.execute(sa.text(f"DELETE FROM quarantine_{table} WHERE batch_id = :b"), {"b": batch_id})
     _record_decision(conn, batch, "discarded", actor, note)
     gaps = _declare_discarded_day(conn, batch, actor, note)

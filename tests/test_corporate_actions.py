@@ -1,0 +1,213 @@
+"""Corporate actions through the pipeline, as a user delivers them: a split is data, not a breach.
+
+Six instruments landed over 2024-01-03..2024-01-12, one of them (SPL00) split 2-for-1 from 2024-01-10 (prices
+halved, volume doubled):
+
+- with ``SPL00,2024-01-10,split,2,2024-01-09T22:00:00Z`` in ``corporate_actions/actions.csv`` the run is green and
+  every scale-free fs_v1 feature of SPL00 on and after the ex-date equals the unsplit run's (1m and 1d);
+- without it, SPL00's ex-date is held (UNEXPLAINED_JUMP, the failure names the day and the ratio seen), the five
+  others are served, and delivering the action then running the printed command serves SPL00 adjusted;
+- an action delivered after the vectors were served restates SPL00's vectors alone, and ``as_of`` before it
+  returns what was served then.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import sqlalchemy as sa
+from dagster_helpers import dagster_process_env
+from test_recompute import (
+    new_database,  # noqa: F401  (fixture: fresh databases for stores and instances)
+    pipelines,
+)
+
+from marketfs.db import engine_for
+from marketfs.sources import SyntheticBars, SyntheticEvents
+from marketfs.universe import active_sessions
+
+INSTRUMENTS = ("SPL00", "AAA", "BBB", "CCC", "DDD", "EEE")
+FIRST, LAST = "2024-01-03", "2024-01-12"
+EX_DATE = "2024-01-10"
+ACTION = "SPL00,2024-01-10,split,2,2024-01-09T22:00:00Z"
+SCALE_FREE = ["ret_1", "ret_5", "vol_20", "rsi_14", "bb_pct_b", "volume_z_20"]
+
+
+def land(folder: Path, *, split: float | None, action: str | None) -> None:
+    """The ten days' bar and event files; ``split``: SPL00's prices divided by it (volume multiplied) from the
+    ex-date; ``action``: the line of actions.csv."""
+    sessions = active_sessions()
+    start = sessions.trading_day_window(date.fromisoformat(FIRST))[0]
+    end = sessions.trading_day_window(date.fromisoformat(LAST))[1]
+    bars = SyntheticBars(instruments=INSTRUMENTS, seed=3).bars(start, end)
+    if split:
+        hit = (pl.col("instrument_id") == "SPL00") & (pl.col("ts") >= sessions.trading_day_window(EX_DATE)[0])
+        bars = bars.with_columns(
+            *[
+                pl.when(hit).then(pl.col(c) / split).otherwise(pl.col(c)).alias(c)
+                for c in ("open", "high", "low", "close")
+            ],
+            pl.when(hit).then(pl.col("volume") * split).otherwise(pl.col("volume")).alias("volume"),
+        )
+    for kind in ("bars", "events"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    bars.write_parquet(folder / "bars" / "bars.parquet")
+    SyntheticEvents(instruments=INSTRUMENTS, seed=3).events(start, end).write_parquet(
+        folder / "events" / "events.parquet"
+    )
+    deliver_action(folder, action)
+
+
+def deliver_action(folder: Path, action: str | None) -> None:
+    (folder / "corporate_actions").mkdir(parents=True, exist_ok=True)
+    path = folder / "corporate_actions" / "actions.csv"
+    if action is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text("instrument_id,ex_date,kind,ratio,known_at\n" + action + "\n")
+
+
+def run(new_database: Callable[[], str], tmp_path: Path, name: str, *, split: float | None, action: str | None):  # noqa: F811
+    landing = tmp_path / name
+    land(landing, split=split, action=action)
+    (tmp_path / f"{name}-home").mkdir()
+    env = dagster_process_env(
+        new_database(),
+        new_database(),
+        tmp_path / f"{name}-home",
+        MARKETFS_SOURCE="landing",
+        MARKETFS_LANDING_DIR=str(landing),
+    )
+    result = pipelines(env, "run", "--start", FIRST, "--end", LAST, "--no-snapshot")
+    return env, engine_for(env["MARKETFS_DSN"]), result, landing
+
+
+def vectors(engine: sa.Engine, timeframe: str, instrument: str | None = "SPL00", since: str = EX_DATE) -> pl.DataFrame:
+    start = active_sessions().trading_day_window(since)[0]
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"SELECT instrument_id, ts, quality_flags, written_at, {', '.join(SCALE_FREE)}, macd "
+                "FROM feature_vectors WHERE feature_set_version = 'fs_v1' AND timeframe = :tf AND ts >= :s "
+                "AND (CAST(:i AS text) IS NULL OR instrument_id = :i) ORDER BY instrument_id, ts"
+            ),
+            {"tf": timeframe, "s": start, "i": instrument},
+        ).all()
+    schema = {"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC"), "quality_flags": pl.List(pl.String)}
+    schema |= {"written_at": pl.Datetime("us", "UTC"), **dict.fromkeys([*SCALE_FREE, "macd"], pl.Float64)}
+    return pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row")
+
+
+def assert_same_scale_free(got: pl.DataFrame, expected: pl.DataFrame) -> None:
+    assert got.height == expected.height and got.height > 0
+    assert got["ts"].equals(expected["ts"])
+    for name in SCALE_FREE:
+        x, y = got[name], expected[name]
+        assert x.is_null().to_list() == y.is_null().to_list(), name
+        both = pl.DataFrame({"x": x, "y": y}).drop_nulls()
+        worst = both.select(((pl.col("x") - pl.col("y")).abs() / pl.col("y").abs().clip(1e-300)).max()).item()
+        assert worst is None or worst <= 1e-9, (name, worst)
+
+
+def test_a_split_with_its_action_is_served_as_the_same_series(
+    new_database: Callable[[], str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _, plain, plain_run, _ = run(new_database, tmp_path, "plain", split=None, action=None)
+    _, split, split_run, _ = run(new_database, tmp_path, "split", split=2.0, action=ACTION)
+    assert plain_run.returncode == 0, plain_run.stdout + plain_run.stderr
+    assert split_run.returncode == 0, split_run.stdout + split_run.stderr
+    for timeframe in ("1m", "1d"):
+        got, expected = vectors(split, timeframe), vectors(plain, timeframe)
+        assert_same_scale_free(got, expected)
+        assert got["quality_flags"].to_list() == expected["quality_flags"].to_list()
+        # Price-unit features in post-split units: half the unsplit series' MACD.
+        both = pl.DataFrame({"x": got["macd"], "y": expected["macd"] / 2}).drop_nulls()
+        assert ((both["x"] - both["y"]).abs() <= 1e-9 * 100).all(), timeframe
+    with split.connect() as conn:
+        stored = conn.execute(sa.text("SELECT instrument_id, ex_date, kind, ratio FROM corporate_actions")).all()
+    assert [tuple(r) for r in stored] == [("SPL00", date(2024, 1, 10), "split", 2.0)]
+
+
+def test_a_split_without_its_action_holds_that_instrument_day_and_the_printed_fix_serves_it_adjusted(
+    new_database: Callable[[], str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env, engine, result, landing = run(new_database, tmp_path, "bare", split=2.0, action=None)
+    assert result.returncode == 1, result.stdout + result.stderr
+    # The failure names the instrument, the day, the move seen and how to deliver the action.
+    assert "SPL00 2024-01-10" in result.stderr and "overnight" in result.stderr, result.stderr
+    assert "corporate_actions/" in result.stderr, result.stderr
+    for timeframe in ("1m", "1d"):
+        served = vectors(engine, timeframe, instrument=None)
+        ex_day = served.filter(pl.col("ts") < active_sessions().bounds(EX_DATE)[1])
+        # Nothing of SPL00 on the ex-date is served with a -40% return and no flag; the five others are served.
+        unflagged = ex_day.filter(
+            (pl.col("instrument_id") == "SPL00")
+            & (pl.col("ret_1") < -0.4)
+            & ~pl.col("quality_flags").list.contains("UNEXPLAINED_JUMP")
+        )
+        assert unflagged.is_empty(), timeframe
+        assert set(ex_day["instrument_id"]) >= set(INSTRUMENTS) - {"SPL00"}, timeframe
+
+    # The fix: deliver the action, then the command the failure printed.
+    deliver_action(landing, ACTION)
+    [command] = set(re.findall(r"make recompute FROM=\S+?(?=[.\s]|$)", result.stderr))
+    fixed = pipelines(env, "recompute", "--from", command.split("=")[1])
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    for timeframe in ("1m", "1d"):
+        mine = vectors(engine, timeframe)
+        assert mine.height and mine["ts"].min() < active_sessions().bounds(EX_DATE)[1], timeframe
+        assert not mine["quality_flags"].list.contains("UNEXPLAINED_JUMP").any(), timeframe
+        assert mine.filter(pl.col("ret_1") < -0.4).is_empty(), timeframe
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM quarantine_batches WHERE status = 'held'")).scalar() == 0
+
+
+def test_an_action_delivered_after_the_fact_restates_that_instrument_alone_and_as_of_sees_what_was_served(
+    new_database: Callable[[], str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from marketfs.retrieval import training_frame
+
+    # An 11-for-10 split (prices / 1.1) is within what a day may move: without its action it is served, as a -9%
+    # overnight return.
+    env, engine, result, landing = run(new_database, tmp_path, "late", split=1.1, action=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    before = {tf: vectors(engine, tf, instrument=None) for tf in ("1m", "1d")}
+    served_at = datetime.now(UTC)
+
+    # The action arrives late: known a second after the vectors were served; the next scheduled day's run sees it.
+    known_at = (served_at + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    deliver_action(landing, f"SPL00,{EX_DATE},split,1.1,{known_at}")
+    restated = pipelines(env, "run", "--start", LAST, "--end", LAST, "--no-snapshot")
+    assert restated.returncode == 0, restated.stdout + restated.stderr
+    assert "restating      SPL00 from 2024-01-10" in restated.stdout, restated.stdout
+
+    for timeframe, old in before.items():
+        now = vectors(engine, timeframe, instrument=None)
+        changed = now.join(old, on=["instrument_id", "ts"], suffix="_old").filter(
+            pl.col("written_at") != pl.col("written_at_old")
+        )
+        # Only SPL00's vectors were rewritten, and only from the ex-date.
+        assert set(changed["instrument_id"]) == {"SPL00"}, timeframe
+        first_return = now.filter(pl.col("instrument_id") == "SPL00").row(0, named=True)
+        old_return = old.filter(pl.col("instrument_id") == "SPL00").row(0, named=True)
+        # The ex-date's first return is the old one with the split taken out.
+        assert abs((1 + first_return["ret_1"]) - (1 + old_return["ret_1"]) * 1.1) < 1e-9, timeframe
+
+    entity = pl.DataFrame(
+        # When the ex-date's first vector became known: its return spans the split.
+        {"instrument_id": ["SPL00"], "ts": [active_sessions().bounds(EX_DATE)[0] + timedelta(minutes=1)]}
+    )
+    then = training_frame(entity, ["ret_1"], None, as_of=served_at, dsn=env["MARKETFS_DSN"])
+    later = training_frame(entity, ["ret_1"], None, dsn=env["MARKETFS_DSN"])
+    # A minute vector is known at its bar's close, a minute after its stamp.
+    known = pl.col("ts") + timedelta(minutes=1) <= entity["ts"][0]
+    old_value = before["1m"].filter((pl.col("instrument_id") == "SPL00") & known)[-1]
+    assert then["ret_1"][0] == old_value["ret_1"][0]
+    assert later["ret_1"][0] != then["ret_1"][0]
