@@ -17,7 +17,7 @@ from assets.gates import GATE_CHECK, DayCheck, _check_results
 from assets.partitions import daily_asset, day_dependency, day_window, run_scopes
 from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.features.registry import datasets
-from marketfs.sources.corporate_actions import CHECKS, check_store, good, parse, problems, read_folder
+from marketfs.sources.corporate_actions import CHECKS, check_store, good, nothing_delivered, problems, read_folder
 from marketfs.store.corporate_actions import (
     known_instruments,
     open_restatements,
@@ -48,7 +48,7 @@ def corporate_actions(context: dg.AssetExecutionContext, store: FeatureStore, ma
     from expectations.gate import validate_frame
 
     folder = market_data.corporate_actions_dir()
-    delivered, unreadable = read_folder(folder) if folder is not None else (parse(pl.DataFrame(), "none"), [])
+    delivered, unreadable = read_folder(folder) if folder is not None else (nothing_delivered(), [])
     for error in unreadable:
         context.log.error(f"{error} (the file's actions are not read)")
     scopes = run_scopes(context.partition_keys)

@@ -46,7 +46,7 @@ def read_folder(root: Path) -> tuple[pl.DataFrame, list[SourceFileError]]:
     frames: list[pl.DataFrame] = []
     errors: list[SourceFileError] = []
     if not root.is_dir():
-        return parse(pl.DataFrame(schema={c: pl.String() for c in ACTION_SCHEMA}), "none"), errors
+        return nothing_delivered(), errors
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
         try:
             raw = _read_raw(path)
@@ -64,8 +64,13 @@ def read_folder(root: Path) -> tuple[pl.DataFrame, list[SourceFileError]]:
         first_line = 2 if path.suffix.lower() == ".csv" else 1
         frames.append(parse(raw, str(path), first_line))
     if not frames:
-        return parse(pl.DataFrame(schema={c: pl.String() for c in ACTION_SCHEMA}), "none"), errors
+        return nothing_delivered(), errors
     return pl.concat(frames), errors
+
+
+def nothing_delivered() -> pl.DataFrame:
+    """No row, with every column a delivery has (a synthetic source, an absent folder)."""
+    return parse(pl.DataFrame(schema={c: pl.String() for c in ACTION_SCHEMA}), "none")
 
 
 def parse(raw: pl.DataFrame, source: str, first_line: int = 1) -> pl.DataFrame:
