@@ -209,6 +209,57 @@ def push_events(
     return _steps(engine, _changed_by_events(fresh), now, gate)
 
 
+def push_corporate_actions(
+    frame: object,
+    *,
+    dsn: str | None = None,
+    landing_dir: str | Path | None = None,
+    source: str = "push",
+) -> dict[str, object]:
+    """Store splits and cash dividends (columns instrument_id, ex_date, kind, ratio, known_at; see
+    ``marketfs/sources/corporate_actions.py``), as a landing file of them would be.
+
+    All or nothing: a row that fails a check raises ``PushError`` naming it and its problem, and nothing is
+    stored. Returns the rows stored now (a row stored before is a no-op) and the restatements they opened:
+    an action that arrives after its instrument's vectors across the ex-date were served is applied by
+    ``python -m pipelines restate`` (``run`` does it itself), which recomputes that instrument alone.
+    """
+    from marketfs.features.registry import datasets
+    from marketfs.sources.corporate_actions import check_store, describe, parse, problems
+    from marketfs.store.corporate_actions import known_instruments, open_restatements, write_actions
+
+    if type(frame).__module__.partition(".")[0] == "pandas":
+        frame = pl.from_pandas(frame)  # type: ignore[arg-type]
+    if not isinstance(frame, pl.DataFrame):
+        raise PushError(f"corporate actions must be a polars or pandas DataFrame, not {type(frame).__name__}")
+    missing = [c for c in ("instrument_id", "ex_date", "kind", "ratio", "known_at") if c not in frame.columns]
+    if missing:
+        raise PushError(f"corporate actions lack column(s) {', '.join(missing)}")
+    delivered = parse(frame, source)
+    engine = _engine(dsn)
+    with engine.begin() as conn:
+        ids = delivered["instrument_id"].drop_nulls().unique().to_list()
+        checked = check_store(delivered, known_instruments(conn, ids))
+        bad = problems(checked)
+        if bad.height:
+            rows = "; ".join(describe(r) for r in bad.head(3).iter_rows(named=True))
+            raise PushError(
+                f"{bad.height} corporate action row(s) fail their checks, e.g. {rows}. Nothing was stored: fix or "
+                "drop those rows and push again"
+            )
+        stored = write_actions(conn, checked.select("instrument_id", "ex_date", "kind", "ratio", "known_at"), source)
+        opened = open_restatements(conn, stored, sorted(datasets()))
+    landing = _landing_dir(landing_dir)
+    if landing is not None and stored.height:
+        folder = landing / "corporate_actions" / "pushed"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{os.getpid()}.csv"
+        partial = folder / f".{name}.partial"
+        stored.with_columns(pl.col("known_at").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ")).write_csv(partial)
+        partial.replace(folder / name)
+    return {"stored": stored, "restatements": opened}
+
+
 def step_delivered(
     bars: pl.DataFrame,
     events: pl.DataFrame,
@@ -229,4 +280,4 @@ def step_delivered(
     return _steps(engine, changed, now, gate, every_shard=True, run_id=run_id, only=only)
 
 
-__all__ = ["IntradayBreach", "PushError", "push_bars", "push_events", "step_delivered"]
+__all__ = ["IntradayBreach", "PushError", "push_bars", "push_corporate_actions", "push_events", "step_delivered"]

@@ -99,6 +99,9 @@ def create_snapshot(
             for f in fs.for_timeframe(timeframe)
         },
         "upstream_partitions": _upstream_partitions(rows),
+        # The corporate actions the vectors were computed with: the series a model was trained on.
+        "returns": fs.returns,
+        "corporate_actions": _actions_of(conn, sorted(rows["instrument_id"].unique().to_list())),
         "run_id": run_id,
         "created_at": datetime.now(UTC).isoformat(),
         **(extra_manifest or {}),
@@ -125,6 +128,17 @@ def create_snapshot(
     copy_frame_in(conn, "feature_snapshot_rows", rows.with_columns(pl.lit(snapshot_id).alias("snapshot_id")))
     _log(conn, snapshot_id, "create", None, None, manifest)
     return Snapshot(snapshot_id, digest, rows.height, manifest)
+
+
+def _actions_of(conn: sa.Connection, instruments: list[str]) -> list[dict[str, Any]]:
+    from marketfs.corporate_actions import in_effect
+    from marketfs.store.corporate_actions import read_actions
+
+    actions = in_effect(read_actions(conn, instruments), datetime.now(UTC))
+    return [
+        {**row, "ex_date": row["ex_date"].isoformat(), "known_at": row["known_at"].isoformat()}
+        for row in actions.iter_rows(named=True)
+    ]
 
 
 def _live_rows(conn, fs: FeatureSet, timeframe, start, end, instruments) -> pl.DataFrame:

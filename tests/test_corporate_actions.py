@@ -34,14 +34,15 @@ INSTRUMENTS = ("SPL00", "AAA", "BBB", "CCC", "DDD", "EEE")
 FIRST, LAST = "2024-01-03", "2024-01-12"
 EX_DATE = "2024-01-10"
 ACTION = "SPL00,2024-01-10,split,2,2024-01-09T22:00:00Z"
+SHORT = "2024-01-08"  # where a test needs days before the ex-date, not the whole range
 SCALE_FREE = ["ret_1", "ret_5", "vol_20", "rsi_14", "bb_pct_b", "volume_z_20"]
 
 
-def land(folder: Path, *, split: float | None, action: str | None) -> None:
+def land(folder: Path, *, split: float | None, action: str | None, first: str = FIRST) -> None:
     """The ten days' bar and event files; ``split``: SPL00's prices divided by it (volume multiplied) from the
     ex-date; ``action``: the line of actions.csv."""
     sessions = active_sessions()
-    start = sessions.trading_day_window(date.fromisoformat(FIRST))[0]
+    start = sessions.trading_day_window(date.fromisoformat(first))[0]
     end = sessions.trading_day_window(date.fromisoformat(LAST))[1]
     bars = SyntheticBars(instruments=INSTRUMENTS, seed=3).bars(start, end)
     if split:
@@ -71,9 +72,17 @@ def deliver_action(folder: Path, action: str | None) -> None:
         path.write_text("instrument_id,ex_date,kind,ratio,known_at\n" + action + "\n")
 
 
-def run(new_database: Callable[[], str], tmp_path: Path, name: str, *, split: float | None, action: str | None):  # noqa: F811
+def run(
+    new_database: Callable[[], str],  # noqa: F811
+    tmp_path: Path,
+    name: str,
+    *,
+    split: float | None,
+    action: str | None,
+    first: str = FIRST,
+):
     landing = tmp_path / name
-    land(landing, split=split, action=action)
+    land(landing, split=split, action=action, first=first)
     (tmp_path / f"{name}-home").mkdir()
     env = dagster_process_env(
         new_database(),
@@ -82,7 +91,7 @@ def run(new_database: Callable[[], str], tmp_path: Path, name: str, *, split: fl
         MARKETFS_SOURCE="landing",
         MARKETFS_LANDING_DIR=str(landing),
     )
-    result = pipelines(env, "run", "--start", FIRST, "--end", LAST, "--no-snapshot")
+    result = pipelines(env, "run", "--start", first, "--end", LAST, "--no-snapshot")
     return env, engine_for(env["MARKETFS_DSN"]), result, landing
 
 
@@ -137,7 +146,7 @@ def test_a_split_without_its_action_holds_that_instrument_day_and_the_printed_fi
     new_database: Callable[[], str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    env, engine, result, landing = run(new_database, tmp_path, "bare", split=2.0, action=None)
+    env, engine, result, landing = run(new_database, tmp_path, "bare", split=2.0, action=None, first=SHORT)
     assert result.returncode == 1, result.stdout + result.stderr
     # The failure names the instrument, the day, the move seen and how to deliver the action.
     assert "SPL00 2024-01-10" in result.stderr and "overnight" in result.stderr, result.stderr
@@ -176,7 +185,7 @@ def test_an_action_delivered_after_the_fact_restates_that_instrument_alone_and_a
 
     # An 11-for-10 split (prices / 1.1) is within what a day may move: without its action it is served, as a -9%
     # overnight return.
-    env, engine, result, landing = run(new_database, tmp_path, "late", split=1.1, action=None)
+    env, engine, result, landing = run(new_database, tmp_path, "late", split=1.1, action=None, first=SHORT)
     assert result.returncode == 0, result.stdout + result.stderr
     before = {tf: vectors(engine, tf, instrument=None) for tf in ("1m", "1d")}
     served_at = datetime.now(UTC)
@@ -211,3 +220,63 @@ def test_an_action_delivered_after_the_fact_restates_that_instrument_alone_and_a
     old_value = before["1m"].filter((pl.col("instrument_id") == "SPL00") & known)[-1]
     assert then["ret_1"][0] == old_value["ret_1"][0]
     assert later["ret_1"][0] != then["ret_1"][0]
+
+
+def test_a_bad_action_row_holds_its_instrument_names_its_line_and_a_corrected_file_serves_it(
+    new_database: Callable[[], str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    bad = "AAA,2024-01-10,split,-2,2024-01-09T22:00:00Z"
+    env, engine, result, landing = run(new_database, tmp_path, "badrow", split=None, action=bad, first="2024-01-09")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "actions.csv, line 2" in result.stderr + result.stdout and "ratio" in result.stderr, result.stderr
+    served = vectors(engine, "1m", instrument=None)
+    assert "AAA" not in set(served["instrument_id"]) and set(served["instrument_id"]) == set(INSTRUMENTS) - {"AAA"}
+    with engine.connect() as conn:
+        [(asset, instruments, status)] = conn.execute(
+            sa.text("SELECT asset, instruments, status FROM quarantine_batches")
+        ).all()
+        [(ratio, problem)] = conn.execute(sa.text("SELECT ratio, problem FROM quarantine_corporate_actions")).all()
+    assert (asset, instruments, status, ratio) == ("corporate_actions", ["AAA"], "held", "-2.0")
+    assert "ratio" in problem
+
+    # The vendor corrects the row (it was a dividend); the command the failure printed serves AAA.
+    deliver_action(landing, "AAA,2024-01-10,cash_dividend,0.2,2024-01-09T22:00:00Z")
+    [command] = set(re.findall(r"make recompute FROM=\S+?(?=[.\s]|$)", result.stderr))
+    fixed = pipelines(env, "recompute", "--from", command.split("=")[1])
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "AAA" in set(vectors(engine, "1m", instrument=None)["instrument_id"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM quarantine_batches")).scalars().all() == ["resolved"]
+        assert conn.execute(sa.text("SELECT kind, ratio FROM corporate_actions")).all() == [("cash_dividend", 0.2)]
+
+
+def test_pushed_actions_are_all_or_nothing_and_a_redelivery_is_a_no_op(dsn: str, engine: sa.Engine) -> None:
+    from marketfs.ingest import PushError, push_corporate_actions
+    from marketfs.store.bars import replace_bars
+
+    day = datetime(2024, 1, 9, tzinfo=UTC)
+    with engine.begin() as conn:
+        replace_bars(
+            conn, SyntheticBars(instruments=("SPL00",)).bars(day, day + timedelta(days=1)), day, day + timedelta(1)
+        )
+    actions = pl.DataFrame(
+        {
+            "instrument_id": ["SPL00", "NOPE"],
+            "ex_date": [date(2024, 1, 10), date(2024, 1, 13)],
+            "kind": ["split", "split"],
+            "ratio": [2.0, 3.0],
+            "known_at": [datetime(2024, 1, 9, 22, tzinfo=UTC)] * 2,
+        }
+    )
+    try:
+        push_corporate_actions(actions, dsn=dsn)
+        raise AssertionError("a bad row was accepted")
+    except PushError as exc:
+        # The unknown instrument and the Saturday ex-date are named; nothing was stored.
+        assert "NOPE" in str(exc) and "session" in str(exc) and "bars in the store" in str(exc), exc
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM corporate_actions")).scalar() == 0
+    first = push_corporate_actions(actions.head(1), dsn=dsn)
+    again = push_corporate_actions(actions.head(1), dsn=dsn)
+    assert first["stored"].height == 1 and again["stored"].height == 0 and first["restatements"] == []
