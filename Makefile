@@ -10,7 +10,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 LOCK := requirements.lock
 
-.PHONY: run recompute test ui dsn stop lint install lock clean-db bench docs
+.PHONY: run recompute restate test ui dsn stop lint install lock clean-db bench docs
 
 # The locked set (tools/lockfile.py), hash-checked, then this project editable on top; one line per phase,
 # pip's own output (warnings about this machine's pip configuration, the build backend's notes) in a log
@@ -39,6 +39,9 @@ lock:  ## re-resolve requirements.lock from pyproject.toml (keeps held versions;
 
 run: $(STAMP)  ## materialise the sample pipeline end to end on the embedded database
 	$(BIN)/python -m pipelines run $(ARGS)
+
+restate: $(STAMP)  ## recompute the instruments late corporate actions changed, from their ex-dates (run does it too)
+	$(BIN)/python -m pipelines restate
 
 recompute: $(STAMP)  ## re-materialise from a changed day on, in order: make recompute FROM=2024-01-05 [TO=2024-01-12]
 	@test -n "$(FROM)" || { echo "usage: make recompute FROM=YYYY-MM-DD [TO=YYYY-MM-DD]"; exit 2; }

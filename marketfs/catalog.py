@@ -27,17 +27,31 @@ def _bounds(low: float | None, high: float | None) -> str:
     return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
 
 
+def _units(f) -> str:  # noqa: ANN001 - a registry Feature
+    if f.is_event:
+        return "events"
+    return "price (its bar's)" if f.price_units else "scale-free"
+
+
+RETURNS = {
+    "price": "price return: cash dividends adjust nothing (the ex-date's drop is in the returns); splits always adjust",
+    "total": "total return: each cash dividend scales the earlier prices by close / (close - amount), as a split "
+    "does; splits always adjust",
+}
+
+
 def catalog_table(fs: FeatureSet, timeframe: str) -> str:
     """The markdown table of one feature set and timeframe (also shown on the asset in the Dagster UI)."""
     lines = [
-        "| name | family | formula | lookback | gate bounds | drift | owner | description |",
-        "|---|---|---|---|---|---|---|---|",
+        "| name | family | formula | lookback | units | gate bounds | drift | owner | description |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fs.for_timeframe(timeframe):
         lookback = f"{f.lookback} bars" if f.lookback else f"events in [known_at - {f.p['window']}, known_at)"
         low, high, _ = f.gate_bounds(timeframe)
         lines.append(
-            f"| `{f.name}` | {f.family}({_params(f.p)}) | {f.formula} | {lookback} | {_bounds(low, high)} | "
+            f"| `{f.name}` | {f.family}({_params(f.p)}) | {f.formula} | {lookback} | {_units(f)} | "
+            f"{_bounds(low, high)} | "
             f"{'yes' if f.drift else ''} | {fs.owner_of(f)} | {f.description} |"
         )
     return "\n".join(lines)
@@ -61,11 +75,21 @@ def render_catalog() -> str:
         "and the vector flagged INSUFFICIENT_OHLCV, until it is met. Each run reads warm-up bars per instrument "
         "(the longest lookback, plus slack) and continues the recursions (RSI, MACD, ATR, EMA) from the state "
         "stored at the previous day's last bar, so values are identical however partitions are run. "
+        "Corporate actions (docs/corporate_actions.md): each instrument's bars are put on one scale by the splits "
+        "(and, for a total-return set, the cash dividends) known when the vector is computed, so a scale-free "
+        "feature is the same across a split; a feature in price units is in the units of its own bar. "
         "Gate bounds are those of the generated quality suite `expectations/suites/<dataset>.json`.",
         "",
     ]
     for version, fs in FEATURE_SETS.items():
-        lines += [f"## {version}", "", fs.description, "", f"Owner: {fs.owner}.", ""]
+        lines += [
+            f"## {version}",
+            "",
+            fs.description,
+            "",
+            f"Owner: {fs.owner}. Returns (`returns = \"{fs.returns}\"`): {RETURNS[fs.returns]}.",
+            "",
+        ]
         for timeframe in fs.timeframes:
             windows = ", ".join(fs.event_windows(timeframe)) or "none"
             lines += [
@@ -81,7 +105,8 @@ def render_catalog() -> str:
         "Every vector carries `quality_flags text[]`; query with e.g. "
         "`WHERE quality_flags @> ARRAY['NO_EVENTS']` or `WHERE cardinality(quality_flags) = 0`.",
         f"Thresholds (`marketfs/config/quality_flags.toml`): low_event_count = {config.low_event_count}, "
-        f"low_sentiment_confidence = {config.low_sentiment_confidence}, stale_after = "
+        f"low_sentiment_confidence = {config.low_sentiment_confidence}, "
+        f"unexplained_jump = {config.unexplained_jump}, stale_after = "
         f"{ {tf: str(config.stale_after_for(tf)) for tf in TIMEFRAMES} }.",
         "",
         "| flag | meaning |",
