@@ -140,6 +140,23 @@ def test_a_split_with_its_action_is_served_as_the_same_series(
     with split.connect() as conn:
         stored = conn.execute(sa.text("SELECT instrument_id, ex_date, kind, ratio FROM corporate_actions")).all()
     assert [tuple(r) for r in stored] == [("SPL00", date(2024, 1, 10), "split", 2.0)]
+    # A snapshot records the actions its vectors were computed with.
+    from marketfs.snapshots import create_snapshot
+
+    sessions = active_sessions()
+    window = sessions.trading_day_window(date.fromisoformat(FIRST))[0], sessions.trading_day_window(LAST)[1]
+    with split.begin() as conn:
+        snapshot = create_snapshot(conn, feature_set_version="fs_v1", timeframe="1m", start=window[0], end=window[1])
+    assert snapshot.manifest["returns"] == "price"
+    assert snapshot.manifest["corporate_actions"] == [
+        {
+            "instrument_id": "SPL00",
+            "ex_date": "2024-01-10",
+            "kind": "split",
+            "ratio": 2.0,
+            "known_at": "2024-01-09T22:00:00+00:00",
+        }
+    ]
 
 
 def test_a_split_without_its_action_holds_that_instrument_day_and_the_printed_fix_serves_it_adjusted(
@@ -280,3 +297,60 @@ def test_pushed_actions_are_all_or_nothing_and_a_redelivery_is_a_no_op(dsn: str,
     first = push_corporate_actions(actions.head(1), dsn=dsn)
     again = push_corporate_actions(actions.head(1), dsn=dsn)
     assert first["stored"].height == 1 and again["stored"].height == 0 and first["restatements"] == []
+
+
+def test_a_reverse_split_and_a_total_return_dividend_read_from_the_store_are_the_series_without_them(
+    engine: sa.Engine,
+) -> None:
+    """From the stored bars and actions, as every run computes: SPL00 reverse-split 1-for-10 (prices x10, volume
+    / 10) and AAA paying a 3% dividend, each equal to its series without the action (a total-return set for AAA)."""
+    from marketfs.corporate_actions import ACTION_SCHEMA
+    from marketfs.features.compute import compute_feature_vectors
+    from marketfs.features.registry import FeatureSet, feature_set
+    from marketfs.store.bars import replace_bars
+    from marketfs.store.corporate_actions import write_actions
+    from marketfs.store.feature_vectors import compute_stored
+
+    sessions = active_sessions()
+    start = sessions.trading_day_window(date(2024, 1, 8))[0]
+    end = sessions.trading_day_window(date(2024, 1, 12))[1]
+    ex_ts = sessions.trading_day_window(EX_DATE)[0]
+    plain = SyntheticBars(instruments=("SPL00", "AAA"), seed=9).bars(start, end)
+    after = pl.col("ts") >= ex_ts
+    last_close = plain.filter((pl.col("instrument_id") == "AAA") & ~after)["close"][-1]
+    amount = round(last_close * 0.03, 4)
+    drop = (last_close - amount) / last_close
+    spl, aaa = (pl.col("instrument_id") == "SPL00") & after, (pl.col("instrument_id") == "AAA") & after
+    delivered = plain.with_columns(
+        *[
+            pl.when(spl).then(pl.col(c) * 10).when(aaa).then(pl.col(c) * drop).otherwise(pl.col(c)).alias(c)
+            for c in ("open", "high", "low", "close")
+        ],
+        pl.when(spl).then(pl.col("volume") / 10).otherwise(pl.col("volume")).alias("volume"),
+    )
+    known = datetime(2024, 1, 5, tzinfo=UTC)
+    actions = pl.DataFrame(
+        [("SPL00", date(2024, 1, 10), "split", 0.1, known), ("AAA", date(2024, 1, 10), "cash_dividend", amount, known)],
+        schema=ACTION_SCHEMA,
+        orient="row",
+    )
+    with engine.begin() as conn:
+        replace_bars(conn, delivered, start, end)
+        assert write_actions(conn, actions, "test").height == 2
+    fs = feature_set("fs_v1")
+    total = FeatureSet(version="fs_tr", timeframes=("1m",), features=fs.for_timeframe("1m")[:12], returns="total")
+    for chosen, instrument in ((fs, "SPL00"), (total, "AAA")):
+        with engine.connect() as conn:
+            stored = compute_stored(conn, chosen, "1m", start, end).vectors
+        expected = compute_feature_vectors(plain, "1m", feature_set=chosen).vectors
+        got = stored.filter((pl.col("instrument_id") == instrument) & after).sort("ts")
+        want = expected.filter((pl.col("instrument_id") == instrument) & after).sort("ts")
+        columns = [c for c in SCALE_FREE if c in got.columns]
+        assert got.height == want.height > 0 and got["ts"].equals(want["ts"])
+        for name in columns:
+            both = pl.DataFrame({"x": got[name], "y": want[name]})
+            assert both["x"].is_null().to_list() == both["y"].is_null().to_list(), (instrument, name)
+            both = both.drop_nulls()
+            worst = both.select(((pl.col("x") - pl.col("y")).abs() / pl.col("y").abs().clip(1e-300)).max()).item()
+            assert worst is None or worst <= 1e-9, (instrument, name, worst)
+        assert not got["quality_flags"].list.contains("UNEXPLAINED_JUMP").any()
