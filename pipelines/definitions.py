@@ -17,7 +17,7 @@ from marketfs.shards import shards
 from pipelines.environment import default_environment
 from pipelines.intraday import intraday_job, intraday_sensor
 from pipelines.run_health import dead_runs
-from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor, chain_tags
+from pipelines.sensors import STATE_CHAIN_TAGS, build_landing_sensor, build_restatement_sensor, chain_tags
 
 # Late prints and the vendor's end-of-session files arrive minutes after the close.
 CLOSE_SETTLE = timedelta(minutes=15)
@@ -72,6 +72,7 @@ def daily_features_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.Ru
 
 
 landing_files_sensor = build_landing_sensor(daily_features_job)
+restatement_sensor = build_restatement_sensor(daily_features_job)
 
 # However the code location is loaded (make ui, dagster dev, a code server in a container), a variable
 # left unset takes its documented default; runs and sensors read the values through dg.EnvVar.
@@ -81,6 +82,6 @@ defs = dg.Definitions(
     assets=[*ALL_ASSETS, feature_snapshots],
     jobs=[daily_features_job, snapshot_job, intraday_job],
     schedules=[daily_features_schedule],
-    sensors=[landing_files_sensor, dead_runs, intraday_sensor],
+    sensors=[landing_files_sensor, restatement_sensor, dead_runs, intraday_sensor],
     resources={"store": FeatureStore(), "market_data": market_data_from_env()},
 )

@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from assets.partitions import PARTITIONS, RUN_DAYS, partition_key, split_key
-from assets.resources import MarketData
+from assets.resources import FeatureStore, MarketData
 from marketfs.features.registry import DEFAULT_FEATURE_SET, dataset_name
 from marketfs.shards import ALL, Shard, shards
 from marketfs.sources.landing import BAR_STAMPS, BARS, BARS_1D, EVENTS
@@ -180,6 +181,52 @@ def build_landing_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefin
         return requests
 
     return landing_files_sensor
+
+
+def build_restatement_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+    """Late corporate actions restated under the daemon, as ``python -m pipelines restate`` does by hand."""
+
+    @dg.sensor(
+        name="corporate_action_restatements",
+        job=job,
+        minimum_interval_seconds=60,
+        # On by default: it acts only when the store says an instrument waits (left out of every run until then).
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="A corporate action stored after vectors across its ex-date were served opens a restatement; "
+        "this launches ONE run per shard of the feature assets concerned, from the earliest ex-date through the "
+        "newest materialised day, for those instruments alone (tag marketfs/restate), queued on the state chain.",
+    )
+    def corporate_action_restatements(context: dg.SensorEvaluationContext, store: FeatureStore):
+        from assets.features import RESTATE_TAG
+        from assets.partitions import DAILY, SHARD_COUNT
+        from marketfs.store.corporate_actions import pending_restatements
+
+        with store.engine().connect() as conn:
+            pending = pending_restatements(conn)
+        if pending.is_empty():
+            return dg.SkipReason("no corporate action waits for a restatement")
+        digest = hashlib.sha256(pending.write_csv().encode()).hexdigest()[:16]
+        requests = []
+        for shard in shards(SHARD_COUNT):
+            mine = pending.filter(pl.col("instrument_id").map_elements(shard.holds, return_dtype=pl.Boolean))
+            if mine.is_empty():
+                continue
+            newest = newest_materialized_day(context.instance, shard=shard) if _has_instance(context) else None
+            keys = chain_range(DAILY, [mine["from_date"].min().isoformat()], newest)
+            if not keys:
+                continue
+            instruments = ",".join(sorted(set(mine["instrument_id"])))
+            assets = [dg.AssetKey(d) for d in sorted(set(mine["dataset"]))]
+            tags = {**chain_tags(shard), RESTATE_TAG: instruments}
+            run_key = f"restate:{keys[0]}..{keys[-1]}:{shard.index}:{digest}"
+            if len(keys) <= RUN_DAYS:
+                ranged = {RANGE_START_TAG: partition_key(keys[0], shard), RANGE_END_TAG: partition_key(keys[-1], shard)}
+                requests.append(dg.RunRequest(run_key=run_key, asset_selection=assets, tags={**tags, **ranged}))
+            else:
+                requests.append(chain_request(keys, assets, tags=tags, run_key=run_key, shard=shard))
+        return requests or dg.SkipReason("the restatements touch no complete daily partition")
+
+    return corporate_action_restatements
 
 
 def _has_instance(context: dg.SensorEvaluationContext) -> bool:

@@ -354,3 +354,35 @@ def test_a_reverse_split_and_a_total_return_dividend_read_from_the_store_are_the
             worst = both.select(((pl.col("x") - pl.col("y")).abs() / pl.col("y").abs().clip(1e-300)).max()).item()
             assert worst is None or worst <= 1e-9, (instrument, name, worst)
         assert not got["quality_flags"].list.contains("UNEXPLAINED_JUMP").any()
+
+
+def test_the_restatement_sensor_launches_one_run_of_the_datasets_for_those_instruments(
+    dsn: str, engine: sa.Engine
+) -> None:
+    import dagster as dg
+
+    from assets.features import RESTATE_TAG
+    from assets.resources import FeatureStore
+    from pipelines.definitions import defs, restatement_sensor
+    from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG
+
+    def evaluate() -> list[dg.RunRequest] | dg.SkipReason:
+        with dg.build_sensor_context(definitions=defs, resources={"store": FeatureStore(dsn=dsn)}) as context:
+            return restatement_sensor(context)
+
+    assert isinstance(evaluate(), dg.SkipReason)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO corporate_action_restatements (instrument_id, dataset, from_date, reason) VALUES "
+                "('SPL00', 'feature_vectors_fs_v1_1m', '2024-01-10', 'late'), "
+                "('SPL00', 'feature_vectors_fs_v1_1d', '2024-01-10', 'late')"
+            )
+        )
+    [request] = evaluate()
+    assert request.tags[RESTATE_TAG] == "SPL00"
+    assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("2024-01-10", "2024-01-10")
+    assert sorted(k.to_user_string() for k in request.asset_selection) == [
+        "feature_vectors_fs_v1_1d",
+        "feature_vectors_fs_v1_1m",
+    ]
