@@ -566,7 +566,11 @@ def _recomputed_after(asset) -> tuple[set, bool]:
 
     graph = defs.resolve_asset_graph()
     daily = {a.key for a in ALL_ASSETS}
-    descendants = (dg.AssetSelection.assets(asset).downstream().resolve(graph) - {asset}) & daily
+    # corporate_actions runs after the day's bars only to check its instruments against them: nothing of it
+    # derives from the bars, so a released or discarded day of bars does not re-read the actions.
+    descendants = (
+        dg.AssetSelection.assets(asset).downstream().resolve(graph) - {asset, dg.AssetKey("corporate_actions")}
+    ) & daily
     return descendants, asset in graph.get(asset).parent_keys
 
 
