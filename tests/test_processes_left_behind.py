@@ -15,8 +15,12 @@ def test_an_orphaned_grandchild_is_found_and_a_process_group_is_stopped_whole() 
     # A parent that starts a grandchild and exits at once: the grandchild is reparented away from
     # pytest, as a `dagster api grpc` is when its daemon dies; the environment marker still finds it.
     subprocess.run(["sh", "-c", "sleep 120 >/dev/null 2>&1 &"], check=True)
-    left = leftover_processes(marker, grace=0)
-    orphans = [p for p in left if p.cmdline == "sleep 120"]
+    # The background child may not have exec'd `sleep` yet when its parent returns (a loaded machine): wait.
+    deadline = time.monotonic() + 10
+    orphans = []
+    while not orphans and time.monotonic() < deadline:
+        orphans = [p for p in leftover_processes(marker, grace=0) if p.cmdline == "sleep 120"]
+        time.sleep(0.05)
     stop_processes(orphans)
     assert orphans and all(p.ppid != os.getpid() for p in orphans)
 
