@@ -69,11 +69,18 @@ class Holds:
 
     def describe(self, limit: int = 10) -> str:
         items = sorted(self.held.values(), key=lambda h: (h.since, h.instrument_id))
-        text = ", ".join(f"{h.instrument_id} since {h.day} ({h.asset} batch {h.batch_id})" for h in items[:limit])
+        text = ", ".join(f"{h.instrument_id} since {h.day} ({_why(h)})" for h in items[:limit])
         return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 NO_HOLDS = Holds()
+
+
+def _why(h: HeldInstrument) -> str:
+    # Batch 0: no quarantine batch, a late corporate action waiting for its restatement (store/corporate_actions.py).
+    if h.batch_id == 0:
+        return "a late corporate action, waiting for its restatement: python -m pipelines restate"
+    return f"{h.asset} batch {h.batch_id}"
 
 
 def drop_from(frame: pl.DataFrame, since: dict[str, datetime], ts_column: str = "ts") -> pl.DataFrame:
