@@ -36,12 +36,23 @@ def _datasets() -> list[tuple]:
     return [(fs, tf) for fs in FEATURE_SETS.values() for tf in intraday_timeframes(fs)]
 
 
-def _store_history(engine: sa.Engine, through_today: datetime | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _store_history(
+    engine: sa.Engine, through_today: datetime | None, split_today: str | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Yesterday's bars and events and its features (as a daily run writes them); today's bars and events
-    up to ``through_today`` (None: none of today)."""
+    up to ``through_today`` (None: none of today). ``split_today``: that instrument split 2-for-1 today."""
     start, _ = _window(YESTERDAY)
     _, end = _window(TODAY)
     bars = SyntheticBars(instruments=INSTRUMENTS).bars(start, end)
+    if split_today is not None:
+        today = (pl.col("instrument_id") == split_today) & (pl.col("ts") >= _window(TODAY)[0])
+        bars = bars.with_columns(
+            *[
+                pl.when(today).then(pl.col(c) / 2).otherwise(pl.col(c)).alias(c)
+                for c in ("open", "high", "low", "close")
+            ],
+            pl.when(today).then(pl.col("volume") * 2).otherwise(pl.col("volume")).alias("volume"),
+        )
     events = SyntheticEvents(instruments=INSTRUMENTS).events(start, end)
     y_start, y_end = _window(YESTERDAY)
     with engine.begin() as conn:
@@ -105,6 +116,33 @@ def test_a_day_built_in_steps_equals_the_day_computed_once(dsn: str) -> None:
             state = read_state_before(conn, feature_set=fs, timeframe=tf, start=_window(TODAY)[1])
         last = once.state.sort("ts").group_by("instrument_id").last().sort("instrument_id")
         assert_frame_equal(state.sort("instrument_id"), last.select(state.columns), check_exact=True)
+
+
+def test_steps_across_an_ex_date_equal_the_day_computed_once(dsn: str) -> None:
+    """A split today with its action known: the steps continue yesterday's state on the one scale, as the
+    end-of-day computation does, bit for bit, and no jump is flagged."""
+    from marketfs.corporate_actions import ACTION_SCHEMA
+    from marketfs.store.corporate_actions import write_actions
+
+    engine = engine_for(dsn)
+    _store_history(engine, through_today=_window(TODAY)[1], split_today="SYN001")
+    action = pl.DataFrame(
+        [("SYN001", datetime(2024, 1, 3).date(), "split", 2.0, datetime(2024, 1, 2, 22, tzinfo=UTC))],
+        schema=ACTION_SCHEMA,
+        orient="row",
+    )
+    with engine.begin() as conn:
+        write_actions(conn, action, "test")
+    for minute in (3, 38, 390):
+        for fs, tf in _datasets():
+            outcome = step(engine, fs, tf, now=OPEN + timedelta(minutes=minute, seconds=20))
+            assert outcome.status in ("served", "nothing to do"), outcome.describe()
+    for fs, tf in _datasets():
+        served = _served(engine, fs, tf)
+        assert_frame_equal(served, _complete(engine, fs, tf).vectors, check_exact=True)
+        assert not served["quality_flags"].list.contains("UNEXPLAINED_JUMP").any()
+        first = served.filter(pl.col("instrument_id") == "SYN001").row(0, named=True)
+        assert abs(first["ret_1"]) < 0.1, (fs.version, tf, first["ret_1"])
 
 
 def test_only_closed_minutes_are_computed_and_a_step_continues_where_the_last_ended(dsn: str) -> None:
