@@ -111,6 +111,10 @@ def stored_content_version(conn: sa.Connection, asset: str, start: datetime, end
         frame = read_bars(conn, start, end, timeframe="1d", shard=shard)
     elif asset == "raw_events":
         frame = read_events(conn, start, end, shard=shard)
+    elif asset == "corporate_actions":
+        from marketfs.store.corporate_actions import read_actions
+
+        frame = read_actions(conn)  # the asset's content: every stored version, whatever day it was run for
     elif asset in datasets():
         feature_set, timeframe = datasets()[asset]
         frame = read_vectors(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end, shard=shard)

@@ -386,3 +386,37 @@ def test_the_restatement_sensor_launches_one_run_of_the_datasets_for_those_instr
         "feature_vectors_fs_v1_1d",
         "feature_vectors_fs_v1_1m",
     ]
+
+
+def test_a_released_or_discarded_action_batch_ends_the_hold_without_applying_the_row(engine: sa.Engine) -> None:
+    from marketfs.sources.corporate_actions import check_store, parse, problems
+    from marketfs.store import quality
+    from marketfs.store.corporate_actions import quarantine_actions
+    from marketfs.store.holds import read_holds
+
+    raw = pl.DataFrame(
+        {
+            "instrument_id": ["AAA", "BBB"],
+            "ex_date": ["2024-01-10", "2024-01-10"],
+            "kind": ["split", "split"],
+            "ratio": ["0", "-1"],
+            "known_at": ["2024-01-09T22:00:00Z"] * 2,
+        }
+    )
+    bad = problems(check_store(parse(raw, "actions.csv", 2), {"AAA", "BBB"}))
+    window = active_sessions().trading_day_window("2024-01-11")
+    with engine.begin() as conn:
+        lines = quarantine_actions(conn, bad, run_id="r1", verdict=None, fallback=("2024-01-11", *window))
+        # The same rows delivered again are not set aside twice.
+        assert quarantine_actions(conn, bad, run_id="r2", verdict=None, fallback=("2024-01-11", *window)) == []
+    assert len(lines) == 2 and "actions.csv, line 2" in lines[0] and "marketfs quarantine discard" in lines[0]
+    end = datetime(2024, 1, 13, tzinfo=UTC)
+    with engine.begin() as conn:
+        held = read_holds(conn, ("corporate_actions",), end)
+        assert set(held.held) == {"AAA", "BBB"} and held.held["AAA"].day == "2024-01-10"
+        batches = {r.instruments[0]: r.batch_id for r in conn.execute(sa.text("SELECT * FROM quarantine_batches"))}
+        released = quality.release(conn, batches["AAA"], actor="alice", note="no split after all")
+        discarded = quality.discard(conn, batches["BBB"], actor="alice", note="vendor error")
+        assert released["rows_written"] == 0 and discarded["gaps"] == []
+        assert not read_holds(conn, ("corporate_actions",), end)
+        assert conn.execute(sa.text("SELECT count(*) FROM corporate_actions")).scalar() == 0
