@@ -10,8 +10,8 @@ series without the action, and recursion state carried from day to day is in tho
 alone, a whole range and an intraday step continue the same numbers bit for bit. Features in price units
 (MACD, ATR, Bollinger bands) are divided by the vector's own ``F`` on the way out: post-action units.
 
-An action applies to a computation once it is known (``known_at`` at or before the instant the computation
-reads the store); a correction is a row of the same (instrument, ex-date, kind) known later, and replaces it.
+An action applies to every computation once it is stored; a correction is a row of the same (instrument, ex-date,
+kind) known later (``known_at``), and replaces it.
 Cash dividends adjust only feature sets declared total-return (``FeatureSet.returns``): the factor
 ``close / (close - amount)`` of the last close before the ex-date, applied to prices like a split.
 

@@ -134,7 +134,7 @@ def _actions_of(conn: sa.Connection, instruments: list[str]) -> list[dict[str, A
     from marketfs.corporate_actions import in_effect
     from marketfs.store.corporate_actions import read_actions
 
-    actions = in_effect(read_actions(conn, instruments), datetime.now(UTC))
+    actions = in_effect(read_actions(conn, instruments))
     return [
         {**row, "ex_date": row["ex_date"].isoformat(), "known_at": row["known_at"].isoformat()}
         for row in actions.iter_rows(named=True)

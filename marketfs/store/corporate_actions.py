@@ -12,7 +12,7 @@ and until then no run extends them from a state on the old scale (``pending_hold
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 
 import polars as pl
 import sqlalchemy as sa
@@ -81,13 +81,17 @@ def _dividend_closes(conn: sa.Connection, bar_table: str, dividends: pl.DataFram
 
 
 def adjustments_for(conn: sa.Connection, *, total_return: bool, bar_table: str, at: datetime | None = None):
-    """The factors (``FACTOR_SCHEMA``) of every action in effect at ``at`` (now when None)."""
+    """The factors (``FACTOR_SCHEMA``) of every stored action in effect (at ``at``; None: every one stored).
+
+    Computations apply what is stored, whatever its ``known_at``: a vendor's clock ahead of ours must not leave
+    vectors computed before that instant on one scale and those after it on another (their state would not
+    continue); ``known_at`` orders corrections, and the vectors' history is what ``as_of`` reads."""
     from marketfs.universe import active_sessions
 
     stored = read_actions(conn)
     if stored.is_empty():
         return pl.DataFrame(schema=FACTOR_SCHEMA)
-    actions = in_effect(stored, at or datetime.now(UTC))
+    actions = in_effect(stored, at)
     sessions = active_sessions()
     closes = None
     if total_return:
