@@ -87,7 +87,7 @@ def render_catalog() -> str:
             "",
             fs.description,
             "",
-            f"Owner: {fs.owner}. Returns (`returns = \"{fs.returns}\"`): {RETURNS[fs.returns]}.",
+            f'Owner: {fs.owner}. Returns (`returns = "{fs.returns}"`): {RETURNS[fs.returns]}.',
             "",
         ]
         for timeframe in fs.timeframes:
