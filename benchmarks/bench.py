@@ -350,7 +350,7 @@ def main() -> int:
     ]
     if "backfill" in r:
         lines += [
-            f"| 4a. backfill of the range end to end (`python -m pipelines run`, all five assets, gates) | "
+            f"| 4a. backfill of the range end to end (`python -m pipelines run`, every asset, gates) | "
             f"{r['backfill']['seconds']:.1f} s | {rate(r['backfill']):,.0f} | {r['backfill']['peak_mb']:.0f} MB |",
             f"| 4b. one scheduled partition ({r['partition']['day']}, `dagster job execute`) | "
             f"{r['partition']['seconds']:.1f} s | | {r['partition']['peak_mb']:.0f} MB |",
