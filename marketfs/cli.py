@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     served.add_argument("--host", default="127.0.0.1", help="the address to listen on (default loopback only)")
     served.add_argument("--port", type=int, default=8000)
     served.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
+    ingest = sub.add_parser("ingest", help="a live feed in").add_subparsers(dest="source", required=True)
+    zmq = ingest.add_parser("zmq", help="subscribe to bars and events on a ZeroMQ PUB socket (JSON messages)")
+    zmq.add_argument("--connect", required=True, help="the publisher's endpoint, e.g. tcp://127.0.0.1:5556")
+    zmq.add_argument("--metrics-port", type=int, help="serve the ingest lag for Prometheus on this loopback port")
     latest = sub.add_parser("latest", help="the newest feature vector per instrument")
     latest.add_argument("instruments", nargs="+")
     frame = sub.add_parser("frame", help="point-in-time join of entity rows (instrument_id, ts)")
@@ -331,6 +335,14 @@ def _command(args: argparse.Namespace) -> int:
         from marketfs.serve import serve
 
         serve(resolve_dsn(), host=args.host, port=args.port, workers=args.workers)
+    elif args.command == "ingest":
+        import logging
+
+        from marketfs.zmq_ingest import run
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.getLogger("marketfs").setLevel(logging.INFO)  # its own lines; the libraries' only when they warn
+        return run(args.connect, dsn=resolve_dsn(), metrics_port=args.metrics_port)
     elif args.command == "quarantine" and args.action in ("release", "discard"):
         return _decide_through_dagster(args)
     else:
