@@ -67,9 +67,10 @@ def test_a_real_prometheus_scrapes_the_server_and_answers_for_the_freshness_metr
         found: list[dict] = []
         while not found:
             assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "Prometheus answered no freshness sample within 60 s: " + (
-                tmp_path / "prometheus.log"
-            ).read_text()[-2000:]
+            assert time.monotonic() < deadline, (
+                "Prometheus answered no freshness sample within 60 s: "
+                + (tmp_path / "prometheus.log").read_text()[-2000:]
+            )
             time.sleep(0.5)
             try:
                 found = _query(port, 'marketfs_freshness_seconds{feature_set="fs_v1",timeframe="1m"}')
