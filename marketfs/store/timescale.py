@@ -258,8 +258,8 @@ def prune_feature_state(conn: sa.Connection) -> int:
 
 def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) -> list[str]:
     """After a write to ``table``'s ``[start, end)`` committed: put the columnstore chunks it touched back
-    into the columnstore, and refresh the rollup over it. Returns what was done; a failure is logged,
-    not raised (the write stands; the policy catches up).
+    into the columnstore, settle their storage, and refresh the rollup over it. Returns what was done; a
+    failure is logged, not raised (the write stands; the policy catches up).
 
     A write into a converted chunk leaves its rows in the rowstore beside the columnstore (the chunk
     is "partial") until the next policy run, up to 12 hours later: a re-run of 88 old days grew
@@ -270,18 +270,7 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
         with engine.connect() as conn:
             if not _timescale(conn, table):
                 return done
-            chunks = (
-                conn.execute(
-                    sa.text(
-                        "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
-                        "WHERE hypertable_name = :t AND hypertable_schema = current_schema() AND is_compressed "
-                        "AND range_end > :s AND range_start < :e ORDER BY range_start"
-                    ),
-                    {"t": table, "s": start, "e": end},
-                )
-                .scalars()
-                .all()
-            )
+            chunks = _converted_chunks(conn, table, start, end)
             conn.commit()
             for chunk in chunks:
                 # A no-op on a chunk the write did not touch; recompresses one it made partial.
@@ -294,36 +283,13 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
                 )
                 conn.commit()
                 done.append(f"{chunk} back in the columnstore")
-            # The rows the write replaced, and the batches recompression rewrote, are dead tuples until
-            # a vacuum: without one, each re-run of a converted range added its size again (8 MB ->
-            # 103 -> 192 -> 267 MB over three re-runs of 14 days here).
-            companions = (
-                conn.execute(
-                    sa.text(
-                        "SELECT quote_ident(cc.schema_name) || '.' || quote_ident(cc.table_name) "
-                        "FROM _timescaledb_catalog.chunk c JOIN _timescaledb_catalog.chunk cc "
-                        "ON cc.id = c.compressed_chunk_id "
-                        "WHERE quote_ident(c.schema_name) || '.' || quote_ident(c.table_name) = ANY(:chunks)"
-                    ),
-                    {"chunks": list(chunks)},
-                )
-                .scalars()
-                .all()
-            )
+            companions = _companion_chunks(conn, chunks)
             conn.commit()
         if chunks:
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                for name in [*chunks, *companions]:
-                    conn.execute(sa.text(f"VACUUM {name}"))  # names from the catalog, quoted there
-            done.append(f"vacuumed {len(chunks)} chunk(s) of {table}")
+            done += _settle_storage(engine, chunks, companions)
         if table == "feature_vectors":
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                # Outside a transaction, as refresh_continuous_aggregate requires.
-                conn.execute(
-                    sa.text("CALL refresh_continuous_aggregate(CAST(:v AS regclass), :s, :e)"),
-                    {"v": ROLLUP, "s": start, "e": end + timedelta(days=1)},
-                )
-                done.append(f"{ROLLUP} refreshed for [{start:%Y-%m-%d}, {end:%Y-%m-%d})")
+            refresh_rollup(engine, start, end + timedelta(days=1))
+            done.append(f"{ROLLUP} refreshed for [{start:%Y-%m-%d}, {end:%Y-%m-%d})")
     except sa.exc.DBAPIError as exc:
         logger.warning(
             "TimescaleDB upkeep after writing %s [%s, %s) failed (%s); the write stands, the columnstore "
@@ -334,6 +300,121 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
             str(exc.orig).splitlines()[0] if exc.orig else exc,
         )
     return done
+
+
+def _converted_chunks(conn: sa.Connection, table: str, start: datetime, end: datetime) -> list[str]:
+    """``table``'s columnstore chunks overlapping ``[start, end)``, quoted, oldest first."""
+    return (
+        conn.execute(
+            sa.text(
+                "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
+                "WHERE hypertable_name = :t AND hypertable_schema = current_schema() AND is_compressed "
+                "AND range_end > :s AND range_start < :e ORDER BY range_start"
+            ),
+            {"t": table, "s": start, "e": end},
+        )
+        .scalars()
+        .all()
+    )
+
+
+def _companion_chunks(conn: sa.Connection, chunks: list[str]) -> list[str]:
+    """The internal tables holding ``chunks``' columnstore batches, quoted."""
+    return (
+        conn.execute(
+            sa.text(
+                "SELECT quote_ident(cc.schema_name) || '.' || quote_ident(cc.table_name) "
+                "FROM _timescaledb_catalog.chunk c JOIN _timescaledb_catalog.chunk cc "
+                "ON cc.id = c.compressed_chunk_id "
+                "WHERE quote_ident(c.schema_name) || '.' || quote_ident(c.table_name) = ANY(:chunks)"
+            ),
+            {"chunks": list(chunks)},
+        )
+        .scalars()
+        .all()
+    )
+
+
+# An empty b-tree is its metapage: a chunk whose indexes are larger while its rowstore is empty holds
+# only dead entries of rows that moved to the columnstore.
+EMPTY_INDEX_BYTES = 8192
+# REINDEX of an empty chunk takes milliseconds, but queues behind a long read of it and would block
+# the reads queued after it meanwhile: it gives up instead, and the next write's upkeep tries again.
+REINDEX_LOCK_TIMEOUT = "2s"
+
+
+def _settle_storage(engine: sa.Engine, chunks: list[str], companions: list[str]) -> list[str]:
+    """Vacuum the chunks a write converted back, then rebuild the indexes of those whose rowstore is empty.
+
+    The rows the write replaced, and the batches recompression rewrote, are dead tuples until a vacuum:
+    without one, each re-run of a converted range added its size again (8 MB -> 103 -> 192 -> 267 MB over
+    three re-runs of 14 days here). A vacuum frees heap pages but not index pages: the rowstore's indexes
+    kept the size of every row that passed through them (a news_events chunk of 0 rows with a 2,280 kB
+    primary key; ohlcv_1m 2.5 MB -> 5.7 MB after one re-run). Rebuilding an empty chunk's indexes is instant.
+    """
+    done = []
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for name in [*chunks, *companions]:
+            conn.execute(sa.text(f"VACUUM {name}"))  # names from the catalog, quoted there
+        done.append(f"vacuumed {len(chunks)} chunk(s)")
+        conn.execute(sa.text("SELECT set_config('lock_timeout', :t, false)"), {"t": REINDEX_LOCK_TIMEOUT})
+        try:
+            for name in chunks:
+                bloated = conn.execute(
+                    sa.text(
+                        f"SELECT NOT EXISTS (SELECT 1 FROM ONLY {name}) AND pg_indexes_size(CAST(:c AS regclass)) > "
+                        ":empty * (SELECT count(*) FROM pg_index WHERE indrelid = CAST(:c AS regclass))"
+                    ),
+                    {"c": name, "empty": EMPTY_INDEX_BYTES},
+                ).scalar()
+                if not bloated:
+                    continue
+                try:
+                    conn.execute(sa.text(f"REINDEX TABLE {name}"))
+                    done.append(f"{name}: indexes of its empty rowstore rebuilt")
+                except sa.exc.OperationalError as exc:
+                    logger.info("REINDEX of %s skipped (%s); the next write's upkeep tries again", name, exc.orig)
+        finally:
+            conn.execute(sa.text("RESET lock_timeout"))
+    return done
+
+
+# A refresh the columnstore job or another run has in progress over an overlapping window makes a second
+# one fail at once ("due to a concurrent refresh"): wait for it, this long at most.
+REFRESH_WAIT_SECONDS = 60.0
+REFRESH_LOCK_ID = 0x6D6B7472  # our refreshes take turns on this advisory lock
+
+
+def refresh_rollup(engine: sa.Engine, start: datetime, end: datetime) -> None:
+    """Refresh ``feature_quality_daily`` over ``[start, end)``, taking turns with other refreshes.
+
+    Two runs' refreshes used to collide (TimescaleDB refuses a refresh overlapping one in progress), and
+    the loser's days stayed stale until the hourly job: ours queue on an advisory lock, and a refresh
+    refused because the policy job is refreshing is retried until it is done.
+    """
+    import time
+
+    deadline = time.monotonic() + REFRESH_WAIT_SECONDS
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), {"id": REFRESH_LOCK_ID})
+        try:
+            pause = 0.1
+            while True:
+                try:
+                    # Outside a transaction, as refresh_continuous_aggregate requires.
+                    conn.execute(
+                        sa.text("CALL refresh_continuous_aggregate(CAST(:v AS regclass), :s, :e)"),
+                        {"v": ROLLUP, "s": start, "e": end},
+                    )
+                    return
+                except sa.exc.OperationalError as exc:
+                    concurrent = getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+                    if not concurrent or time.monotonic() + pause > deadline:
+                        raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": REFRESH_LOCK_ID})
 
 
 def _timescale(conn: sa.Connection, table: str) -> bool:
