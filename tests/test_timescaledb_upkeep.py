@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
-from timescale_helpers import convert_all, scalar
+from timescale_helpers import convert_all, run_jobs, scalar
 
 from marketfs.store import timescale
+from marketfs.store.migrations import migrate
 
 
 def _chunk_storage(engine: sa.Engine, table: str) -> list[tuple[str, int, int, int]]:
@@ -155,3 +156,38 @@ def test_concurrent_refreshes_of_the_rollup_take_turns(dsn: str, ts_engine: sa.E
             writer.join(timeout=90)
     assert errors == []
     assert _flagged_by_day(ts_engine, timescale.ROLLUP) == _flagged_by_day(ts_engine, "feature_vectors")
+
+
+def _rollup(engine: sa.Engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.text(f"SELECT count(*), sum(vectors) FROM {timescale.ROLLUP}")).one())
+
+
+def test_removing_or_lengthening_retention_keeps_the_rollup(
+    dsn: str, ts_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 2: the refresh never moves back before the oldest vectors held, whatever retention says later."""
+    assert materialize_range(dsn, "2024-01-02", "2024-01-04").success
+    rollup = _rollup(ts_engine)
+    assert rollup[0] > 0
+    monkeypatch.setenv("MARKETFS_RETENTION_FEATURE_VECTORS", "400 days")  # the sample is older than that
+    migrate(dsn)
+    run_jobs(ts_engine, "policy_retention", "policy_refresh_continuous_aggregate")
+    assert scalar(ts_engine, "SELECT count(*) FROM feature_vectors") == 0
+    assert _rollup(ts_engine) == rollup
+    for retention in ("1200 days", None):
+        if retention is None:
+            monkeypatch.delenv("MARKETFS_RETENTION_FEATURE_VECTORS")
+        else:
+            monkeypatch.setenv("MARKETFS_RETENTION_FEATURE_VECTORS", retention)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="marketfs.store.timescale"):
+            migrate(dsn)
+        said = caplog.messages
+        run_jobs(ts_engine, "policy_refresh_continuous_aggregate")
+        assert _rollup(ts_engine) == rollup, retention
+        if retention == "1200 days":  # the first change moves the refresh; the next one finds it safe already
+            assert any("not before the oldest feature vectors held" in line for line in said), said
+    # Vectors written again for those days are aggregated again: the refresh after a write covers its window.
+    assert materialize_range(dsn, "2024-01-02", "2024-01-04").success
+    assert _rollup(ts_engine) == rollup

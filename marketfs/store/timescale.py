@@ -13,7 +13,8 @@ change logged and returned:
 
 Retention counts from now(): sample data older than ``drop_after`` disappears at the next job run,
 which is why it is off unless asked for. The daily rollup keeps what it aggregated past the
-feature vectors' retention: its refresh never reaches before the retention horizon.
+feature vectors' retention: its refresh never reaches before the retention horizon, nor, once
+retention is removed or lengthened, before the oldest vectors still held.
 """
 
 from __future__ import annotations
@@ -187,8 +188,13 @@ def reconcile_policies(conn: sa.Connection) -> list[str]:
 def _reconcile_rollup_refresh(conn: sa.Connection, retention: str | None) -> list[str]:
     # The refresh window must not start before the retention horizon: refreshing a range whose raw
     # rows were dropped would empty the rollup there (TimescaleDB, "data retention with continuous
-    # aggregates"). Without retention it refreshes everything up to an hour ago.
+    # aggregates"). Without retention it refreshes everything up to an hour ago, unless the rollup
+    # holds days whose vectors an earlier retention dropped: then never before the oldest vectors held
+    # (removing or lengthening retention emptied those days: 1,620 rows -> 0).
+    held = _held_horizon(conn)
     start = retention
+    if held is not None and (start is None or not _shorter_or_equal(conn, start, held)):
+        start = held
     jobs = _jobs(conn, "policy_refresh_continuous_aggregate")
     have = next(iter(jobs.values()), None)  # the rollup is the only continuous aggregate here
     if have is not None:
@@ -196,6 +202,9 @@ def _reconcile_rollup_refresh(conn: sa.Connection, retention: str | None) -> lis
         if (current is None and start is None) or (
             current is not None and start is not None and _intervals_equal(conn, current, start)
         ):
+            return []
+        if current is not None and held is not None and _shorter_or_equal(conn, current, start):
+            # Shorter than it could be, and safe: the horizon moves a day every day, the job stays.
             return []
         conn.execute(sa.text("SELECT remove_continuous_aggregate_policy(CAST(:v AS regclass))"), {"v": ROLLUP})
     conn.execute(
@@ -205,7 +214,39 @@ def _reconcile_rollup_refresh(conn: sa.Connection, retention: str | None) -> lis
         ),
         {"v": ROLLUP, "s": start},
     )
-    return [f"{ROLLUP}: refresh from {start or 'the beginning'} to 1 hour ago"]
+    reason = (
+        " (not before the oldest feature vectors held: the rollup keeps the days retention dropped)"
+        if held is not None and start == held
+        else ""
+    )
+    return [f"{ROLLUP}: refresh from {start or 'the beginning'} to 1 hour ago{reason}"]
+
+
+# The shortest refresh window the rollup's policy accepts: two of its 1-day buckets past the 1-hour end.
+MIN_REFRESH_START = 3
+
+
+def _held_horizon(conn: sa.Connection) -> str | None:
+    """How far back feature vectors are still held, in whole days (at least ``MIN_REFRESH_START``), when
+    the rollup holds older days (their vectors dropped by retention); None when it holds none."""
+    return conn.execute(
+        sa.text(
+            f"""
+            WITH held AS (
+                SELECT coalesce(min(range_start), now()) AS since FROM timescaledb_information.chunks
+                WHERE hypertable_name = 'feature_vectors' AND hypertable_schema = current_schema()
+            )
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM {ROLLUP} WHERE day < held.since)
+                   THEN greatest(floor(extract(epoch FROM now() - held.since) / 86400), :least)::int || ' days' END
+            FROM held
+            """
+        ),
+        {"least": MIN_REFRESH_START},
+    ).scalar()
+
+
+def _shorter_or_equal(conn: sa.Connection, a: str, b: str) -> bool:
+    return bool(conn.execute(sa.text("SELECT CAST(:a AS interval) <= CAST(:b AS interval)"), {"a": a, "b": b}).scalar())
 
 
 def chunk_interval(table: str) -> str:
