@@ -135,7 +135,7 @@ def test_policies_follow_the_configuration_on_every_migrate(
     assert not any(proc == "policy_retention" for proc, _ in _policies(empty_dsn))
     monkeypatch.setenv("MARKETFS_COMPRESS_AFTER", "7 days")
     monkeypatch.setenv("MARKETFS_RETENTION_OHLCV_1D", "5 years")
-    with caplog.at_level("INFO", logger="marketfs.store.timescale"):
+    with caplog.at_level("INFO", logger="marketfs.store.migrations"):
         migrate(empty_dsn)
     jobs = _policies(empty_dsn)
     assert {jobs[("policy_compression", t)] for t in ("ohlcv_1m", "news_events", "feature_vectors")} == {"7 days"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -164,7 +165,7 @@ def _rollup(engine: sa.Engine) -> tuple[int, int]:
 
 
 def test_removing_or_lengthening_retention_keeps_the_rollup(
-    dsn: str, ts_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    dsn: str, ts_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Item 2: the refresh never moves back before the oldest vectors held, whatever retention says later."""
     assert materialize_range(dsn, "2024-01-02", "2024-01-04").success
@@ -180,10 +181,8 @@ def test_removing_or_lengthening_retention_keeps_the_rollup(
             monkeypatch.delenv("MARKETFS_RETENTION_FEATURE_VECTORS")
         else:
             monkeypatch.setenv("MARKETFS_RETENTION_FEATURE_VECTORS", retention)
-        caplog.clear()
-        with caplog.at_level("INFO", logger="marketfs.store.timescale"):
-            migrate(dsn)
-        said = caplog.messages
+        said: list[str] = []
+        migrate(dsn, report=lambda _level, message, said=said: said.append(message))
         run_jobs(ts_engine, "policy_refresh_continuous_aggregate")
         assert _rollup(ts_engine) == rollup, retention
         if retention == "1200 days":  # the first change moves the refresh; the next one finds it safe already
@@ -191,3 +190,49 @@ def test_removing_or_lengthening_retention_keeps_the_rollup(
     # Vectors written again for those days are aggregated again: the refresh after a write covers its window.
     assert materialize_range(dsn, "2024-01-02", "2024-01-04").success
     assert _rollup(ts_engine) == rollup
+
+
+def test_a_changed_setting_is_said_in_the_runs_event_log(
+    dsn: str, ts_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 3: the run that applies a changed setting says what it changed, where the operator looks."""
+    import dagster as dg
+
+    monkeypatch.setenv("MARKETFS_COMPRESS_AFTER", "7 days")
+    monkeypatch.setenv("MARKETFS_RETENTION_OHLCV_1D", "5 years")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize_range(dsn, "2024-01-02", instance=instance)
+        assert result.success
+        logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert "TimescaleDB: feature_vectors: columnstore policy after 7 days added" in logged
+    assert "TimescaleDB: ohlcv_1d: retention after 5 years added" in logged
+
+
+def test_a_changed_setting_is_said_by_make_run(dsn: str, ts_engine: sa.Engine, tmp_path: Path) -> None:
+    """Item 3: `make run` (python -m pipelines run) prints what the configuration changed, once."""
+    from test_cli_messages import land, landing_env, pipelines
+
+    land(tmp_path / "landing", "2024-04-02")
+    env = landing_env(dsn, tmp_path) | {"MARKETFS_COMPRESS_AFTER": "7 days"}
+    result = pipelines(env, "run", "--start", "2024-04-02", "--end", "2024-04-02", "--no-snapshot")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith("configuration")]
+    assert "configuration  TimescaleDB: news_events: columnstore policy after 7 days added" in said
+    assert len(said) == 3, said  # the three tables; the run's own migrate finds nothing more to do
+    again = pipelines(env, "run", "--start", "2024-04-02", "--end", "2024-04-02", "--no-snapshot")
+    assert again.returncode == 0 and "configuration" not in again.stdout
+
+
+def test_a_server_known_not_to_work_is_warned_about(dsn: str, ts_engine: sa.Engine) -> None:
+    """Supported versions: TimescaleDB 2.28 on PostgreSQL 15 newer than 15.18 fails every background job."""
+    bad = timescale.known_bad_combination("2.28.3", 150020, "15.20")
+    assert bad is not None and "every TimescaleDB background job fails" in bad and "Fix: PostgreSQL 15.18" in bad
+    assert timescale.known_bad_combination("2.28.3", 150018, "15.18") is None
+    assert timescale.known_bad_combination("2.28.3", 160010, "16.10") is None
+    assert "older than 2.18" in timescale.known_bad_combination("2.17.2", 150018, "15.18")
+    # This server (the tested combination) is said to be fine; a bad one is said by migrate, as a warning.
+    with ts_engine.connect() as conn:
+        assert timescale.version_warning(conn) is None
+    said: list[tuple[int, str]] = []
+    migrate(dsn, report=lambda level, message: said.append((level, message)))
+    assert said == []

@@ -3,7 +3,7 @@ keeping what a write touched in the columnstore.
 
 Used only when the server has the extension (and ``MARKETFS_TIMESCALEDB`` is not ``off``). Settings
 come from the environment and are reconciled with the jobs on every migrate (every run), each
-change logged and returned:
+change returned and said by ``migrate`` (printed by the CLI, in the run's Dagster event log):
 
     MARKETFS_COMPRESS_AFTER=30 days          move chunks older than this to the columnstore ("off": no policy)
     MARKETFS_RETENTION_<TABLE>=2 years       drop chunks older than this (OHLCV_1M, OHLCV_1D, NEWS_EVENTS,
@@ -53,6 +53,49 @@ ROLLUP = "feature_quality_daily"
 # An upsert touching compressed chunks decompresses rows and stops at this many per transaction
 # (100,000 by default); a re-run of an old partition is bounded by its window, so lift it there.
 DECOMPRESSION_LIMIT_GUC = "timescaledb.max_tuples_decompressed_per_dml_transaction"
+
+
+# Combinations known not to work: (TimescaleDB release series, PostgreSQL server_version_num from, to, what
+# happens). The README's "Supported versions" names what is tested.
+KNOWN_BAD_VERSIONS = (
+    (
+        "2.28",
+        150019,
+        159999,
+        'every TimescaleDB background job fails (columnstore, retention, rollup refresh: "cannot drop portal '
+        '"" while it is being set up"); 2.28 is tested up to PostgreSQL 15.18',
+    ),
+)
+# The columnstore API (enable_columnstore, add_columnstore_policy, convert_to_columnstore) and merge_chunks.
+OLDEST_TIMESCALEDB = (2, 18)
+
+
+def known_bad_combination(timescaledb: str, server_version_num: int, server_version: str) -> str | None:
+    """What goes wrong with TimescaleDB ``timescaledb`` on this PostgreSQL, and the fix; None when nothing known."""
+    release = tuple(int(part) for part in timescaledb.split("-")[0].split(".")[:2])
+    if release < OLDEST_TIMESCALEDB:
+        return (
+            f"TimescaleDB {timescaledb} is older than {'.'.join(map(str, OLDEST_TIMESCALEDB))}, whose columnstore "
+            "API the migrations use. Fix: ALTER EXTENSION timescaledb UPDATE after installing a newer release"
+        )
+    for series, low, high, what in KNOWN_BAD_VERSIONS:
+        if ".".join(map(str, release)) == series and low <= server_version_num <= high:
+            return (
+                f"TimescaleDB {timescaledb} on PostgreSQL {server_version}: {what}. Fix: PostgreSQL 15.18 (hold the "
+                "server package at it), or PostgreSQL 16 or newer"
+            )
+    return None
+
+
+def version_warning(conn: sa.Connection) -> str | None:
+    """``known_bad_combination`` of this server and its TimescaleDB."""
+    extversion, number, version = conn.execute(
+        sa.text(
+            "SELECT extversion, current_setting('server_version_num')::int, current_setting('server_version') "
+            "FROM pg_extension WHERE extname = 'timescaledb'"
+        )
+    ).one()
+    return known_bad_combination(extversion, number, version.split()[0])
 
 
 def lift_decompression_limit(conn: sa.Connection) -> None:
@@ -131,7 +174,7 @@ def _jobs(conn: sa.Connection, proc: str) -> dict[str, tuple[int, dict]]:
 
 def reconcile_policies(conn: sa.Connection) -> list[str]:
     """Make the columnstore, retention and rollup jobs and the chunk intervals what the environment
-    says; return (and log) what changed. An unchanged configuration changes nothing."""
+    says; return what changed (``migrate`` says it). An unchanged configuration changes nothing."""
     changes: list[str] = []
     compress_after = _setting("MARKETFS_COMPRESS_AFTER") or "30 days"
     if compress_after.lower() == "off":
@@ -180,8 +223,6 @@ def reconcile_policies(conn: sa.Connection) -> list[str]:
 
     changes += _reconcile_rollup_refresh(conn, retention["feature_vectors"])
     changes += _reconcile_chunk_intervals(conn)
-    for change in changes:
-        logger.info("TimescaleDB: %s", change)
     return changes
 
 
