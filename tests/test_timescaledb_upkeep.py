@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -236,3 +236,63 @@ def test_a_server_known_not_to_work_is_warned_about(dsn: str, ts_engine: sa.Engi
     said: list[tuple[int, str]] = []
     migrate(dsn, report=lambda level, message: said.append((level, message)))
     assert said == []
+
+
+def _chosen_method(dsn: str, entities: list[tuple[str, datetime]], tolerance: timedelta | None) -> str:
+    """What training_frame's point-in-time join would choose for ``entities`` (1m vectors of fs_v1)."""
+    import polars as pl
+    import psycopg
+
+    from marketfs import retrieval
+    from marketfs.store.copy import copy_frame_in
+
+    frame = pl.DataFrame(
+        {"row_no": range(len(entities)), "instrument_id": [i for i, _ in entities], "ts": [t for _, t in entities]},
+        schema={"row_no": pl.Int64, "instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "CREATE TEMP TABLE pit_entities (row_no bigint, instrument_id text, ts timestamptz) ON COMMIT DROP"
+        )
+        copy_frame_in(conn, "pit_entities", frame)
+        return "merge" if retrieval._merge_wanted(conn, tolerance, retrieval._lag("1m"), "1m") else "lookup"
+
+
+def test_the_join_method_follows_the_rows_it_reads(
+    dsn: str, ts_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 4: sparse entities on the newest day, tolerance=None, over converted older days: looked up (the merge
+    would read every instrument's history); dense entities over converted days: merged; same values either way."""
+    import polars as pl
+
+    from marketfs.retrieval import training_frame
+
+    monkeypatch.setenv("MARKETFS_CHUNK_INTERVAL_FEATURE_VECTORS", "1 day")
+    assert materialize_range(dsn, "2024-01-02", "2024-01-05").success
+    with ts_engine.connect() as conn:
+        older = conn.execute(
+            sa.text(
+                "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
+                "WHERE hypertable_name = 'feature_vectors' AND range_end <= '2024-01-05'"
+            )
+        ).scalars()
+        for chunk in older.all():
+            conn.execute(sa.text("CALL convert_to_columnstore(CAST(:c AS regclass))"), {"c": chunk})
+            conn.commit()
+    newest = datetime(2024, 1, 5, 20, 0, tzinfo=UTC)
+    sparse = [(f"SYN00{i}", newest) for i in range(3)]
+    assert _chosen_method(dsn, sparse, None) == "lookup"
+    # The same rows, each on a converted day: every lookup decompresses a batch, still fewer rows than 4 days.
+    assert _chosen_method(dsn, [(i, t - timedelta(days=2)) for i, t in sparse], None) == "lookup"
+    start = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+    dense = [(f"SYN00{i % 3}", start + timedelta(minutes=7 * i, seconds=13)) for i in range(300)]
+    assert _chosen_method(dsn, dense, timedelta(minutes=5)) == "merge"
+    assert _chosen_method(dsn, dense, None) == "merge"
+    frame = pl.DataFrame(
+        {"instrument_id": [i for i, _ in sparse + dense], "ts": [t for _, t in sparse + dense]},
+        schema={"instrument_id": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
+    chosen = training_frame(frame, ["ret_1", "rsi_14"], None, dsn=dsn, include_feature_ts=True)
+    monkeypatch.setenv("MARKETFS_PIT_METHOD", "lookup")
+    assert training_frame(frame, ["ret_1", "rsi_14"], None, dsn=dsn, include_feature_ts=True).equals(chosen)
+    assert chosen["ret_1"].null_count() < chosen.height
