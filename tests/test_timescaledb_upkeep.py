@@ -296,3 +296,30 @@ def test_the_join_method_follows_the_rows_it_reads(
     monkeypatch.setenv("MARKETFS_PIT_METHOD", "lookup")
     assert training_frame(frame, ["ret_1", "rsi_14"], None, dsn=dsn, include_feature_ts=True).equals(chosen)
     assert chosen["ret_1"].null_count() < chosen.height
+
+
+def test_daily_only_history_is_held_in_chunks_that_compress(dsn: str, ts_engine: sa.Engine) -> None:
+    """Item 6: 8-day chunks of daily vectors (6 rows per instrument) grew when converted; adjacent sparse chunks
+    are merged after each write, converted ones included, into chunks of up to 90 days that compress."""
+    assert materialize_range(dsn, "2023-10-02", "2023-10-31", instruments=10).success
+    convert_all(ts_engine, "feature_vectors")  # as the policy does between runs
+    assert materialize_range(dsn, "2023-11-01", "2023-12-15", instruments=10).success
+    convert_all(ts_engine, "feature_vectors")
+    with ts_engine.connect() as conn:
+        chunks = conn.execute(
+            sa.text(
+                "SELECT c.range_start, c.range_end, s.before_compression_total_bytes, s.after_compression_total_bytes "
+                "FROM timescaledb_information.chunks c JOIN chunk_columnstore_stats('feature_vectors') s "
+                "ON s.chunk_schema = c.chunk_schema AND s.chunk_name = c.chunk_name "
+                "WHERE c.hypertable_name = 'feature_vectors' ORDER BY c.range_start"
+            )
+        ).all()
+        vectors = conn.execute(
+            sa.text("SELECT count(*), count(DISTINCT (instrument_id, ts)) FROM feature_vectors")
+        ).one()
+    sessions = 54  # XNYS, 2023-10-02 .. 2023-12-15
+    assert tuple(vectors) == (sessions * 10, sessions * 10)  # merging moved rows, lost and doubled none
+    assert len(chunks) <= 2, chunks
+    for first, last, before, after in chunks:
+        assert last - first > timedelta(days=8)
+        assert after < before, (first, last, before, after)

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from marketfs.features.flags import QualityFlag
+from marketfs.store.sparse_chunks import consolidate_sparse_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -339,8 +340,9 @@ def prune_feature_state(conn: sa.Connection) -> int:
 
 
 def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) -> list[str]:
-    """After a write to ``table``'s ``[start, end)`` committed: put the columnstore chunks it touched back
-    into the columnstore, settle their storage, and refresh the rollup over it. Returns what was done; a
+    """After a write to ``table``'s ``[start, end)`` committed: merge sparse chunks around it
+    (``sparse_chunks``), put the columnstore chunks it touched back into the columnstore, settle their
+    storage, and refresh the rollup over it. Returns what was done; a
     failure is logged, not raised (the write stands; the policy catches up).
 
     A write into a converted chunk leaves its rows in the rowstore beside the columnstore (the chunk
@@ -352,6 +354,9 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
         with engine.connect() as conn:
             if not _timescale(conn, table):
                 return done
+            conn.commit()
+            if table in COLUMNSTORE:
+                done += consolidate_sparse_chunks(engine, table, start, end)
             chunks = _converted_chunks(conn, table, start, end)
             conn.commit()
             for chunk in chunks:
