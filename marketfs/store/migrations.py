@@ -796,7 +796,9 @@ def migrate(dsn: str, report: Report | None = None) -> list[str]:
                 _ensure_columns(conn)
                 pruned = prune_history(conn)
                 if pruned:
-                    logger.info("dropped %d superseded vector version(s) past MARKETFS_HISTORY_RETENTION", pruned)
+                    said.append(
+                        (logging.INFO, f"dropped {pruned} superseded vector version(s) past MARKETFS_HISTORY_RETENTION")
+                    )
                 _ensure_finite_checks(conn)
                 if timescale:
                     from marketfs.store.timescale import prune_feature_state, reconcile_policies, version_warning
