@@ -77,7 +77,7 @@ def known_bad_combination(timescaledb: str, server_version_num: int, server_vers
     if release < OLDEST_TIMESCALEDB:
         return (
             f"TimescaleDB {timescaledb} is older than {'.'.join(map(str, OLDEST_TIMESCALEDB))}, whose columnstore "
-            "API the migrations use. Fix: ALTER EXTENSION timescaledb UPDATE after installing a newer release"
+            "API the migrations use. Fix: install TimescaleDB 2.18 or newer and update the extension in this database"
         )
     for series, low, high, what in KNOWN_BAD_VERSIONS:
         if ".".join(map(str, release)) == series and low <= server_version_num <= high:
