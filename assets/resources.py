@@ -49,7 +49,8 @@ class FeatureStore(dg.ConfigurableResource):
         if context.instance is not None:
             pool_instance_connections(context.instance)
         try:
-            applied = migrate(self._dsn)
+            # What a changed setting changed (and a server known not to work) goes to the run's event log.
+            applied = migrate(self._dsn, report=context.log.log if context.log else None)
         except sa.exc.OperationalError as exc:
             raise database_unreachable(self._dsn, exc) from exc
         if applied and context.log:

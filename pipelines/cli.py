@@ -158,6 +158,23 @@ def _wait_for_state_chain(instance, chain: dict[str, str]) -> None:
         time.sleep(5)
 
 
+def _migrate(dsn: str) -> None:
+    """The schema and TimescaleDB jobs brought up to date before the runs (whose own migrate then finds nothing
+    to do), saying what a changed setting changed: otherwise only the database would know."""
+    from marketfs.store.migrations import migrate
+
+    migrate(dsn, report=_say_configuration)
+
+
+def _say_configuration(level: int, message: str) -> None:
+    import logging
+
+    if level >= logging.WARNING:
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        print(f"configuration  {message}")
+
+
 def _holes_before(first: str, end: str, allow_gap: bool, only) -> bool:
     """Before anything is written: the sessions the store holds no bar of before ``first``. Refused (False,
     after saying which and the commands), or with ``allow_gap`` declared missing for good, so the windows of
@@ -170,9 +187,8 @@ def _holes_before(first: str, end: str, allow_gap: bool, only) -> bool:
     from marketfs.shards import shards
     from marketfs.store.coverage import holes_before
     from marketfs.store.gaps import declare_gap
-    from marketfs.store.migrations import migrate
 
-    migrate(os.environ["MARKETFS_DSN"])  # a new database: its tables first (as every run's first step does)
+    _migrate(os.environ["MARKETFS_DSN"])  # a new database: its tables first (as every run's first step does)
     with engine_for(os.environ["MARKETFS_DSN"]).begin() as conn:
         holes = holes_before(conn, first, only or shards(SHARD_COUNT))
         if not holes:
@@ -368,6 +384,7 @@ def _recompute(
         return 0
     names = ", ".join(k.to_user_string() for k in asset_selection) if asset_selection else "the daily_features job"
     print(f"recomputing {names} for {keys[0]} .. {keys[-1]} ({len(keys)} days, in order)")
+    _migrate(os.environ["MARKETFS_DSN"])
     failed_runs, tally = _execute_in_order(keys, asset_selection, verbose=verbose, only=only, tags=tags)
     if any(is_database_message(block) for block in tally.failures):
         return DATABASE_GONE
@@ -388,9 +405,8 @@ def _restate(verbose: bool = False, quiet: bool = False) -> int:
     from assets.features import RESTATE_TAG
     from marketfs.db import engine_for
     from marketfs.store.corporate_actions import pending_restatements
-    from marketfs.store.migrations import migrate
 
-    migrate(os.environ["MARKETFS_DSN"])
+    _migrate(os.environ["MARKETFS_DSN"])
     with engine_for(os.environ["MARKETFS_DSN"]).connect() as conn:
         pending = pending_restatements(conn)
     if pending.is_empty():
@@ -446,11 +462,10 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     from marketfs.db import engine_for
     from marketfs.shards import Shard
     from marketfs.store import quality
-    from marketfs.store.migrations import migrate
     from pipelines.definitions import defs
     from pipelines.sensors import CHAIN_END_ASSET, materialized_days
 
-    migrate(env["MARKETFS_DSN"])
+    _migrate(env["MARKETFS_DSN"])
     days: list[tuple[str, str]] = []  # (day, content version) per released day
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
@@ -532,9 +547,8 @@ def _discard(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     from marketfs.db import engine_for
     from marketfs.shards import Shard
     from marketfs.store import quality
-    from marketfs.store.migrations import migrate
 
-    migrate(env["MARKETFS_DSN"])
+    _migrate(env["MARKETFS_DSN"])
     try:
         with engine_for(env["MARKETFS_DSN"]).begin() as conn:
             batch = quality.discard(conn, batch_id, actor=actor, note=note, shard_count=SHARD_COUNT)

@@ -9,25 +9,14 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 from dagster_helpers import materialize_range
+from timescale_helpers import convert_all, run_jobs, scalar
 
-from marketfs.db import engine_for, timescaledb_installed
+from marketfs.db import engine_for
 from marketfs.features.flags import QualityFlag
 from marketfs.store.migrations import migrate
 
 
-@pytest.fixture
-def ts_engine(engine: sa.Engine) -> sa.Engine:
-    with engine.connect() as conn:
-        if not timescaledb_installed(conn):
-            pytest.skip("no TimescaleDB on the test server: set MARKETFS_TEST_DSN to a server with the extension")
-    return engine
-
-
-def scalar(engine: sa.Engine, query: str, **params):
-    with engine.connect() as conn:
-        return conn.execute(sa.text(query), params).scalar()
-
-
+@pytest.mark.columnstore_policy
 def test_hypertables_columnstore_and_rollup_exist(ts_engine: sa.Engine) -> None:
     hypertables = scalar(
         ts_engine, "SELECT array_agg(hypertable_name ORDER BY 1) FROM timescaledb_information.hypertables"
@@ -78,18 +67,10 @@ def _partial_or_rowstore(engine: sa.Engine, table: str) -> tuple[int, int]:
     return partial, rows
 
 
-def _convert_all(engine: sa.Engine, *tables: str) -> None:
-    with engine.connect() as conn:
-        for table in tables:
-            for chunk in conn.execute(sa.text(f"SELECT show_chunks('{table}')::text")).scalars().all():
-                conn.execute(sa.text("CALL convert_to_columnstore(CAST(:c AS regclass))"), {"c": chunk})
-                conn.commit()
-
-
 def test_a_rerun_of_a_converted_range_leaves_it_in_the_columnstore(dsn: str, ts_engine: sa.Engine) -> None:
     """Item 1: the re-run's rows are converted back after it commits, not left beside the columnstore."""
     assert materialize_range(dsn, "2024-01-02", "2024-01-03").success
-    _convert_all(ts_engine, "feature_vectors", "ohlcv_1m", "news_events")
+    convert_all(ts_engine, "feature_vectors", "ohlcv_1m", "news_events")
     assert _partial_or_rowstore(ts_engine, "feature_vectors") == (0, 0)
     assert materialize_range(dsn, "2024-01-03").success
     for table in ("feature_vectors", "ohlcv_1m", "news_events"):
@@ -103,7 +84,7 @@ def test_rerun_of_a_compressed_partition_upserts_past_the_decompression_limit(ds
         "SELECT md5(string_agg(f::text, '' ORDER BY f::text)) FROM "
         "(SELECT instrument_id, ts, ret_1, rsi_14, macd FROM feature_vectors) f",
     )
-    _convert_all(ts_engine, "feature_vectors", "ohlcv_1m")
+    convert_all(ts_engine, "feature_vectors", "ohlcv_1m")
     with ts_engine.begin() as conn:
         # A deliberately tiny limit: without lifting it for the write, the re-run would stop with an error.
         database = conn.execute(sa.text("SELECT current_database()")).scalar()
@@ -144,6 +125,7 @@ def _policies(dsn: str) -> dict[tuple[str, str], str]:
     return {(proc, table): after for proc, table, after in rows}
 
 
+@pytest.mark.columnstore_policy
 def test_policies_follow_the_configuration_on_every_migrate(
     empty_dsn: str, ts_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -153,7 +135,7 @@ def test_policies_follow_the_configuration_on_every_migrate(
     assert not any(proc == "policy_retention" for proc, _ in _policies(empty_dsn))
     monkeypatch.setenv("MARKETFS_COMPRESS_AFTER", "7 days")
     monkeypatch.setenv("MARKETFS_RETENTION_OHLCV_1D", "5 years")
-    with caplog.at_level("INFO", logger="marketfs.store.timescale"):
+    with caplog.at_level("INFO", logger="marketfs.store.migrations"):
         migrate(empty_dsn)
     jobs = _policies(empty_dsn)
     assert {jobs[("policy_compression", t)] for t in ("ohlcv_1m", "news_events", "feature_vectors")} == {"7 days"}
@@ -186,13 +168,7 @@ def test_retention_leaves_the_rollup_and_takes_the_state_with_the_vectors(
     monkeypatch.setenv("MARKETFS_RETENTION_FEATURE_VECTORS", "400 days")  # the sample is older than that
     migrate(dsn)
     assert scalar(ts_engine, "SELECT count(*) FROM feature_state") == 0  # no state without its vectors
-    with ts_engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        for proc in ("policy_retention", "policy_refresh_continuous_aggregate"):
-            for job in conn.execute(
-                sa.text("SELECT job_id FROM timescaledb_information.jobs WHERE proc_name = :p"), {"p": proc}
-            ).scalars():
-                conn.execute(sa.text("CALL run_job(:j)"), {"j": job})
+    run_jobs(ts_engine, "policy_retention", "policy_refresh_continuous_aggregate")
     assert scalar(ts_engine, "SELECT count(*) FROM feature_vectors") == 0  # retention ran
     with ts_engine.connect() as conn:
         assert tuple(conn.execute(sa.text(daily)).one()) == (rows, vectors)
@@ -232,6 +208,6 @@ def test_the_join_over_columnstore_chunks_matches_the_rowstore_one(dsn: str, ts_
     )
     features = ["ret_1", "rsi_14", "sentiment_mean_1h"]
     rowstore = training_frame(entities, features, timedelta(minutes=5), dsn=dsn, include_feature_ts=True)
-    _convert_all(ts_engine, "feature_vectors")
+    convert_all(ts_engine, "feature_vectors")
     columnstore = training_frame(entities, features, timedelta(minutes=5), dsn=dsn, include_feature_ts=True)
     assert columnstore.equals(rowstore) and rowstore["ret_1"].null_count() < rowstore.height

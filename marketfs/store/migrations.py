@@ -803,14 +803,22 @@ def _ensure_finite_checks(conn: sa.Connection) -> list[str]:
     return problems
 
 
-def migrate(dsn: str) -> list[str]:
+# Where migrate() says what an operator should see: (logging level, message).
+Report = Callable[[int, str], None]
+
+
+def migrate(dsn: str, report: Report | None = None) -> list[str]:
     """Bring the database at ``dsn`` up to date; return the names of the migrations applied now.
 
     A session-level advisory lock serialises migrators for the whole run; each migration commits with
     its ``schema_migrations`` row, so a failure leaves the database at the last version that succeeded.
+    What changed in the TimescaleDB jobs and chunk sizes because the configuration did, and a server
+    known not to work, go to ``report`` once committed (the CLI prints them, a run's resource puts them in
+    Dagster's event log); without one, to this module's logger.
     """
     engine = engine_for(dsn)
     applied_now: list[str] = []
+    said: list[tuple[int, str]] = []
     with engine.connect() as conn:
         conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
         conn.commit()
@@ -840,12 +848,16 @@ def migrate(dsn: str) -> list[str]:
                 _ensure_columns(conn)
                 pruned = prune_history(conn)
                 if pruned:
-                    logger.info("dropped %d superseded vector version(s) past MARKETFS_HISTORY_RETENTION", pruned)
+                    said.append(
+                        (logging.INFO, f"dropped {pruned} superseded vector version(s) past MARKETFS_HISTORY_RETENTION")
+                    )
                 _ensure_finite_checks(conn)
                 if timescale:
-                    from marketfs.store.timescale import prune_feature_state, reconcile_policies
+                    from marketfs.store.timescale import prune_feature_state, reconcile_policies, version_warning
 
-                    reconcile_policies(conn)
+                    warning = version_warning(conn)
+                    said += [(logging.WARNING, warning)] if warning else []
+                    said += [(logging.INFO, f"TimescaleDB: {change}") for change in reconcile_policies(conn)]
                     prune_feature_state(conn)
         finally:
             # A session lock outlives a transaction and would travel with the pooled connection.
@@ -853,4 +865,6 @@ def migrate(dsn: str) -> list[str]:
                 conn.rollback()
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
                 conn.commit()
+    for level, message in said:
+        (report or logger.log)(level, message)
     return applied_now

@@ -3,7 +3,7 @@ keeping what a write touched in the columnstore.
 
 Used only when the server has the extension (and ``MARKETFS_TIMESCALEDB`` is not ``off``). Settings
 come from the environment and are reconciled with the jobs on every migrate (every run), each
-change logged and returned:
+change returned and said by ``migrate`` (printed by the CLI, in the run's Dagster event log):
 
     MARKETFS_COMPRESS_AFTER=30 days          move chunks older than this to the columnstore ("off": no policy)
     MARKETFS_RETENTION_<TABLE>=2 years       drop chunks older than this (OHLCV_1M, OHLCV_1D, NEWS_EVENTS,
@@ -13,7 +13,8 @@ change logged and returned:
 
 Retention counts from now(): sample data older than ``drop_after`` disappears at the next job run,
 which is why it is off unless asked for. The daily rollup keeps what it aggregated past the
-feature vectors' retention: its refresh never reaches before the retention horizon.
+feature vectors' retention: its refresh never reaches before the retention horizon, nor, once
+retention is removed or lengthened, before the oldest vectors still held.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from marketfs.features.flags import QualityFlag
+from marketfs.store.sparse_chunks import consolidate_sparse_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,49 @@ ROLLUP = "feature_quality_daily"
 # An upsert touching compressed chunks decompresses rows and stops at this many per transaction
 # (100,000 by default); a re-run of an old partition is bounded by its window, so lift it there.
 DECOMPRESSION_LIMIT_GUC = "timescaledb.max_tuples_decompressed_per_dml_transaction"
+
+
+# Combinations known not to work: (TimescaleDB release series, PostgreSQL server_version_num from, to, what
+# happens). The README's "Supported versions" names what is tested.
+KNOWN_BAD_VERSIONS = (
+    (
+        "2.28",
+        150019,
+        159999,
+        'every TimescaleDB background job fails (columnstore, retention, rollup refresh: "cannot drop portal '
+        '"" while it is being set up"); 2.28 is tested up to PostgreSQL 15.18',
+    ),
+)
+# The columnstore API (enable_columnstore, add_columnstore_policy, convert_to_columnstore) and merge_chunks.
+OLDEST_TIMESCALEDB = (2, 18)
+
+
+def known_bad_combination(timescaledb: str, server_version_num: int, server_version: str) -> str | None:
+    """What goes wrong with TimescaleDB ``timescaledb`` on this PostgreSQL, and the fix; None when nothing known."""
+    release = tuple(int(part) for part in timescaledb.split("-")[0].split(".")[:2])
+    if release < OLDEST_TIMESCALEDB:
+        return (
+            f"TimescaleDB {timescaledb} is older than {'.'.join(map(str, OLDEST_TIMESCALEDB))}, whose columnstore "
+            "API the migrations use. Fix: install TimescaleDB 2.18 or newer and update the extension in this database"
+        )
+    for series, low, high, what in KNOWN_BAD_VERSIONS:
+        if ".".join(map(str, release)) == series and low <= server_version_num <= high:
+            return (
+                f"TimescaleDB {timescaledb} on PostgreSQL {server_version}: {what}. Fix: PostgreSQL 15.18 (hold the "
+                "server package at it), or PostgreSQL 16 or newer"
+            )
+    return None
+
+
+def version_warning(conn: sa.Connection) -> str | None:
+    """``known_bad_combination`` of this server and its TimescaleDB."""
+    extversion, number, version = conn.execute(
+        sa.text(
+            "SELECT extversion, current_setting('server_version_num')::int, current_setting('server_version') "
+            "FROM pg_extension WHERE extname = 'timescaledb'"
+        )
+    ).one()
+    return known_bad_combination(extversion, number, version.split()[0])
 
 
 def lift_decompression_limit(conn: sa.Connection) -> None:
@@ -130,7 +175,7 @@ def _jobs(conn: sa.Connection, proc: str) -> dict[str, tuple[int, dict]]:
 
 def reconcile_policies(conn: sa.Connection) -> list[str]:
     """Make the columnstore, retention and rollup jobs and the chunk intervals what the environment
-    says; return (and log) what changed. An unchanged configuration changes nothing."""
+    says; return what changed (``migrate`` says it). An unchanged configuration changes nothing."""
     changes: list[str] = []
     compress_after = _setting("MARKETFS_COMPRESS_AFTER") or "30 days"
     if compress_after.lower() == "off":
@@ -179,16 +224,19 @@ def reconcile_policies(conn: sa.Connection) -> list[str]:
 
     changes += _reconcile_rollup_refresh(conn, retention["feature_vectors"])
     changes += _reconcile_chunk_intervals(conn)
-    for change in changes:
-        logger.info("TimescaleDB: %s", change)
     return changes
 
 
 def _reconcile_rollup_refresh(conn: sa.Connection, retention: str | None) -> list[str]:
     # The refresh window must not start before the retention horizon: refreshing a range whose raw
     # rows were dropped would empty the rollup there (TimescaleDB, "data retention with continuous
-    # aggregates"). Without retention it refreshes everything up to an hour ago.
+    # aggregates"). Without retention it refreshes everything up to an hour ago, unless the rollup
+    # holds days whose vectors an earlier retention dropped: then never before the oldest vectors held
+    # (removing or lengthening retention emptied those days: 1,620 rows -> 0).
+    held = _held_horizon(conn)
     start = retention
+    if held is not None and (start is None or not _shorter_or_equal(conn, start, held)):
+        start = held
     jobs = _jobs(conn, "policy_refresh_continuous_aggregate")
     have = next(iter(jobs.values()), None)  # the rollup is the only continuous aggregate here
     if have is not None:
@@ -196,6 +244,9 @@ def _reconcile_rollup_refresh(conn: sa.Connection, retention: str | None) -> lis
         if (current is None and start is None) or (
             current is not None and start is not None and _intervals_equal(conn, current, start)
         ):
+            return []
+        if current is not None and held is not None and _shorter_or_equal(conn, current, start):
+            # Shorter than it could be, and safe: the horizon moves a day every day, the job stays.
             return []
         conn.execute(sa.text("SELECT remove_continuous_aggregate_policy(CAST(:v AS regclass))"), {"v": ROLLUP})
     conn.execute(
@@ -205,7 +256,39 @@ def _reconcile_rollup_refresh(conn: sa.Connection, retention: str | None) -> lis
         ),
         {"v": ROLLUP, "s": start},
     )
-    return [f"{ROLLUP}: refresh from {start or 'the beginning'} to 1 hour ago"]
+    reason = (
+        " (not before the oldest feature vectors held: the rollup keeps the days retention dropped)"
+        if held is not None and start == held
+        else ""
+    )
+    return [f"{ROLLUP}: refresh from {start or 'the beginning'} to 1 hour ago{reason}"]
+
+
+# The shortest refresh window the rollup's policy accepts: two of its 1-day buckets past the 1-hour end.
+MIN_REFRESH_START = 3
+
+
+def _held_horizon(conn: sa.Connection) -> str | None:
+    """How far back feature vectors are still held, in whole days (at least ``MIN_REFRESH_START``), when
+    the rollup holds older days (their vectors dropped by retention); None when it holds none."""
+    return conn.execute(
+        sa.text(
+            f"""
+            WITH held AS (
+                SELECT coalesce(min(range_start), now()) AS since FROM timescaledb_information.chunks
+                WHERE hypertable_name = 'feature_vectors' AND hypertable_schema = current_schema()
+            )
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM {ROLLUP} WHERE day < held.since)
+                   THEN greatest(floor(extract(epoch FROM now() - held.since) / 86400), :least)::int || ' days' END
+            FROM held
+            """
+        ),
+        {"least": MIN_REFRESH_START},
+    ).scalar()
+
+
+def _shorter_or_equal(conn: sa.Connection, a: str, b: str) -> bool:
+    return bool(conn.execute(sa.text("SELECT CAST(:a AS interval) <= CAST(:b AS interval)"), {"a": a, "b": b}).scalar())
 
 
 def chunk_interval(table: str) -> str:
@@ -257,9 +340,10 @@ def prune_feature_state(conn: sa.Connection) -> int:
 
 
 def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) -> list[str]:
-    """After a write to ``table``'s ``[start, end)`` committed: put the columnstore chunks it touched back
-    into the columnstore, and refresh the rollup over it. Returns what was done; a failure is logged,
-    not raised (the write stands; the policy catches up).
+    """After a write to ``table``'s ``[start, end)`` committed: merge sparse chunks around it
+    (``sparse_chunks``), put the columnstore chunks it touched back into the columnstore, settle their
+    storage, and refresh the rollup over it. Returns what was done; a
+    failure is logged, not raised (the write stands; the policy catches up).
 
     A write into a converted chunk leaves its rows in the rowstore beside the columnstore (the chunk
     is "partial") until the next policy run, up to 12 hours later: a re-run of 88 old days grew
@@ -270,18 +354,10 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
         with engine.connect() as conn:
             if not _timescale(conn, table):
                 return done
-            chunks = (
-                conn.execute(
-                    sa.text(
-                        "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
-                        "WHERE hypertable_name = :t AND hypertable_schema = current_schema() AND is_compressed "
-                        "AND range_end > :s AND range_start < :e ORDER BY range_start"
-                    ),
-                    {"t": table, "s": start, "e": end},
-                )
-                .scalars()
-                .all()
-            )
+            conn.commit()
+            if table in COLUMNSTORE:
+                done += consolidate_sparse_chunks(engine, table, start, end)
+            chunks = _converted_chunks(conn, table, start, end)
             conn.commit()
             for chunk in chunks:
                 # A no-op on a chunk the write did not touch; recompresses one it made partial.
@@ -294,36 +370,13 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
                 )
                 conn.commit()
                 done.append(f"{chunk} back in the columnstore")
-            # The rows the write replaced, and the batches recompression rewrote, are dead tuples until
-            # a vacuum: without one, each re-run of a converted range added its size again (8 MB ->
-            # 103 -> 192 -> 267 MB over three re-runs of 14 days here).
-            companions = (
-                conn.execute(
-                    sa.text(
-                        "SELECT quote_ident(cc.schema_name) || '.' || quote_ident(cc.table_name) "
-                        "FROM _timescaledb_catalog.chunk c JOIN _timescaledb_catalog.chunk cc "
-                        "ON cc.id = c.compressed_chunk_id "
-                        "WHERE quote_ident(c.schema_name) || '.' || quote_ident(c.table_name) = ANY(:chunks)"
-                    ),
-                    {"chunks": list(chunks)},
-                )
-                .scalars()
-                .all()
-            )
+            companions = _companion_chunks(conn, chunks)
             conn.commit()
         if chunks:
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                for name in [*chunks, *companions]:
-                    conn.execute(sa.text(f"VACUUM {name}"))  # names from the catalog, quoted there
-            done.append(f"vacuumed {len(chunks)} chunk(s) of {table}")
+            done += _settle_storage(engine, chunks, companions)
         if table == "feature_vectors":
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                # Outside a transaction, as refresh_continuous_aggregate requires.
-                conn.execute(
-                    sa.text("CALL refresh_continuous_aggregate(CAST(:v AS regclass), :s, :e)"),
-                    {"v": ROLLUP, "s": start, "e": end + timedelta(days=1)},
-                )
-                done.append(f"{ROLLUP} refreshed for [{start:%Y-%m-%d}, {end:%Y-%m-%d})")
+            refresh_rollup(engine, start, end + timedelta(days=1))
+            done.append(f"{ROLLUP} refreshed for [{start:%Y-%m-%d}, {end:%Y-%m-%d})")
     except sa.exc.DBAPIError as exc:
         logger.warning(
             "TimescaleDB upkeep after writing %s [%s, %s) failed (%s); the write stands, the columnstore "
@@ -334,6 +387,121 @@ def settle_write(engine: sa.Engine, table: str, start: datetime, end: datetime) 
             str(exc.orig).splitlines()[0] if exc.orig else exc,
         )
     return done
+
+
+def _converted_chunks(conn: sa.Connection, table: str, start: datetime, end: datetime) -> list[str]:
+    """``table``'s columnstore chunks overlapping ``[start, end)``, quoted, oldest first."""
+    return (
+        conn.execute(
+            sa.text(
+                "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
+                "WHERE hypertable_name = :t AND hypertable_schema = current_schema() AND is_compressed "
+                "AND range_end > :s AND range_start < :e ORDER BY range_start"
+            ),
+            {"t": table, "s": start, "e": end},
+        )
+        .scalars()
+        .all()
+    )
+
+
+def _companion_chunks(conn: sa.Connection, chunks: list[str]) -> list[str]:
+    """The internal tables holding ``chunks``' columnstore batches, quoted."""
+    return (
+        conn.execute(
+            sa.text(
+                "SELECT quote_ident(cc.schema_name) || '.' || quote_ident(cc.table_name) "
+                "FROM _timescaledb_catalog.chunk c JOIN _timescaledb_catalog.chunk cc "
+                "ON cc.id = c.compressed_chunk_id "
+                "WHERE quote_ident(c.schema_name) || '.' || quote_ident(c.table_name) = ANY(:chunks)"
+            ),
+            {"chunks": list(chunks)},
+        )
+        .scalars()
+        .all()
+    )
+
+
+# An empty b-tree is its metapage: a chunk whose indexes are larger while its rowstore is empty holds
+# only dead entries of rows that moved to the columnstore.
+EMPTY_INDEX_BYTES = 8192
+# REINDEX of an empty chunk takes milliseconds, but queues behind a long read of it and would block
+# the reads queued after it meanwhile: it gives up instead, and the next write's upkeep tries again.
+REINDEX_LOCK_TIMEOUT = "2s"
+
+
+def _settle_storage(engine: sa.Engine, chunks: list[str], companions: list[str]) -> list[str]:
+    """Vacuum the chunks a write converted back, then rebuild the indexes of those whose rowstore is empty.
+
+    The rows the write replaced, and the batches recompression rewrote, are dead tuples until a vacuum:
+    without one, each re-run of a converted range added its size again (8 MB -> 103 -> 192 -> 267 MB over
+    three re-runs of 14 days here). A vacuum frees heap pages but not index pages: the rowstore's indexes
+    kept the size of every row that passed through them (a news_events chunk of 0 rows with a 2,280 kB
+    primary key; ohlcv_1m 2.5 MB -> 5.7 MB after one re-run). Rebuilding an empty chunk's indexes is instant.
+    """
+    done = []
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for name in [*chunks, *companions]:
+            conn.execute(sa.text(f"VACUUM {name}"))  # names from the catalog, quoted there
+        done.append(f"vacuumed {len(chunks)} chunk(s)")
+        conn.execute(sa.text("SELECT set_config('lock_timeout', :t, false)"), {"t": REINDEX_LOCK_TIMEOUT})
+        try:
+            for name in chunks:
+                bloated = conn.execute(
+                    sa.text(
+                        f"SELECT NOT EXISTS (SELECT 1 FROM ONLY {name}) AND pg_indexes_size(CAST(:c AS regclass)) > "
+                        ":empty * (SELECT count(*) FROM pg_index WHERE indrelid = CAST(:c AS regclass))"
+                    ),
+                    {"c": name, "empty": EMPTY_INDEX_BYTES},
+                ).scalar()
+                if not bloated:
+                    continue
+                try:
+                    conn.execute(sa.text(f"REINDEX TABLE {name}"))
+                    done.append(f"{name}: indexes of its empty rowstore rebuilt")
+                except sa.exc.OperationalError as exc:
+                    logger.info("REINDEX of %s skipped (%s); the next write's upkeep tries again", name, exc.orig)
+        finally:
+            conn.execute(sa.text("RESET lock_timeout"))
+    return done
+
+
+# A refresh the columnstore job or another run has in progress over an overlapping window makes a second
+# one fail at once ("due to a concurrent refresh"): wait for it, this long at most.
+REFRESH_WAIT_SECONDS = 60.0
+REFRESH_LOCK_ID = 0x6D6B7472  # our refreshes take turns on this advisory lock
+
+
+def refresh_rollup(engine: sa.Engine, start: datetime, end: datetime) -> None:
+    """Refresh ``feature_quality_daily`` over ``[start, end)``, taking turns with other refreshes.
+
+    Two runs' refreshes used to collide (TimescaleDB refuses a refresh overlapping one in progress), and
+    the loser's days stayed stale until the hourly job: ours queue on an advisory lock, and a refresh
+    refused because the policy job is refreshing is retried until it is done.
+    """
+    import time
+
+    deadline = time.monotonic() + REFRESH_WAIT_SECONDS
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), {"id": REFRESH_LOCK_ID})
+        try:
+            pause = 0.1
+            while True:
+                try:
+                    # Outside a transaction, as refresh_continuous_aggregate requires.
+                    conn.execute(
+                        sa.text("CALL refresh_continuous_aggregate(CAST(:v AS regclass), :s, :e)"),
+                        {"v": ROLLUP, "s": start, "e": end},
+                    )
+                    return
+                except sa.exc.OperationalError as exc:
+                    concurrent = getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+                    if not concurrent or time.monotonic() + pause > deadline:
+                        raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": REFRESH_LOCK_ID})
 
 
 def _timescale(conn: sa.Connection, table: str) -> bool:
