@@ -94,8 +94,24 @@ def _chunks(conn: sa.Connection, table: str, start: datetime, end: datetime) -> 
                 ).scalar()
                 or None
             )
+        if (
+            per_instrument is not None
+            and per_instrument < SPARSE_ROWS_PER_INSTRUMENT
+            and _minute_bars_in(conn, first, last)
+        ):
+            # Sparse so far, but a span of minute data: its minute vectors are still to come (a run writes the
+            # daily dataset before, or beside, the minute ones), and a merged span would hold them too.
+            per_instrument = float(SPARSE_ROWS_PER_INSTRUMENT)
         chunks.append(Chunk(name, first, last, converted, per_instrument))
     return chunks
+
+
+def _minute_bars_in(conn: sa.Connection, start: datetime, end: datetime) -> bool:
+    return bool(
+        conn.execute(
+            sa.text("SELECT EXISTS (SELECT 1 FROM ohlcv_1m WHERE ts >= :s AND ts < :e)"), {"s": start, "e": end}
+        ).scalar()
+    )
 
 
 def _runs(chunks: list[Chunk]) -> list[list[Chunk]]:
