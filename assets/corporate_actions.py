@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from assets.gates import GATE_CHECK, DayCheck, _check_results
+from assets.gates import GATE_CHECK, DayCheck, check_results
 from assets.partitions import daily_asset, day_dependency, day_window, run_scopes
 from assets.resources import FeatureStore, MarketData, translate_database_errors
 from marketfs.features.registry import datasets
@@ -94,6 +94,6 @@ def corporate_actions(context: dg.AssetExecutionContext, store: FeatureStore, ma
         ),
         "checks": dg.MetadataValue.md("\n".join(f"- `{c}`: {why}" for c, why in CHECKS.items())),
     }
-    yield from _check_results(
+    yield from check_results(
         context, [DayCheck(GATE_CHECK, key, bad.is_empty(), check_metadata) for key in context.partition_keys]
     )

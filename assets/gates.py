@@ -235,7 +235,7 @@ def report_run(
             asset_key=context.asset_key, metadata={"days_written": dg.MetadataValue.int(len(judgement.accepted))}
         )
     yield from day_materializations(provenance, materializations)
-    yield from _check_results(context, judgement.checks)
+    yield from check_results(context, judgement.checks)
     if failure is not None:
         raise failure
     if judgement.breaches and deferred:
@@ -244,7 +244,7 @@ def report_run(
         raise breach_failure(context, judgement, chained=chained)
 
 
-def _check_results(context: dg.AssetExecutionContext, checks: list[DayCheck]) -> Iterator[dg.AssetCheckEvaluation]:
+def check_results(context: dg.AssetExecutionContext, checks: list[DayCheck]) -> Iterator[dg.AssetCheckEvaluation]:
     """The check results, each pointing at the latest materialisation of its partition.
 
     Dagster shows a partition's check result as current only when it targets the partition's

@@ -41,6 +41,8 @@ FACTOR_SCHEMA: dict[str, pl.DataType] = {
     "price_ratio": pl.Float64(),
     "volume_ratio": pl.Float64(),
 }
+# The last close before each dividend's ex-date: what a total-return factor is taken from.
+CLOSE_SCHEMA: dict[str, pl.DataType] = {"instrument_id": pl.String(), "ex_date": pl.Date(), "close": pl.Float64()}
 PRICE_COLUMNS = ("open", "high", "low", "close")
 ADJ = "_adj"  # each bar's price factor F, kept on the frame so price-unit outputs can be put back
 
@@ -100,9 +102,6 @@ def factors(actions: pl.DataFrame, sessions, *, total_return: bool, closes: pl.D
         # Two actions of one instrument on one ex-date (a split and a dividend) multiply in a fixed order.
         .sort("instrument_id", "ex_ts", "price_ratio", "volume_ratio")
     )
-
-
-CLOSE_SCHEMA: dict[str, pl.DataType] = {"instrument_id": pl.String(), "ex_date": pl.Date(), "close": pl.Float64()}
 
 
 def adjust(bars: pl.DataFrame, factors: pl.DataFrame) -> pl.DataFrame:

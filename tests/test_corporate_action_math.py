@@ -69,7 +69,7 @@ def _after_ex(vectors: pl.DataFrame) -> pl.DataFrame:
     return vectors.filter((pl.col("instrument_id") == "SPL00") & (pl.col("ts") >= ex_ts)).sort("ts")
 
 
-def _assert_close(a: pl.DataFrame, b: pl.DataFrame, columns: list[str], scale: float = 1.0, floor: float = 1e-300):
+def assert_close(a: pl.DataFrame, b: pl.DataFrame, columns: list[str], scale: float = 1.0, floor: float = 1e-300):
     """Within 1e-9 relative; ``floor``: the magnitude below which the error is taken as absolute (a MACD line
     near 0 is a difference of two EMAs near the price: its error is relative to the price, not to itself)."""
     assert a.height == b.height and a.height > 0
@@ -88,9 +88,9 @@ def test_a_split_with_its_action_is_the_same_series_in_post_split_units(timefram
     split = _scaled(plain, "SPL00", EX_DATE, 1 / ratio, ratio)
     expected = _after_ex(_vectors(timeframe, plain, None).vectors)
     got = _after_ex(_vectors(timeframe, split, _split(ratio)).vectors)
-    _assert_close(got, expected, SCALE_FREE)
+    assert_close(got, expected, SCALE_FREE)
     level = float(split.filter(pl.col("instrument_id") == "SPL00")["close"].median())
-    _assert_close(got, expected, [n for n in PRICE_UNITS if n in got.columns], scale=1 / ratio, floor=level)
+    assert_close(got, expected, [n for n in PRICE_UNITS if n in got.columns], scale=1 / ratio, floor=level)
     assert got["quality_flags"].to_list() == expected["quality_flags"].to_list(), label
     # The other instruments are untouched: the same bits.
     others = pl.col("instrument_id") != "SPL00"
@@ -166,7 +166,7 @@ def test_a_dividend_adjusts_a_total_return_set_and_leaves_a_price_return_set_alo
     total = FeatureSet(version="fs_tr", timeframes=("1m",), features=FS.features[:12], returns="total")
     expected = _after_ex(_vectors("1m", plain, None, total).vectors)
     got = _after_ex(_vectors("1m", paid, dividend, total, closes).vectors)
-    _assert_close(got, expected, [n for n in SCALE_FREE if n in got.columns])
+    assert_close(got, expected, [n for n in SCALE_FREE if n in got.columns])
     # Price return (fs_v1): the dividend is the price drop it was, the first return shows it.
     price = _after_ex(_vectors("1m", paid, dividend, FS, closes).vectors)
     assert price["ret_1"][0] == pytest.approx(expected["ret_1"][0] - 0.04, abs=2e-3)

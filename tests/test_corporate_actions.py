@@ -21,6 +21,7 @@ from pathlib import Path
 import polars as pl
 import sqlalchemy as sa
 from dagster_helpers import dagster_process_env
+from test_corporate_action_math import assert_close
 from test_recompute import (
     new_database,  # noqa: F401  (fixture: fresh databases for stores and instances)
     pipelines,
@@ -112,14 +113,9 @@ def vectors(engine: sa.Engine, timeframe: str, instrument: str | None = "SPL00",
 
 
 def assert_same_scale_free(got: pl.DataFrame, expected: pl.DataFrame) -> None:
-    assert got.height == expected.height and got.height > 0
+    """The same instants, and every scale-free feature within 1e-9 relative, nulls in the same places."""
     assert got["ts"].equals(expected["ts"])
-    for name in SCALE_FREE:
-        x, y = got[name], expected[name]
-        assert x.is_null().to_list() == y.is_null().to_list(), name
-        both = pl.DataFrame({"x": x, "y": y}).drop_nulls()
-        worst = both.select(((pl.col("x") - pl.col("y")).abs() / pl.col("y").abs().clip(1e-300)).max()).item()
-        assert worst is None or worst <= 1e-9, (name, worst)
+    assert_close(got, expected, [c for c in SCALE_FREE if c in got.columns])
 
 
 def test_a_split_with_its_action_is_served_as_the_same_series(
@@ -345,14 +341,7 @@ def test_a_reverse_split_and_a_total_return_dividend_read_from_the_store_are_the
         expected = compute_feature_vectors(plain, "1m", feature_set=chosen).vectors
         got = stored.filter((pl.col("instrument_id") == instrument) & after).sort("ts")
         want = expected.filter((pl.col("instrument_id") == instrument) & after).sort("ts")
-        columns = [c for c in SCALE_FREE if c in got.columns]
-        assert got.height == want.height > 0 and got["ts"].equals(want["ts"])
-        for name in columns:
-            both = pl.DataFrame({"x": got[name], "y": want[name]})
-            assert both["x"].is_null().to_list() == both["y"].is_null().to_list(), (instrument, name)
-            both = both.drop_nulls()
-            worst = both.select(((pl.col("x") - pl.col("y")).abs() / pl.col("y").abs().clip(1e-300)).max()).item()
-            assert worst is None or worst <= 1e-9, (instrument, name, worst)
+        assert_same_scale_free(got, want)
         assert not got["quality_flags"].list.contains("UNEXPLAINED_JUMP").any()
 
 

@@ -269,16 +269,7 @@ def test_the_join_method_follows_the_rows_it_reads(
 
     monkeypatch.setenv("MARKETFS_CHUNK_INTERVAL_FEATURE_VECTORS", "1 day")
     assert materialize_range(dsn, "2024-01-02", "2024-01-05").success
-    with ts_engine.connect() as conn:
-        older = conn.execute(
-            sa.text(
-                "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
-                "WHERE hypertable_name = 'feature_vectors' AND range_end <= '2024-01-05'"
-            )
-        ).scalars()
-        for chunk in older.all():
-            conn.execute(sa.text("CALL convert_to_columnstore(CAST(:c AS regclass))"), {"c": chunk})
-            conn.commit()
+    convert_all(ts_engine, "feature_vectors", older_than=datetime(2024, 1, 5, tzinfo=UTC))
     newest = datetime(2024, 1, 5, 20, 0, tzinfo=UTC)
     sparse = [(f"SYN00{i}", newest) for i in range(3)]
     assert _chosen_method(dsn, sparse, None) == "lookup"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import sqlalchemy as sa
 
 
@@ -10,11 +12,16 @@ def scalar(engine: sa.Engine, query: str, **params: object) -> object:
         return conn.execute(sa.text(query), params).scalar()
 
 
-def convert_all(engine: sa.Engine, *tables: str) -> None:
-    """Every chunk of ``tables`` into the columnstore, as the policy would once they are old enough."""
+def convert_all(engine: sa.Engine, *tables: str, older_than: datetime | None = None) -> None:
+    """Every chunk of ``tables`` (ending before ``older_than`` when given) into the columnstore, as the policy
+    would once they are old enough."""
     with engine.connect() as conn:
         for table in tables:
-            for chunk in conn.execute(sa.text("SELECT show_chunks(CAST(:t AS regclass))::text"), {"t": table}):
+            chunks = conn.execute(
+                sa.text("SELECT show_chunks(CAST(:t AS regclass), older_than => CAST(:o AS timestamptz))::text"),
+                {"t": table, "o": older_than},
+            )
+            for chunk in chunks.all():
                 conn.execute(sa.text("CALL convert_to_columnstore(CAST(:c AS regclass))"), {"c": chunk[0]})
                 conn.commit()
 

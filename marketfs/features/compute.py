@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from marketfs.corporate_actions import ADJ, FACTOR_SCHEMA, adjust
+from marketfs.corporate_actions import ADJ, FACTOR_SCHEMA, PRICE_COLUMNS, adjust
 from marketfs.features import recursive
 from marketfs.features.events import EVENT_SCHEMA, event_feature_names, event_features
 from marketfs.features.flags import FlagConfig, QualityFlag, flag_if, load_flag_config
@@ -25,7 +25,6 @@ from marketfs.features.windows import lag, with_helpers
 from marketfs.holds import NO_HOLDS, Holds
 
 KEY_COLUMNS = ["instrument_id", "timeframe", "ts", "feature_set_version"]
-PRICE_COLUMNS = ("open", "high", "low", "close")
 
 
 def state_schema(feature_set: FeatureSet, timeframe: str) -> dict[str, pl.DataType]:
@@ -213,8 +212,10 @@ def compute_feature_vectors(
     if "source_flags" not in bars.columns:
         bars = bars.with_columns(pl.lit([], pl.List(pl.String)).alias("source_flags"))
     bars = bars.sort("instrument_id", "ts")
-    adjustments = adjustments if adjustments is not None else pl.DataFrame(schema=FACTOR_SCHEMA)
-    bars = adjust(bars, adjustments.filter(pl.col("instrument_id").is_in(bars["instrument_id"].unique().implode())))
+    if adjustments is None:
+        adjustments = pl.DataFrame(schema=FACTOR_SCHEMA)
+    adjustments = adjustments.filter(pl.col("instrument_id").is_in(bars["instrument_id"].unique().implode()))
+    bars = adjust(bars, adjustments)
     in_window = pl.lit(True)
     if start is not None:
         in_window = in_window & (pl.col("ts") >= start)

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from marketfs.corporate_actions import ACTION_SCHEMA, CASH_DIVIDEND, CLOSE_SCHEMA, FACTOR_SCHEMA, factors, in_effect
 from marketfs.holds import HeldInstrument, Holds
+from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
 from marketfs.store.tables import select_list
 
@@ -66,18 +67,18 @@ def _dividend_closes(conn: sa.Connection, bar_table: str, dividends: pl.DataFram
     from marketfs.features.compute import VALID_BAR_SQL
 
     table = {"1m": "ohlcv_1m", "1d": "ohlcv_1d"}[bar_table]
-    found = []
-    for row in dividends.select("instrument_id", "ex_date").unique().iter_rows(named=True):
-        close = conn.execute(
-            sa.text(
-                f"SELECT close FROM {table} WHERE instrument_id = :i AND ts < :t AND {VALID_BAR_SQL} "
-                "ORDER BY ts DESC LIMIT 1"
-            ),
-            {"i": row["instrument_id"], "t": sessions.trading_day_window(row["ex_date"])[0]},
-        ).scalar()
-        if close is not None:
-            found.append((row["instrument_id"], row["ex_date"], float(close)))
-    return pl.DataFrame(found, schema=CLOSE_SCHEMA, orient="row")
+    wanted = dividends.select("instrument_id", "ex_date").unique()
+    starts = [sessions.trading_day_window(d)[0] for d in wanted["ex_date"].to_list()]
+    # One statement: each dividend's newest valid bar before its trading day, by the (instrument_id, ts) index.
+    rows = conn.execute(
+        sa.text(
+            f"SELECT d.i, d.day, b.close FROM unnest(CAST(:ids AS text[]), CAST(:days AS date[]), "
+            f"CAST(:starts AS timestamptz[])) AS d(i, day, t) CROSS JOIN LATERAL (SELECT close FROM {table} "
+            f"WHERE instrument_id = d.i AND ts < d.t AND {VALID_BAR_SQL} ORDER BY ts DESC LIMIT 1) b"
+        ),
+        {"ids": wanted["instrument_id"].to_list(), "days": wanted["ex_date"].to_list(), "starts": starts},
+    ).all()
+    return pl.DataFrame([tuple(r) for r in rows], schema=CLOSE_SCHEMA, orient="row")
 
 
 def adjustments_for(conn: sa.Connection, *, total_return: bool, bar_table: str, at: datetime | None = None):
@@ -159,8 +160,9 @@ def pending_restatements(conn: sa.Connection, dataset: str | None = None) -> pl.
     return pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row")
 
 
-def pending_holds(conn: sa.Connection, dataset: str) -> Holds:
-    """Instruments a run must not extend until they are restated: their state is on the scale before the action."""
+def pending_holds(conn: sa.Connection, dataset: str, shard: Shard = ALL) -> Holds:
+    """Instruments (of ``shard``) a run must not extend until they are restated: their state is on the scale
+    before the action."""
     from marketfs.universe import active_sessions
 
     sessions = active_sessions()
@@ -174,6 +176,7 @@ def pending_holds(conn: sa.Connection, dataset: str) -> Holds:
                 0,
             )
             for r in pending_restatements(conn, dataset).iter_rows(named=True)
+            if shard.holds(r["instrument_id"])
         }
     )
 
@@ -193,10 +196,21 @@ QUARANTINE_COLUMNS = ("instrument_id", "ex_date", "kind", "ratio", "known_at", "
 
 
 def _as_text(bad: pl.DataFrame) -> pl.DataFrame:
-    return bad.select(
-        *[pl.col(c).cast(pl.String) for c in QUARANTINE_COLUMNS],
-        pl.col("problem"),
-    )
+    """Bad rows as ``quarantine_corporate_actions`` keeps them: every value as text (it may not parse)."""
+    return bad.select(*[pl.col(c).cast(pl.String) for c in QUARANTINE_COLUMNS], pl.col("problem"))
+
+
+def _held_rows(conn: sa.Connection) -> pl.DataFrame:
+    """The rows of the held corporate_actions batches, with their batch."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT b.batch_id, q.instrument_id, q.ex_date, q.kind, q.ratio, q.known_at, q.source "
+            "FROM quarantine_batches b JOIN quarantine_corporate_actions q USING (batch_id) "
+            "WHERE b.status = 'held' AND b.asset = 'corporate_actions'"
+        )
+    ).all()
+    schema = {"batch_id": pl.Int64(), **dict.fromkeys(QUARANTINE_COLUMNS, pl.String())}
+    return pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row")
 
 
 def quarantine_actions(
@@ -216,22 +230,16 @@ def quarantine_actions(
     if bad.is_empty():
         return []
     sessions = active_sessions()
-    seen = conn.execute(
-        sa.text(
-            "SELECT q.instrument_id, q.ex_date, q.kind, q.ratio, q.known_at, q.source "
-            "FROM quarantine_corporate_actions q JOIN quarantine_batches b USING (batch_id) WHERE b.status = 'held'"
-        )
-    ).all()
-    already = {tuple(r) for r in seen}
+    # Rows a held batch already keeps are not set aside again (every run reads the whole folder).
+    keys = list(QUARANTINE_COLUMNS)
+    unseen = (
+        _as_text(bad)
+        .with_row_index("_row")
+        .join(_held_rows(conn).select(keys), on=keys, how="anti", nulls_equal=True)["_row"]
+    )
     lines = []
-    for (instrument,), rows in bad.group_by("instrument_id", maintain_order=True):
-        fresh = rows.filter(
-            ~pl.Series(
-                [tuple(r[c] for c in QUARANTINE_COLUMNS) in already for r in _as_text(rows).iter_rows(named=True)]
-            )
-        )
-        if fresh.is_empty():
-            continue
+    fresh_rows = bad.with_row_index("_row").filter(pl.col("_row").is_in(unseen.implode())).drop("_row")
+    for (instrument,), fresh in fresh_rows.group_by("instrument_id", maintain_order=True):
         ex_dates = [d for d in fresh["ex_date"].to_list() if d is not None and sessions.is_session(d)]
         if ex_dates:
             day = min(ex_dates)
@@ -273,19 +281,11 @@ def quarantine_actions(
 
 def resolve_fixed_actions(conn: sa.Connection, bad: pl.DataFrame, run_id: str | None) -> list[int]:
     """Close the held batches whose rows are no longer delivered as they were (the file was corrected)."""
-    current = {tuple(r) for r in _as_text(bad).select(QUARANTINE_COLUMNS).iter_rows()} if bad.height else set()
-    held = conn.execute(
-        sa.text(
-            "SELECT b.batch_id, q.instrument_id, q.ex_date, q.kind, q.ratio, q.known_at, q.source "
-            "FROM quarantine_batches b JOIN quarantine_corporate_actions q USING (batch_id) "
-            "WHERE b.status = 'held' AND b.asset = 'corporate_actions'"
-        )
-    ).all()
-    batches: dict[int, bool] = {}
-    for r in held:
-        still = tuple(r[1:]) in current
-        batches[r.batch_id] = batches.get(r.batch_id, False) or still
-    gone = sorted(b for b, still in batches.items() if not still)
+    keys = list(QUARANTINE_COLUMNS)
+    held = _held_rows(conn)
+    # A batch stays held while any of its rows is still delivered as it was.
+    still = held.join(_as_text(bad).select(keys), on=keys, how="semi", nulls_equal=True)["batch_id"]
+    gone = sorted(set(held["batch_id"]) - set(still))
     if gone:
         conn.execute(
             sa.text(

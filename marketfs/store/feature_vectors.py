@@ -336,10 +336,10 @@ def compute_stored(
         # The dataset's own holds from a day of this window on are what this computation judges again (a
         # recompute after the fix): only those of earlier days keep their instruments out.
         holds = read_holds(conn, upstream, end, shard).merged(read_holds(conn, (dataset,), start, shard))
-    pending = pending_holds(conn, dataset_name(feature_set, timeframe))
-    if instruments is not None:
+    pending = pending_holds(conn, dataset_name(feature_set, timeframe), shard)
+    if instruments is not None:  # a restatement computes the instruments it restates
         pending = Holds({i: h for i, h in pending.held.items() if i not in instruments})
-    holds = holds.merged(Holds({i: h for i, h in pending.held.items() if shard.holds(i)}))
+    holds = holds.merged(pending)
     adjustments = adjustments_for(
         conn, total_return=feature_set.total_return, bar_table="1d" if timeframe_spec(timeframe).per_session else "1m"
     )
