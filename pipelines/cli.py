@@ -557,8 +557,12 @@ def _discard(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
         return 2
     day = split_key(batch["partition"])[0]
     held = ", ".join(batch.get("instruments") or []) or "every instrument"
-    print(f"batch {batch_id} discarded by {actor}: {batch['asset']} {day} of {held} is missing for good (a gap)")
-    if not batch["gaps"]:
+    if batch["gaps"]:
+        print(f"batch {batch_id} discarded by {actor}: {batch['asset']} {day} of {held} is missing for good (a gap)")
+    else:
+        print(f"batch {batch_id} discarded by {actor}: its {batch['asset']} rows are dropped; {held} computed without")
+    # Nothing changed for what follows: no gap to restart after, and no instrument the batch held back.
+    if not batch["gaps"] and not batch.get("instruments"):
         return 0
     # What follows the day, from the day on: never the asset's own raw day again (it would re-read the file),
     # and a feature asset itself too (its state chain restarts after the gap).

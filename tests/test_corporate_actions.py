@@ -14,6 +14,8 @@ halved, volume doubled):
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -31,6 +33,7 @@ from marketfs.db import engine_for
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from marketfs.universe import active_sessions
 
+ROOT = Path(__file__).resolve().parents[1]
 INSTRUMENTS = ("SPL00", "AAA", "BBB", "CCC", "DDD", "EEE")
 FIRST, LAST = "2024-01-03", "2024-01-12"
 EX_DATE = "2024-01-10"
@@ -235,32 +238,53 @@ def test_an_action_delivered_after_the_fact_restates_that_instrument_alone_and_a
     assert later["ret_1"][0] != then["ret_1"][0]
 
 
-def test_a_bad_action_row_holds_its_instrument_names_its_line_and_a_corrected_file_serves_it(
+def test_a_bad_action_row_holds_its_instrument_names_its_line_and_each_printed_fix_serves_it(
     new_database: Callable[[], str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    bad = "AAA,2024-01-10,split,-2,2024-01-09T22:00:00Z"
-    env, engine, result, landing = run(new_database, tmp_path, "badrow", split=None, action=bad, first="2024-01-09")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "actions.csv, line 2" in result.stderr + result.stdout and "ratio" in result.stderr, result.stderr
+    bad_aaa, bad_bbb = "AAA,2024-01-10,split,-2,2024-01-09T22:00:00Z", "BBB,2024-01-10,split,0,2024-01-09T22:00:00Z"
+    env, engine, result, landing = run(
+        new_database, tmp_path, "badrow", split=None, action=f"{bad_aaa}\n{bad_bbb}", first="2024-01-09"
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "actions.csv, line 2" in output and "actions.csv, line 3" in output and "ratio" in output, output
     served = vectors(engine, "1m", instrument=None)
-    assert "AAA" not in set(served["instrument_id"]) and set(served["instrument_id"]) == set(INSTRUMENTS) - {"AAA"}
+    assert set(served["instrument_id"]) == set(INSTRUMENTS) - {"AAA", "BBB"}
     with engine.connect() as conn:
-        [(asset, instruments, status)] = conn.execute(
-            sa.text("SELECT asset, instruments, status FROM quarantine_batches")
-        ).all()
-        [(ratio, problem)] = conn.execute(sa.text("SELECT ratio, problem FROM quarantine_corporate_actions")).all()
-    assert (asset, instruments, status, ratio) == ("corporate_actions", ["AAA"], "held", "-2.0")
-    assert "ratio" in problem
+        batches = {
+            r.instruments[0]: r
+            for r in conn.execute(sa.text("SELECT batch_id, asset, instruments, status FROM quarantine_batches"))
+        }
+        quarantined = dict(conn.execute(sa.text("SELECT instrument_id, ratio FROM quarantine_corporate_actions")).all())
+    assert {(i, b.asset, b.status) for i, b in batches.items()} == {
+        ("AAA", "corporate_actions", "held"),
+        ("BBB", "corporate_actions", "held"),
+    }
+    assert quarantined == {"AAA": "-2.0", "BBB": "0.0"}
 
-    # The vendor corrects the row (it was a dividend); the command the failure printed serves AAA.
-    deliver_action(landing, "AAA,2024-01-10,cash_dividend,0.2,2024-01-09T22:00:00Z")
+    # BBB: the vendor has no fix; the discard the run printed, as printed (a name and a note filled in). The row
+    # stays in the file and is not held again; BBB is computed without it.
+    marketfs = str(Path(sys.executable).with_name("marketfs"))
+    [discard] = [
+        m
+        for m in re.findall(r"marketfs quarantine discard (\d+) --by NAME --note WHY", output)
+        if int(m) == batches["BBB"].batch_id
+    ]
+    argv = [marketfs, "quarantine", "discard", discard, "--by", "alice", "--note", "no such split"]
+    discarded = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert discarded.returncode == 0, discarded.stdout + discarded.stderr
+    assert "BBB" in set(vectors(engine, "1m", instrument=None)["instrument_id"])
+
+    # AAA: the vendor corrects the row (it was a dividend); the command the failure printed serves AAA.
+    deliver_action(landing, f"AAA,2024-01-10,cash_dividend,0.2,2024-01-09T22:00:00Z\n{bad_bbb}")
     [command] = set(re.findall(r"make recompute FROM=\S+?(?=[.\s]|$)", result.stderr))
     fixed = pipelines(env, "recompute", "--from", command.split("=")[1])
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    assert "AAA" in set(vectors(engine, "1m", instrument=None)["instrument_id"])
+    assert set(vectors(engine, "1m", instrument=None)["instrument_id"]) == set(INSTRUMENTS)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT status FROM quarantine_batches")).scalars().all() == ["resolved"]
+        statuses = dict(conn.execute(sa.text("SELECT instruments[1], status FROM quarantine_batches")).all())
+        assert statuses == {"AAA": "resolved", "BBB": "discarded"}
         assert conn.execute(sa.text("SELECT kind, ratio FROM corporate_actions")).all() == [("cash_dividend", 0.2)]
 
 

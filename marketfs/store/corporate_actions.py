@@ -200,14 +200,17 @@ def _as_text(bad: pl.DataFrame) -> pl.DataFrame:
     return bad.select(*[pl.col(c).cast(pl.String) for c in QUARANTINE_COLUMNS], pl.col("problem"))
 
 
-def _held_rows(conn: sa.Connection) -> pl.DataFrame:
-    """The rows of the held corporate_actions batches, with their batch."""
+def _quarantined_rows(conn: sa.Connection, *, held_only: bool) -> pl.DataFrame:
+    """The rows of the corporate_actions batches (the held ones alone, or those a person also decided on), with
+    their batch."""
     rows = conn.execute(
         sa.text(
             "SELECT b.batch_id, q.instrument_id, q.ex_date, q.kind, q.ratio, q.known_at, q.source "
             "FROM quarantine_batches b JOIN quarantine_corporate_actions q USING (batch_id) "
-            "WHERE b.status = 'held' AND b.asset = 'corporate_actions'"
-        )
+            "WHERE b.asset = 'corporate_actions' AND "
+            "(b.status = 'held' OR (NOT :held_only AND b.status IN ('released', 'discarded')))"
+        ),
+        {"held_only": held_only},
     ).all()
     schema = {"batch_id": pl.Int64(), **dict.fromkeys(QUARANTINE_COLUMNS, pl.String())}
     return pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row")
@@ -230,12 +233,13 @@ def quarantine_actions(
     if bad.is_empty():
         return []
     sessions = active_sessions()
-    # Rows a held batch already keeps are not set aside again (every run reads the whole folder).
+    # Rows a batch already keeps, or a person decided on, are not set aside again (every run reads the whole
+    # folder, and a discarded row may stay in its file).
     keys = list(QUARANTINE_COLUMNS)
     unseen = (
         _as_text(bad)
         .with_row_index("_row")
-        .join(_held_rows(conn).select(keys), on=keys, how="anti", nulls_equal=True)["_row"]
+        .join(_quarantined_rows(conn, held_only=False).select(keys), on=keys, how="anti", nulls_equal=True)["_row"]
     )
     lines = []
     fresh_rows = bad.with_row_index("_row").filter(pl.col("_row").is_in(unseen.implode())).drop("_row")
@@ -282,7 +286,7 @@ def quarantine_actions(
 def resolve_fixed_actions(conn: sa.Connection, bad: pl.DataFrame, run_id: str | None) -> list[int]:
     """Close the held batches whose rows are no longer delivered as they were (the file was corrected)."""
     keys = list(QUARANTINE_COLUMNS)
-    held = _held_rows(conn)
+    held = _quarantined_rows(conn, held_only=True)
     # A batch stays held while any of its rows is still delivered as it was.
     still = held.join(_as_text(bad).select(keys), on=keys, how="semi", nulls_equal=True)["batch_id"]
     gone = sorted(set(held["batch_id"]) - set(still))

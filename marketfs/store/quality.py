@@ -270,7 +270,9 @@ def discard(
     if not actor.strip() or not note.strip():
         raise QuarantineError("a discard needs the name of the person who decided it and a note saying why")
     batch = _decided_batch(conn, batch_id, shard_count, "discard")
-    for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state", "corporate_actions"):
+    # A discarded corporate action row is kept: it is the record of what was refused, and what tells the next run,
+    # which reads the file again, that a person has decided on it already.
+    for table in ("ohlcv_1m", "ohlcv_1d", "news_events", "feature_vectors", "feature_state"):
         conn.execute(sa.text(f"DELETE FROM quarantine_{table} WHERE batch_id = :b"), {"b": batch_id})
     _record_decision(conn, batch, "discarded", actor, note)
     gaps = _declare_discarded_day(conn, batch, actor, note)
