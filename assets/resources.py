@@ -152,6 +152,57 @@ def bound_instance_retries() -> None:
     for module in (utils, event_log, run_storage, schedule_storage):
         if hasattr(module, "retry_pg_connection_fn"):
             module.retry_pg_connection_fn = _bounded_retry
+    event_log.PostgresEventLogStorage.store_event = _store_event_riding_out_restarts
+
+
+def _ride_out(write):
+    """``write()``, one transaction, again while the connection it ran on was lost, for at most the outage budget.
+
+    dagster-postgres retries opening a connection, not a statement: a server stopping while an event is written
+    (a restart ends every open transaction) failed the step, hence the run, however soon the server came back.
+    """
+    import time
+
+    deadline = time.monotonic() + (0 if _bounded_retry.gone else outage_seconds())
+    wait = 0.2
+    while True:
+        try:
+            return write()
+        except sa.exc.DBAPIError as exc:
+            if not connection_lost(exc) or time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, 2.0)
+
+
+def _store_event_riding_out_restarts(self, event) -> None:
+    """`PostgresEventLogStorage.store_event` (dagster-postgres 0.29), each of its three transactions ridden out
+    apart: retrying the whole call after its first transaction committed would store the event twice."""
+    from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS
+    from dagster._core.storage.event_log import SqlEventLogStorageTable
+    from dagster_postgres.event_log.event_log import CHANNEL_NAME
+
+    statement = self.prepare_insert_event(event).returning(
+        SqlEventLogStorageTable.c.run_id, SqlEventLogStorageTable.c.id
+    )
+
+    def insert() -> int:
+        with self._connect() as conn:
+            run_id, event_id = conn.execute(statement).one()
+            # Kept from dagster-postgres: webservers of older versions still LISTEN for it.
+            conn.execute(sa.text(f"NOTIFY {CHANNEL_NAME}, :notify_id"), {"notify_id": f"{run_id}_{event_id}"})
+        return int(event_id)
+
+    def asset_event() -> None:
+        with self.index_transaction() as conn:
+            self._store_asset_event_tags(conn, [event], [event_id])
+            self._store_asset_event(conn, event, event_id)
+
+    event_id = _ride_out(insert)
+    if event.is_dagster_event and event.dagster_event_type in ASSET_EVENTS and event.dagster_event.asset_key:
+        _ride_out(asset_event)
+    if event.is_dagster_event and event.dagster_event_type in ASSET_CHECK_EVENTS:
+        _ride_out(lambda: self.store_asset_check_event(event, event_id))
 
 
 def translate_database_errors(fn):

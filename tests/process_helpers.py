@@ -92,6 +92,9 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
+    # Once the leader is gone, what is left of its group gets a few seconds only: `dagster dev` restarts a code
+    # server that the SIGTERM ended just before its daemon stops, and that orphan waits 45 s for a heartbeat.
+    deadline = min(deadline, time.monotonic() + 5)
     while any(p.pgid == proc.pid for p in _all()) and time.monotonic() < deadline:
         time.sleep(0.5)
     with contextlib.suppress(ProcessLookupError):

@@ -192,3 +192,40 @@ def test_a_30_second_outage_under_the_daemon_ends_with_the_days_materialised(
     # The run was under way across the outage: it ended after the server came back.
     [(ended,)] = query(dsn, "SELECT end_time FROM runs")
     assert ended > back, (ended, back)
+
+
+def test_an_event_whose_connection_is_lost_mid_write_is_stored_once(empty_dsn: str) -> None:
+    """A restart ends the transaction an event is being written in: that transaction alone is written again.
+
+    The server itself ends the connection (pg_terminate_backend, what a restart does to every session) just as
+    the materialisation's second transaction (the asset's index) starts, after its event row was committed.
+    """
+    import dagster as dg
+    from dagster_postgres import PostgresEventLogStorage
+
+    from assets.resources import bound_instance_retries
+
+    bound_instance_retries()
+    url = sa.make_url(empty_dsn).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    storage = PostgresEventLogStorage(url)
+    ended: list[int] = []
+
+    @sa.event.listens_for(storage._engine, "before_cursor_execute")
+    def end_the_session(conn, cursor, statement, parameters, context, executemany) -> None:
+        if not ended and "asset_keys" in statement:
+            ended.append(cursor.connection.get_backend_pid())
+            with psycopg.connect(empty_dsn, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (ended[0],))
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance._event_storage = storage  # this test's PostgreSQL event log; runs and schedules stay in memory
+        storage.register_instance(instance)
+        instance.report_runless_asset_event(dg.AssetMaterialization("ridden_out"))
+        assert ended, "no statement on asset_keys: the fault was never injected"
+        stored = storage.get_event_records(
+            dg.EventRecordsFilter(dg.DagsterEventType.ASSET_MATERIALIZATION, asset_key=dg.AssetKey("ridden_out"))
+        )
+        assert len(stored) == 1  # the committed event row was not written twice
+        [record] = storage.get_asset_records([dg.AssetKey("ridden_out")])  # the asset's index was written too
+        assert record.asset_entry.last_materialization_record.storage_id == stored[0].storage_id
+    storage.dispose()
