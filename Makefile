@@ -10,7 +10,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 LOCK := requirements.lock
 
-.PHONY: run recompute restate test ui dsn stop lint install lock clean-db bench docs
+.PHONY: run recompute restate test ui dsn stop lint install lock clean-db bench docs image
 
 # The locked set (tools/lockfile.py), hash-checked, then this project editable on top; one line per phase,
 # pip's own output (warnings about this machine's pip configuration, the build backend's notes) in a log
@@ -71,6 +71,12 @@ docs: $(STAMP)  ## regenerate docs/features.md and the feature suites from the d
 	$(BIN)/python -m marketfs.catalog --write
 	$(BIN)/python -m expectations.generate
 	$(BIN)/python -m pipelines.lineage --write
+
+# deploy/docker/build_image.sh: the locked wheels downloaded on this host, then `docker build` (offline inside).
+# MARKETFS_IMAGE names the tag (marketfs:latest); MARKETFS_BASE_IMAGE=debootstrap builds the base from Debian
+# packages where no registry image can be pulled (docs/docker.md).
+image: $(STAMP)  ## the user-code image for Docker and Kubernetes deployments (Dockerfile)
+	deploy/docker/build_image.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
