@@ -14,10 +14,9 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 from conftest import new_database
-from dagster_helpers import dagster_process_env
+from dagster_helpers import dagster_process_env, served_content
 
 from marketfs.shards import SHARDS_ENV, Shard, ShardConfigError, shard_count, shards
-from marketfs.store.copy import copy_query_out
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"SYN{i:03d}" for i in range(300)] + ["AAPL", "BRK.B", "ÄÖÜ", "zz-top", "7203.T"]
@@ -65,42 +64,8 @@ def _run(dsn: str, tmp_path: Path, shards_env: str, *args: str) -> subprocess.Co
     )
 
 
-def _served(dsn: str) -> dict[str, pl.DataFrame]:
-    """Every served row, every column but when and by which run it was written or ingested, in key order."""
-    from psycopg import sql
-
-    from marketfs.db import engine_for
-
-    tables = {
-        "feature_vectors": "instrument_id, timeframe, feature_set_version, ts",
-        "feature_state": "instrument_id, timeframe, feature_set_version, ts",
-        "ohlcv_1m": "instrument_id, ts",
-        "ohlcv_1d": "instrument_id, ts",
-        "news_events": "event_id",
-    }
-    out = {}
-    with engine_for(dsn).connect() as conn:
-        for table, order in tables.items():
-            columns = [
-                c
-                for c in conn.execute(
-                    sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t ORDER BY 1"),
-                    {"t": table},
-                ).scalars()
-                if c not in ("written_at", "ingested_at", "run_id")
-            ]
-            query = sql.SQL("SELECT {} FROM {} ORDER BY " + order).format(
-                sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
-                sql.Identifier(table),
-            )
-            out[table] = copy_query_out(conn, query, {}, dict.fromkeys(columns, pl.String))
-    return out
-
-
 def test_vectors_and_state_do_not_depend_on_the_shard_count(server_dsn: str, tmp_path: Path) -> None:
     import psycopg
-
-    from assets.data_versions import content_version
 
     results = {}
     for count in ("1", "4"):
@@ -112,7 +77,7 @@ def test_vectors_and_state_do_not_depend_on_the_shard_count(server_dsn: str, tmp
             if count == "4":
                 assert result.stdout.count("succeeded") == 4, result.stdout  # one run per shard
                 assert "x 4 of 4 shards, 4 run(s)" in result.stdout
-            results[count] = {t: (f.height, content_version(f)) for t, f in _served(dsn).items()}
+            results[count] = served_content(dsn)
             with psycopg.connect(dsn) as conn:
                 chains = conn.execute(
                     "SELECT count(DISTINCT partition) FROM quality_log WHERE asset = 'feature_vectors_fs_v1_1m'"

@@ -8,15 +8,12 @@ Chromium (skipped without it, as in test_ui_browser.py). Screenshots go to test-
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 
 import pytest
-from dagster_helpers import dagster_dev, dagster_process_env
+from dagster_helpers import dagster_dev, dagster_process_env, launch_backfill, run_ranges, wait_for_backfill
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS
 
 from assets.partitions import SESSIONS, day_window
@@ -38,34 +35,6 @@ INSTRUMENTS = tuple(f"SYN{i:03d}" for i in range(8))
 FEATURES = "feature_vectors_fs_v1_1m"  # depends on its own previous day (the state chain)
 
 
-def _graphql(base: str, query: str, variables: dict) -> dict:
-    request = urllib.request.Request(
-        f"{base}/graphql",
-        data=json.dumps({"query": query, "variables": variables}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        body = json.load(response)
-    assert "errors" not in body, body
-    return body["data"]
-
-
-LAUNCH = """mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
-
-STATUS = """query($id: String!) {
-  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
-  runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) {
-    ... on Runs { results { runId status startTime endTime tags { key value } assetSelection { path } } }
-  }
-}"""
-
-
 @pytest.fixture
 def sharded_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
     start, end = day_window(DAYS[0])[0], day_window(DAYS[-1])[1]
@@ -79,36 +48,12 @@ def sharded_ui(dsn: str, tmp_path: Path, request: pytest.FixtureRequest):
 def test_a_ui_backfill_runs_each_shard_in_order_and_the_shards_at_once(sharded_ui: tuple[str, Path]) -> None:
     base, log = sharded_ui
     keys = [f"{day}|{shard}" for day in DAYS for shard in "01"]
-    launched = _graphql(
-        base,
-        LAUNCH,
-        {
-            "params": {
-                "assetSelection": [{"path": [FEATURES]}],
-                "partitionNames": keys,
-                "fromFailure": False,
-            }
-        },
-    )["launchPartitionBackfill"]
-    assert launched["__typename"] == "LaunchBackfillSuccess", launched
-    deadline = time.monotonic() + 420
-    while True:
-        state = _graphql(base, STATUS, {"id": launched["backfillId"]})
-        status = state["partitionBackfillOrError"]["status"]
-        if status not in ("REQUESTED", "CANCELING"):
-            break
-        assert time.monotonic() < deadline, f"backfill still {status}: {state}\n{log.read_text()[-3000:]}"
-        time.sleep(3)
-    runs = state["runsOrError"]["results"]
+    backfill = launch_backfill(base, [FEATURES], keys)
+    status, runs = wait_for_backfill(base, backfill, log, timeout=420)
     assert status == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in runs), (status, runs)
 
-    def tag(run: dict, key: str) -> str:
-        return next(t["value"] for t in run["tags"] if t["key"] == key)
-
     # One run per shard, each holding the shard's days in order (one range), the two side by side.
-    ranges = sorted(
-        (tag(r, "dagster/asset_partition_range_start"), tag(r, "dagster/asset_partition_range_end")) for r in runs
-    )
+    ranges = run_ranges(runs)
     assert ranges == [(f"{DAYS[0]}|{s}", f"{DAYS[-1]}|{s}") for s in "01"], ranges
     assert max(r["startTime"] for r in runs) < min(r["endTime"] for r in runs), runs
 
