@@ -7,31 +7,32 @@
 # keeps the image's packages exactly requirements.lock's, hash-checked.
 ARG BASE_IMAGE=python:3.11-slim
 
-FROM ${BASE_IMAGE} AS install
+FROM ${BASE_IMAGE} AS locked
 # requirements.lock is resolved for Python 3.11 (its markers and wheels); say so here, not as a pip error.
 RUN python3 -c 'import sys; v = sys.version_info[:2]; assert v == (3, 11), f"the base image has Python {v[0]}.{v[1]}: requirements.lock is for 3.11; pass --build-arg BASE_IMAGE=<an image with Python 3.11>"'
 RUN python3 -m venv /opt/venv
 COPY build/docker/wheelhouse /wheels
-COPY build/docker/build-tools /build-tools
 COPY requirements.lock /tmp/requirements.lock
-# A layer of its own: only a changed lock reinstalls the 120 packages.
 RUN /opt/venv/bin/pip install --quiet --no-index --find-links /wheels --require-hashes -r /tmp/requirements.lock
-COPY pyproject.toml README.md /src/
-COPY marketfs /src/marketfs
-COPY assets /src/assets
-COPY pipelines /src/pipelines
-COPY expectations /src/expectations
-# Not editable: the image holds a copy. setuptools for the build comes from /build-tools (pyproject's backend).
-RUN /opt/venv/bin/pip install --quiet --no-index --find-links /build-tools --no-deps /src
 
 FROM ${BASE_IMAGE}
-# The venv alone, without the wheelhouse the install stage copied in (half the image's size).
-COPY --from=install /opt/venv /opt/venv
+# The locked venv without the wheelhouse it was installed from (half the image's size); a layer that changes
+# only with the lock, so a changed source file rebuilds the small layers below and nothing else.
+COPY --from=locked /opt/venv /opt/venv
 # A fixed uid, so a mounted landing folder's permissions can name it. Home holds MARKETFS_HOME (Data Docs) and
 # DAGSTER_HOME (a run's local artefacts) where this user can write.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /opt/dagster marketfs \
     && mkdir -p /opt/dagster/marketfs /opt/dagster/dagster_home \
     && chown -R marketfs:marketfs /opt/dagster
+COPY build/docker/build-tools /tmp/build-tools
+COPY pyproject.toml README.md /tmp/src/
+COPY marketfs /tmp/src/marketfs
+COPY assets /tmp/src/assets
+COPY pipelines /tmp/src/pipelines
+COPY expectations /tmp/src/expectations
+# Not editable: the image holds a copy. setuptools for the build comes from build-tools (pyproject's backend).
+RUN /opt/venv/bin/pip install --quiet --no-index --find-links /tmp/build-tools --no-deps /tmp/src \
+    && rm -rf /tmp/src /tmp/build-tools
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MARKETFS_HOME=/opt/dagster/marketfs \
