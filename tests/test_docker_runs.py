@@ -24,10 +24,12 @@ import pytest
 import yaml
 from conftest import new_database
 from dagster_helpers import (
+    BACKFILL_STATUS,
     PIPELINE,
     dagster_dev,
     dagster_process_env,
     free_port,
+    graphql,
     launch_backfill,
     materialize_range,
     run_ranges,
@@ -205,6 +207,17 @@ def _containers_of(run_id: str, since: float) -> tuple[list[str], list[str]]:
     return created, left
 
 
+def _wait_for_runs(base: str, backfill: str, log: Path, count: int, timeout: float = 300) -> None:
+    """Until the backfill has launched ``count`` runs and every one of them has finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = graphql(base, BACKFILL_STATUS, {"id": backfill})["runsOrError"]["results"]
+        if len(runs) >= count and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+            return
+        assert time.monotonic() < deadline, f"backfill {backfill}'s runs still {runs}:\n{log.read_text()[-3000:]}"
+        time.sleep(2)
+
+
 def test_a_two_shard_backfill_runs_one_container_per_shard_and_stores_what_a_local_run_does(
     code_server: tuple[dict[str, str], int], server_dsn: str, tmp_path: Path
 ) -> None:
@@ -212,19 +225,24 @@ def test_a_two_shard_backfill_runs_one_container_per_shard_and_stores_what_a_loc
     began = time.time()
     log = tmp_path / "dagster-dev.log"
     keys = [f"{day}|{shard}" for day in DAYS for shard in "01"]
-    runs = []
     with dagster_dev(env, log, workspace=_workspace(tmp_path, port)) as base:
-        for assets in (INGEST, FEATURES):
-            status, stage = wait_for_backfill(base, launch_backfill(base, assets, keys), log, timeout=300)
-            assert status == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in stage), (
-                assets,
-                status,
-                stage,
-                log.read_text()[-4000:],
-            )
-            # One run per shard, over the shard's days, in a container of the image.
-            assert run_ranges(stage) == [(f"{DAYS[0]}|{s}", f"{DAYS[-1]}|{s}") for s in "01"], (assets, stage)
-            runs += stage
+        ingest = launch_backfill(base, INGEST, keys)
+        # The features start once the ingest's runs have written the bars: a daemon tick (30 s) before the ingest
+        # backfill itself is marked complete. Both backfills' status and runs are checked at the end.
+        _wait_for_runs(base, ingest, log, count=2)
+        features = launch_backfill(base, FEATURES, keys)
+        stages = [wait_for_backfill(base, backfill, log, timeout=300) for backfill in (features, ingest)]
+    runs = []
+    for assets, (status, stage) in zip((FEATURES, INGEST), stages, strict=True):
+        assert status == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in stage), (
+            assets,
+            status,
+            stage,
+            log.read_text()[-4000:],
+        )
+        # One run per shard, over the shard's days, in a container of the image.
+        assert run_ranges(stage) == [(f"{DAYS[0]}|{s}", f"{DAYS[-1]}|{s}") for s in "01"], (assets, stage)
+        runs += stage
     assert {run_tag(r, "dagster/image") for r in runs} == {IMAGE}, runs
     deadline = time.monotonic() + 60  # auto_remove: Docker deletes a container just after its process exits
     while True:
