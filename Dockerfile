@@ -9,7 +9,7 @@ ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS locked
 # requirements.lock is resolved for Python 3.11 (its markers and wheels); say so here, not as a pip error.
-RUN python3 -c 'import sys; v = sys.version_info[:2]; assert v == (3, 11), f"the base image has Python {v[0]}.{v[1]}: requirements.lock is for 3.11; pass --build-arg BASE_IMAGE=<an image with Python 3.11>"'
+RUN python3 -c 'import sys; v = sys.version_info; v[:2] == (3, 11) or sys.exit(f"error: the base image has Python {v[0]}.{v[1]}, requirements.lock is for 3.11. Fix: --build-arg BASE_IMAGE=<an image with Python 3.11> (MARKETFS_BASE_IMAGE for make image)")'
 RUN python3 -m venv /opt/venv
 COPY build/docker/wheelhouse /wheels
 COPY requirements.lock /tmp/requirements.lock
