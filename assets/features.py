@@ -40,16 +40,17 @@ from marketfs.features.registry import FEATURE_SETS, FeatureSet, dataset_name
 from marketfs.features.timeframes import timeframe as timeframe_spec
 from marketfs.holds import Holds
 from marketfs.intraday import record_day_written, retract_day
+from marketfs.reference_days import ReferenceDays
 from marketfs.shards import Shard
 from marketfs.store.corporate_actions import close_restatements
 from marketfs.store.feature_vectors import (
     compute_stored,
-    read_recent_partitions,
     read_vectors,
     vector_schema,
     write_features,
 )
 from marketfs.store.holds import batch_evidence, feature_holds, read_holds, resolve_superseded
+from marketfs.store.reference_days import read_trailing_reference, write_reference_days
 from marketfs.store.timescale import settle_write
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def _materialise_shard(
     name = dataset_name(fs, timeframe)
     shard = scope.shard
     plan = DayChunks(scope.days)
-    history = None  # the drift reference, read once and carried from chunk to chunk
+    history = None  # the drift reference, read once and carried from chunk to chunk (its last N days alone)
     for days in plan:
         start, end = day_window(days[0])[0], day_window(days[-1])[1]
         computation = _compute(store, fs, timeframe, start, end, shard, days[0], restating)
@@ -246,7 +247,9 @@ def _materialise_shard(
             kept = FeatureComputation(
                 vectors=held_here.filter(computation.vectors), state=held_here.filter(computation.state), holds=held
             )
-            accepted = _write_accepted(store, context, fs, timeframe, kept, chunk.accepted, shard, restating)
+            accepted, written_days = _write_accepted(
+                store, context, fs, timeframe, kept, chunk.accepted, shard, restating, drift_template
+            )
             empty = vectors.clear().drop(DAY)
             for day in chunk.accepted:
                 rows = held_here.filter(by_day.get(day, empty))
@@ -261,8 +264,8 @@ def _materialise_shard(
                     f"{len(computation.holds)} instrument(s) held, not computed: {computation.holds.describe()} "
                     "(marketfs quarantine list)"
                 )
-            if history is not None:
-                history = _roll(history, accepted.vectors, drift_template)
+            if history is not None and written_days is not None:
+                history = _roll(history, written_days, drift_template)
         if chunk.day_breaches:
             _retract_intraday(store, context, fs, timeframe, shard, [b.day for b in chunk.day_breaches])
             return True  # later days continue the breaching day's state: they are held back
@@ -367,9 +370,13 @@ def _write_accepted(
     days: list[str],
     shard: Shard,
     restating: list[str] | None = None,
-) -> FeatureComputation:
+    drift_template: dict | None = None,
+) -> tuple[FeatureComputation, ReferenceDays | None]:
     """The days before the first breach, with their state, in one transaction (the shard's instruments, or
-    those ``restating`` alone)."""
+    those ``restating`` alone); and, with a drift gate, the written days' drift columns as reference days.
+
+    Those days are stored with the vectors (``drift_reference_days``) when the write leaves the table holding
+    exactly them: not for a restatement, nor while held instruments keep rows the write does not touch."""
     start, end = day_window(days[0])[0], day_window(days[-1])[1]
     accepted = FeatureComputation(
         vectors=_in_window(computation.vectors, start, end),
@@ -377,6 +384,14 @@ def _write_accepted(
         holds=computation.holds,
     )
     name = dataset_name(fs, timeframe)
+    written_days = None
+    if drift_template is not None:
+        from expectations.drift import ReferenceSpec, drift_columns
+
+        # compute_stored's vectors are in instrument, ts order: the order a read of the stored day returns.
+        written_days = ReferenceDays.from_frame(accepted.vectors, drift_columns(drift_template), SESSIONS.trading_day)
+        keep_days = 3 * ReferenceSpec.from_suite(drift_template).partitions + 7
+    stores_reference = written_days is not None and restating is None and not accepted.holds
 
     def write() -> None:
         with store.engine().begin() as conn:
@@ -394,6 +409,17 @@ def _write_accepted(
             )
             if restating is not None:
                 return  # a few instruments' vectors: the day as a whole is what its own run recorded
+            if stores_reference:
+                write_reference_days(
+                    conn,
+                    written_days,
+                    feature_set=fs,
+                    timeframe=timeframe,
+                    windows={day: day_window(day) for day in written_days.labels},
+                    shard=shard,
+                    keep_days=keep_days,
+                    run_id=context.run_id,
+                )
             # The day is now what this run computed whole: its intraday steps are replaced by it.
             for day in days:
                 day_vectors = _in_window(accepted.vectors, *day_window(day))
@@ -404,7 +430,7 @@ def _write_accepted(
     # After the commit: what the write moved out of the columnstore goes back, and the rollup follows.
     for done in settle_write(store.engine(), "feature_vectors", start, end):
         context.log.debug(done)
-    return accepted
+    return accepted, written_days
 
 
 def _retract_intraday(
@@ -465,9 +491,10 @@ def _day_metadata(vectors: pl.DataFrame) -> dict[str, dg.MetadataValue]:
 
 def _drift_history(
     store: FeatureStore, fs: FeatureSet, template: dict, timeframe: str, start: datetime, shard: Shard
-) -> pl.DataFrame:
-    """The stored vectors a run's drift reference draws on: the trailing days before ``start``, or the
-    pinned window or snapshot. Only the columns drift compares (the reference spans weeks).
+) -> ReferenceDays:
+    """The stored vectors a run's drift reference draws on, as days: the trailing days before ``start``
+    (stored with their vectors, read from the vectors where not), or the pinned window or snapshot. Only
+    the columns drift compares (the reference spans weeks).
 
     Of the shard's own instruments: a day is compared with what its instruments did before, never with
     other shards' days, which a run going on at the same time may be writing (the verdict would then
@@ -479,7 +506,7 @@ def _drift_history(
     columns = drift_columns(template)
     with store.engine().connect() as conn:
         if spec.kind == "trailing":
-            history = read_recent_partitions(
+            return read_trailing_reference(
                 conn,
                 feature_set=fs,
                 timeframe=timeframe,
@@ -487,8 +514,9 @@ def _drift_history(
                 partitions=spec.partitions,
                 columns=columns,
                 shard=shard,
+                day_of=SESSIONS.trading_day,
             )
-        elif spec.kind == "snapshot":
+        if spec.kind == "snapshot":
             from marketfs.snapshots import read_snapshot
 
             history = shard.filter(read_snapshot(conn, spec.snapshot))
@@ -502,24 +530,23 @@ def _drift_history(
                 columns=columns,
                 shard=shard,
             )
-    return history.select("ts", *columns)
+    return ReferenceDays.from_frame(history, columns, SESSIONS.trading_day)
 
 
-def _roll(history: pl.DataFrame, written: pl.DataFrame, template: dict) -> pl.DataFrame:
+def _roll(history: ReferenceDays, written: ReferenceDays, template: dict) -> ReferenceDays:
     """The reference for the next chunk: a trailing one takes in the days just written and keeps its
-    last N days, as a fresh read would; a pinned one stays as it is."""
+    last N days (whole trading days), as a fresh read would; a pinned one stays as it is. Bounded: a run
+    over a year holds N days of the drift columns, never the range."""
     from expectations.drift import ReferenceSpec
 
     spec = ReferenceSpec.from_suite(template)
     if spec.kind != "trailing":
         return history
-    pool = pl.concat([history, written.select(history.columns)])
-    days = pool.select(pl.col("ts").dt.date().unique().sort()).to_series()
-    return pool.filter(pl.col("ts").dt.date() >= days[-spec.partitions]) if days.len() > spec.partitions else pool
+    return history.merged(written).last(spec.partitions)
 
 
 def _drift(
-    vectors: pl.DataFrame, history: pl.DataFrame, template: dict, fs: FeatureSet, timeframe: str
+    vectors: pl.DataFrame, history: ReferenceDays, template: dict, fs: FeatureSet, timeframe: str
 ) -> tuple[dict[str, GateResult], "DriftProfile"]:
     """One drift verdict per day (the day profile against its reference, one GX validation), and the profile."""
     from expectations.drift import drift_profile

@@ -55,16 +55,15 @@ supplies Student's t; it is imported inside the function that needs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from marketfs.reference_days import DayOf, ReferenceDays, day_label
+
 DAY = "day"
-EPOCH = date(1970, 1, 1)
 SCORES = {"mean": "mean_z", "stdev": "stdev_z", "kl": "kl_score"}  # statistic -> profile column prefix
 FINE_BINS = 2048  # the grid a reference's deciles are placed on (to within one fine bin)
 PSEUDO_COUNT = 0.5  # per histogram bin: a bin one side leaves empty still gives a finite divergence
@@ -173,16 +172,18 @@ class DriftProfile:
     not_evaluated: dict[str, str]  # day -> why it has no row in ``frame``
 
 
-DayOf = Callable[[pl.Series], pl.Series]
-
-
 def utc_date(ts: pl.Series) -> pl.Series:
     """The UTC date of each instant: the day of data that has no exchange calendar (tests, benchmarks)."""
     return ts.dt.date()
 
 
 def drift_profile(
-    vectors: pl.DataFrame, history: pl.DataFrame, template: dict, *, source: str, day_of: DayOf = utc_date
+    vectors: pl.DataFrame,
+    history: pl.DataFrame | ReferenceDays,
+    template: dict,
+    *,
+    source: str,
+    day_of: DayOf = utc_date,
 ) -> DriftProfile:
     """The drift profile of every day of ``vectors`` against its reference.
 
@@ -190,7 +191,8 @@ def drift_profile(
     calendar (an after-hours vector, or one of a session crossing UTC midnight, is judged with the
     session that closes next), so that a day here is a partition.
 
-    ``history`` holds the stored vectors the reference may draw on (``ts`` plus the drift columns):
+    ``history`` holds the stored vectors the reference may draw on (``ts`` plus the drift columns, or
+    the same as ``ReferenceDays``, already split into days by ``day_of``):
     the trailing partitions before the first day of ``vectors``, the pinned window or the snapshot.
     A day with fewer than ``min_partitions`` reference days gets no row, and a reason. ``suite`` is
     ``template`` itself: its bounds are constants, nothing is filled in per run.
@@ -204,13 +206,19 @@ def drift_profile(
     spec = ReferenceSpec.from_suite(template)
     gates = drift_gates(template)
     features = sorted({gate.feature for gate in gates})
-    for name, frame in (("vectors", vectors), ("history", history)):
-        missing = [c for c in ("ts", *features) if c not in frame.columns]
+    frames = [("vectors", vectors.columns)]
+    frames.append(("history", history.columns if isinstance(history, pl.DataFrame) else ("ts", *history.columns)))
+    for name, columns in frames:
+        missing = [c for c in ("ts", *features) if c not in columns]
         if missing:
             raise ValueError(f"drift suite {template.get('name')}: {name} lack the columns {missing}")
+    if isinstance(history, pl.DataFrame):
+        history = ReferenceDays.from_frame(history, features, day_of)
+    elif history.columns != tuple(features):
+        history = history.select(features)
     bins = int(template.get("meta", {}).get("kl_bins", 10))
     tail_df = template.get("meta", {}).get("tail_df")
-    pool = _pool(vectors, history, spec, day_of)
+    pool = _pool(ReferenceDays.from_frame(vectors, features, day_of), history, spec)
     labels, day_slot, lo, hi = pool.labels, pool.day_slot, pool.lo, pool.hi
     found = hi - lo
     evaluated = found >= spec.min_partitions
@@ -302,70 +310,44 @@ class _Pool:
     day_slot: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    frames: tuple[pl.DataFrame, pl.DataFrame]
-    order: np.ndarray
+    columns: tuple[str, ...]
+    slots: tuple[np.ndarray, ...]  # per slot, (features x rows)
 
     def column(self, feature: str) -> np.ndarray:
-        values = np.concatenate([frame[feature].cast(pl.Float64).to_numpy() for frame in self.frames])
-        return values[self.order]
+        index = self.columns.index(feature)
+        if not self.slots:
+            return np.empty(0)
+        return np.concatenate([values[index] for values in self.slots])
 
 
-def _day_numbers(frame: pl.DataFrame, day_of: DayOf) -> np.ndarray:
-    """Each row's day (``day_of`` its ts, a ``pl.Date``), as days since 1970-01-01."""
-    days = day_of(frame["ts"]) if frame.height else pl.Series([], dtype=pl.Date)
-    return days.cast(pl.Int32).to_numpy().astype(np.int64)
-
-
-def _numbered(days: np.ndarray, of: np.ndarray) -> np.ndarray:
-    """The position in ``days`` (sorted, distinct) of each value of ``of``, by table lookup."""
-    if not days.size:
-        return of
-    table = np.full(int(days[-1] - days[0]) + 1, -1, np.int64)
-    table[days - days[0]] = np.arange(days.size)
-    return table[of - days[0]]
-
-
-def _distinct(numbers: np.ndarray) -> np.ndarray:
-    """The distinct values, sorted (day numbers span a small range: a count beats a sort)."""
-    if not numbers.size:
-        return numbers
-    low = numbers.min()
-    return np.flatnonzero(np.bincount(numbers - low)) + low
-
-
-def _pool(current: pl.DataFrame, stored: pl.DataFrame, spec: ReferenceSpec, day_of: DayOf) -> _Pool:
+def _pool(current: ReferenceDays, stored: ReferenceDays, spec: ReferenceSpec) -> _Pool:
     """Trailing: one slot per date in date order (a current day replaces a stored one of the same
     date); a day's reference is the ``spec.partitions`` slots before its own. Window or snapshot:
     the stored days, then the current ones; every current day's reference is all the stored days.
+    Each slot's rows are in the order its frame (or the stored reference) had them.
     """
-    current_day, stored_day = _day_numbers(current, day_of), _day_numbers(stored, day_of)
-    current_days = _distinct(current_day)
+    current_days = np.asarray(current.days, np.int64)
     if spec.kind == "trailing":
-        keep = ~np.isin(stored_day, current_days)
-        if not keep.all():
-            stored, stored_day = stored.filter(pl.Series(keep)), stored_day[keep]
-        days = np.union1d(_distinct(stored_day), current_days)
-        slot = _numbered(days, np.concatenate([stored_day, current_day]))
-        day_slot = _numbered(days, current_days)
+        stored = stored.without(current.days)
+        pooled = stored.merged(current)
+        days = np.asarray(pooled.days, np.int64)
+        slots = pooled.values
+        day_slot = np.searchsorted(days, current_days)
         lo, hi = np.maximum(day_slot - spec.partitions, 0), day_slot
     else:
-        stored_days = _distinct(stored_day)
-        days = np.concatenate([stored_days, current_days])
-        slot = np.concatenate(
-            [_numbered(stored_days, stored_day), stored_days.size + _numbered(current_days, current_day)]
-        )
-        day_slot = stored_days.size + np.arange(current_days.size)
-        lo, hi = np.zeros_like(day_slot), np.full_like(day_slot, stored_days.size)
-    # A stable radix sort of small integers: linear in the rows.
-    order = np.argsort(slot.astype(np.int16 if days.size < 2**15 else np.int32), kind="stable")
+        days = np.asarray([*stored.days, *current.days], np.int64)
+        slots = (*stored.values, *current.values)
+        day_slot = len(stored.days) + np.arange(current_days.size)
+        lo, hi = np.zeros_like(day_slot), np.full_like(day_slot, len(stored.days))
+    rows = np.asarray([values.shape[1] for values in slots], np.int64)
     return _Pool(
-        labels=[(EPOCH + timedelta(days=int(d))).isoformat() for d in days],
-        offsets=np.concatenate([[0], np.bincount(slot, minlength=days.size).cumsum()]),
+        labels=[day_label(d) for d in days],
+        offsets=np.concatenate([[0], rows.cumsum()]).astype(np.int64),
         day_slot=day_slot,
         lo=lo,
         hi=hi,
-        frames=(stored, current),
-        order=order,
+        columns=current.columns,
+        slots=tuple(slots),
     )
 
 

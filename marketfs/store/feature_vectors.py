@@ -20,6 +20,7 @@ from marketfs.features.registry import FeatureSet
 from marketfs.holds import NO_HOLDS, Holds, drop_from
 from marketfs.shards import ALL, Shard
 from marketfs.store.copy import copy_frame_in, copy_query_out
+from marketfs.store.reference_days import forget_reference_days
 from marketfs.store.tables import replace_window, select_list, writable
 from marketfs.store.timescale import lift_decompression_limit
 
@@ -111,6 +112,9 @@ def upsert_window(
         {"scope": f"{feature_set.version}/{timeframe}/{shard.index}"},
     )
     lift_decompression_limit(conn)
+    # The stored drift reference of these days no longer says what the table holds (the daily writer puts
+    # back the days it writes whole).
+    forget_reference_days(conn, feature_set=feature_set, timeframe=timeframe, start=start, end=end, shard=shard)
     # What ``as_of`` reads: the instant the write could first be seen. Stamped once the writers' lock is held,
     # not at the transaction's start (``now()``), which a write that waited for the lock would predate.
     stamp = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
@@ -268,9 +272,28 @@ def read_recent_partitions(
     shard: Shard = ALL,
 ) -> pl.DataFrame:
     """Stored vectors of (about) the last ``partitions`` trading days that have vectors before ``before``,
-    of the instruments of ``shard``.
+    of the instruments of ``shard`` (from ``recent_partitions_start``)."""
+    start = recent_partitions_start(
+        conn, feature_set=feature_set, timeframe=timeframe, before=before, partitions=partitions, shard=shard
+    )
+    return read_vectors(
+        conn,
+        feature_set=feature_set,
+        timeframe=timeframe,
+        start=before if start is None else start,
+        end=before,
+        columns=columns,
+        shard=shard,
+    )
 
-    The days are counted as UTC dates in SQL (an index range, no calendar on the server), and the read
+
+def recent_partitions_start(
+    conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, before: datetime, partitions: int, shard: Shard
+) -> datetime | None:
+    """Where (about) the last ``partitions`` trading days that have vectors before ``before`` start; None
+    when there are none.
+
+    The days are counted as UTC dates in SQL (an index range, no calendar on the server), and the window
     starts where the earliest one's trading day starts, so that day is whole (its after-hours part too).
     """
     first_day = conn.execute(
@@ -282,18 +305,13 @@ def read_recent_partitions(
         {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions, **shard.params},
     ).scalar()
     if first_day is None:
-        return read_vectors(
-            conn, feature_set=feature_set, timeframe=timeframe, start=before, end=before, columns=columns, shard=shard
-        )
+        return None
     from marketfs.universe import active_sessions
 
     sessions = active_sessions()
     first = first_day if first_day.tzinfo else first_day.replace(tzinfo=UTC)
     session = sessions.trading_day(pl.Series([first])).item()
-    start = sessions.trading_day_window(session)[0] if session is not None else first
-    return read_vectors(
-        conn, feature_set=feature_set, timeframe=timeframe, start=start, end=before, columns=columns, shard=shard
-    )
+    return sessions.trading_day_window(session)[0] if session is not None else first
 
 
 def compute_stored(

@@ -622,6 +622,35 @@ def _m017_corporate_actions(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(18, "drift_reference_days: each written day's drift columns, what a trailing drift reference reads")
+def _m018_drift_reference_days(conn: sa.Connection, timescale: bool) -> None:
+    # A scheduled partition's drift reference is the trailing 20 days of vectors: read from feature_vectors
+    # that is ~400,000 rows of text per dataset (6 s of a 17 s partition); stored per day as float64 arrays
+    # (marketfs/store/reference_days.py) it is 20 rows. A derived copy: any write to a day's vectors deletes
+    # its rows here, and a read falls back to feature_vectors for a day without one.
+    conn.execute(
+        sa.text(
+            """
+            CREATE TABLE drift_reference_days (
+                feature_set_version text NOT NULL,
+                timeframe text NOT NULL,
+                day date NOT NULL,
+                shard_count int NOT NULL,
+                shard_index int NOT NULL,
+                day_start timestamptz NOT NULL,
+                day_end timestamptz NOT NULL,
+                columns text[] NOT NULL,
+                rows int NOT NULL,
+                vector_values bytea NOT NULL,
+                run_id text,
+                written_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                PRIMARY KEY (feature_set_version, timeframe, day, shard_count, shard_index)
+            )
+            """
+        )
+    )
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

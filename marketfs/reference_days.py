@@ -1,0 +1,107 @@
+"""A drift reference as days: per trading day, the drift columns of its vectors as float64 arrays.
+
+What the drift profile reads of a reference is, per day, the values of each gated feature in the
+order the stored vectors are read (instrument, then ts): ``expectations/drift.py`` sorts each day
+once, and places its fine histogram grid on a strided sample of the pooled values, which is why the
+order is kept. Held as one array per day (features x rows, no timestamps, no instrument ids), a
+reference is about a third of the frame it came from, a day at a time can be dropped when a trailing
+reference moves on, and it can be stored per day (``marketfs/store/reference_days.py``) and read
+back as 20 rows instead of 400,000 vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import numpy as np
+import polars as pl
+
+EPOCH = date(1970, 1, 1)
+
+DayOf = Callable[[pl.Series], pl.Series]
+
+
+def day_number(day: date | str) -> int:
+    """Days since 1970-01-01 (what ``pl.Date`` holds)."""
+    return ((date.fromisoformat(day) if isinstance(day, str) else day) - EPOCH).days
+
+
+def day_label(number: int) -> str:
+    return (EPOCH + timedelta(days=int(number))).isoformat()
+
+
+@dataclass(frozen=True)
+class ReferenceDays:
+    """``values[i]`` holds day ``days[i]``'s vectors: shape ``(len(columns), rows)``, float64, NaN for null.
+
+    ``days`` are day numbers (since 1970-01-01), ascending and distinct.
+    """
+
+    columns: tuple[str, ...]
+    days: tuple[int, ...] = ()
+    values: tuple[np.ndarray, ...] = ()
+
+    @classmethod
+    def empty(cls, columns: Iterable[str]) -> ReferenceDays:
+        return cls(tuple(columns))
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, columns: Iterable[str], day_of: DayOf) -> ReferenceDays:
+        """Each day's rows of ``frame`` (its day: ``day_of`` of ``ts``), in the frame's order."""
+        columns = tuple(columns)
+        if not frame.height:
+            return cls(columns)
+        numbers = day_of(frame["ts"]).cast(pl.Int32).to_numpy().astype(np.int64)
+        # A stable sort by day keeps each day's rows in the frame's order.
+        order = np.argsort(numbers, kind="stable")
+        days, starts = np.unique(numbers[order], return_index=True)
+        matrix = np.stack([frame[c].cast(pl.Float64).to_numpy()[order] for c in columns]) if columns else None
+        bounds = [*starts.tolist(), frame.height]
+        values = tuple(
+            np.ascontiguousarray(matrix[:, a:b]) if matrix is not None else np.empty((0, b - a))
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        )
+        return cls(columns, tuple(int(d) for d in days), values)
+
+    @property
+    def labels(self) -> list[str]:
+        return [day_label(d) for d in self.days]
+
+    @property
+    def rows(self) -> int:
+        return sum(v.shape[1] for v in self.values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.values)
+
+    def day(self, number: int) -> np.ndarray:
+        return self.values[self.days.index(number)]
+
+    def merged(self, newer: ReferenceDays) -> ReferenceDays:
+        """These days and ``newer``'s; a day both hold is ``newer``'s."""
+        if newer.columns != self.columns:
+            newer = newer.select(self.columns)
+        by_day = dict(zip(self.days, self.values, strict=True))
+        by_day.update(zip(newer.days, newer.values, strict=True))
+        days = sorted(by_day)
+        return ReferenceDays(self.columns, tuple(days), tuple(by_day[d] for d in days))
+
+    def last(self, count: int) -> ReferenceDays:
+        """The ``count`` latest days (a trailing reference moving on)."""
+        if len(self.days) <= count:
+            return self
+        return ReferenceDays(self.columns, self.days[-count:], self.values[-count:])
+
+    def without(self, numbers: Iterable[int]) -> ReferenceDays:
+        drop = set(numbers)
+        kept = [(d, v) for d, v in zip(self.days, self.values, strict=True) if d not in drop]
+        return ReferenceDays(self.columns, tuple(d for d, _ in kept), tuple(v for _, v in kept))
+
+    def select(self, columns: Iterable[str]) -> ReferenceDays:
+        """The same days with ``columns`` alone (each must be held)."""
+        columns = tuple(columns)
+        index = [self.columns.index(c) for c in columns]
+        return ReferenceDays(columns, self.days, tuple(np.ascontiguousarray(v[index]) for v in self.values))
