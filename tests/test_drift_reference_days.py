@@ -16,14 +16,19 @@ from marketfs.features.compute import FeatureComputation, compute_feature_vector
 from marketfs.reference_days import ReferenceDays
 from marketfs.shards import ALL, Shard
 from marketfs.sources import SyntheticBars, SyntheticEvents
-from marketfs.store.feature_vectors import read_recent_partitions, upsert_window, write_features
+from marketfs.store.feature_vectors import (
+    read_recent_partitions,
+    recent_partitions_start,
+    upsert_window,
+    write_features,
+)
 from marketfs.store.reference_days import read_reference_days, read_trailing_reference, write_reference_days
 from marketfs.universe import active_sessions
 
 TEMPLATE = load_suite_json(suite_path("feature_vectors_fs_v1_1m_drift"))
 COLUMNS = drift_columns(TEMPLATE)
 SESSIONS = active_sessions()
-DAYS = [d.isoformat() for d in SESSIONS.between("2024-01-02", "2024-01-12")]  # 8 sessions
+DAYS = [d.isoformat() for d in SESSIONS.between("2024-01-02", "2024-01-12")]  # 9 sessions
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,13 @@ def test_stored_days_read_back_as_the_vectors_and_a_rewrite_forgets_them(
 
     assert stored_days() == DAYS
     assert equal(*both())
+    # The last N days found in the recent weeks alone (N = 5 here), or in the whole table (N = 20: only 9 exist).
+    with engine.connect() as conn:
+        for n, first in ((5, DAYS[-5]), (20, DAYS[0])):
+            found = recent_partitions_start(
+                conn, feature_set=FS_V1, timeframe="1m", before=before, partitions=n, shard=ALL
+            )
+            assert found == SESSIONS.trading_day_window(first)[0]
     # A partial rewrite of one day (an intraday step, a restatement, a release) changes its vectors: its stored
     # row goes, and the reference reads that day from the vectors.
     day = DAYS[3]

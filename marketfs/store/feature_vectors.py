@@ -9,7 +9,7 @@ update, and the rows are COPYed straight into the table.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import sqlalchemy as sa
@@ -296,14 +296,19 @@ def recent_partitions_start(
     The days are counted as UTC dates in SQL (an index range, no calendar on the server), and the window
     starts where the earliest one's trading day starts, so that day is whole (its after-hours part too).
     """
-    first_day = conn.execute(
-        sa.text(
-            "SELECT min(day) FROM (SELECT DISTINCT date_trunc('day', ts) AS day FROM feature_vectors "
-            f"WHERE feature_set_version = :v AND timeframe = :tf AND ts < :before AND {shard.text_condition()} "
-            "ORDER BY 1 DESC LIMIT :n) recent"
-        ),
-        {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions, **shard.params},
-    ).scalar()
+    query = (
+        "SELECT min(day), count(*) FROM (SELECT DISTINCT date_trunc('day', ts) AS day FROM feature_vectors "
+        "WHERE feature_set_version = :v AND timeframe = :tf AND ts < :before AND ts >= :floor "
+        f"AND {shard.text_condition()} ORDER BY 1 DESC LIMIT :n) recent"
+    )
+    params = {"v": feature_set.version, "tf": timeframe, "before": before, "n": partitions, **shard.params}
+    # The recent weeks first (a time range the BRIN index or the chunks narrow down): when they hold all
+    # ``partitions`` days, those are the answer. Otherwise every earlier vector is looked at, as it must be.
+    first_day, found = conn.execute(
+        sa.text(query), {**params, "floor": before - timedelta(days=2 * partitions + 14)}
+    ).one()
+    if found < partitions:
+        first_day = conn.execute(sa.text(query), {**params, "floor": datetime.min.replace(tzinfo=UTC)}).one()[0]
     if first_day is None:
         return None
     from marketfs.universe import active_sessions

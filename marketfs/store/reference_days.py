@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from marketfs.features.registry import FeatureSet
 from marketfs.reference_days import DayOf, ReferenceDays, day_label, day_number
 from marketfs.shards import Shard
+from marketfs.store.copy import raw_connection
 
 DTYPE = np.dtype("<f8")
 
@@ -115,14 +116,14 @@ def read_reference_days(
     shard: Shard,
 ) -> ReferenceDays:
     """The stored days among ``days`` that hold every one of ``columns`` (others are left out)."""
-    found = conn.execute(
-        sa.text(
-            "SELECT day, columns, rows, vector_values FROM drift_reference_days WHERE feature_set_version = :v "
-            "AND timeframe = :tf AND shard_count = :shard_count AND shard_index = :shard_index "
-            "AND day = ANY(CAST(:days AS date[])) ORDER BY day"
-        ),
-        {"v": feature_set.version, "tf": timeframe, "days": days, **shard.params},
-    ).all()
+    # Binary results: the arrays arrive as bytes, not as hex text twice their size.
+    with raw_connection(conn).cursor(binary=True) as cur:
+        found = cur.execute(
+            "SELECT day, columns, rows, vector_values FROM drift_reference_days WHERE feature_set_version = %(v)s "
+            "AND timeframe = %(tf)s AND shard_count = %(shard_count)s AND shard_index = %(shard_index)s "
+            "AND day = ANY(%(days)s::date[]) ORDER BY day",
+            {"v": feature_set.version, "tf": timeframe, "days": days, **shard.params},
+        ).fetchall()
     numbers, values = [], []
     for day, stored_columns, rows, payload in found:
         if not set(columns) <= set(stored_columns):
