@@ -147,16 +147,24 @@ class InputProvenance:
         instance: dg.DagsterInstance,
         asset_graph: BaseAssetGraph,
         materialized_here: Iterable[dg.AssetKey] = (),
+        partition_keys: Iterable[str] = (),
     ) -> None:
         self._instance = instance
         self._graph = asset_graph
         self._here = set(materialized_here)
         self._pointers: dict[dg.AssetKey, int | None] = {}
+        # The step's partitions: an upstream asset's tags are read for all of them in one query, not per day.
+        self._keys = list(partition_keys)
+        self._upstream_tags: dict[tuple[dg.AssetKey, dg.AssetKey], tuple[set[str], dict[str, dict]]] = {}
+        self._unpartitioned: dict[dg.AssetKey, str] = {}
 
     @classmethod
     def capture(cls, context: dg.AssetExecutionContext) -> InputProvenance:
         """Provenance of the step running in ``context``; upstream pointers are taken now."""
-        provenance = cls(context.instance, context.job_def.asset_layer.asset_graph, context.selected_asset_keys)
+        keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
+        provenance = cls(
+            context.instance, context.job_def.asset_layer.asset_graph, context.selected_asset_keys, partition_keys=keys
+        )
         for key in context.selected_asset_keys:
             for parent in provenance._graph.get(key).parent_keys:
                 provenance._pointer(parent)
@@ -173,22 +181,50 @@ class InputProvenance:
         """As Dagster computes it: sha256 of the upstream partitions' data versions, in partition order."""
         node = self._graph.get(parent)
         if not node.is_partitioned:
-            record = self._instance.get_latest_data_version_record(parent, node.is_external)
-            return (record.event_log_entry.tags or {}).get(DATA_VERSION_TAG, UNKNOWN) if record else UNKNOWN
-        upstream = list(
+            if parent in self._here or parent not in self._unpartitioned:
+                record = self._instance.get_latest_data_version_record(parent, node.is_external)
+                version = (record.event_log_entry.tags or {}).get(DATA_VERSION_TAG, UNKNOWN) if record else UNKNOWN
+                if parent in self._here:
+                    return version
+                self._unpartitioned[parent] = version
+            return self._unpartitioned[parent]
+        upstream = self._upstream_partitions(parent, asset_key, partition_key)
+        if not upstream:
+            return UNKNOWN
+        by_partition = self._latest_tags(parent, asset_key, upstream)
+        versions = [tags[DATA_VERSION_TAG] for _, tags in sorted(by_partition.items()) if DATA_VERSION_TAG in tags]
+        return hashlib.sha256("".join(versions).encode()).hexdigest() if versions else UNKNOWN
+
+    def _upstream_partitions(self, parent: dg.AssetKey, asset_key: dg.AssetKey, partition_key: str) -> list[str]:
+        return list(
             self._graph.get_parent_partition_keys_for_child(
                 partition_key, parent, asset_key
             ).partitions_subset.get_partition_keys()
         )
-        if not upstream:
-            return UNKNOWN
+
+    def _latest_tags(self, parent: dg.AssetKey, asset_key: dg.AssetKey, upstream: list[str]) -> dict[str, dict]:
+        """The tags of the latest materialisation of each of ``upstream`` (partitions of ``parent``).
+
+        A parent this step does not materialise does not change while it runs: its partitions for every day
+        of the step are read at the first day, in one query. The step's own asset is read each time (day D's
+        tags follow day D-1's materialisation, just stored)."""
         from dagster._core.events import DagsterEventType
 
-        by_partition = self._instance.event_log_storage.get_latest_tags_by_partition(
-            parent, DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG], asset_partitions=upstream
-        )
-        versions = [tags[DATA_VERSION_TAG] for _, tags in sorted(by_partition.items()) if DATA_VERSION_TAG in tags]
-        return hashlib.sha256("".join(versions).encode()).hexdigest() if versions else UNKNOWN
+        def read(partitions: list[str]) -> dict[str, dict]:
+            return self._instance.event_log_storage.get_latest_tags_by_partition(
+                parent, DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG], asset_partitions=partitions
+            )
+
+        if parent in self._here:
+            return read(upstream)
+        key = (parent, asset_key)
+        if key not in self._upstream_tags:
+            wanted = sorted({p for day in self._keys for p in self._upstream_partitions(parent, asset_key, day)})
+            self._upstream_tags[key] = (set(wanted), read(wanted) if wanted else {})
+        asked, found = self._upstream_tags[key]
+        if not set(upstream) <= asked:  # a day outside the step's partitions
+            return read(upstream)
+        return {p: found[p] for p in upstream if p in found}
 
     def tags(self, asset_key: dg.AssetKey, partition_key: str, content_hash: str) -> dict[str, str]:
         """Tags for the materialisation of ``asset_key`` at ``partition_key`` whose rows hash to ``content_hash``."""
