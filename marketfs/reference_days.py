@@ -57,12 +57,14 @@ class ReferenceDays:
         # A stable sort by day keeps each day's rows in the frame's order.
         order = np.argsort(numbers, kind="stable")
         days, starts = np.unique(numbers[order], return_index=True)
-        matrix = np.stack([frame[c].cast(pl.Float64).to_numpy()[order] for c in columns]) if columns else None
         bounds = [*starts.tolist(), frame.height]
-        values = tuple(
-            np.ascontiguousarray(matrix[:, a:b]) if matrix is not None else np.empty((0, b - a))
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        )
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+        # Filled a column at a time: no second copy of the frame's drift columns is ever held whole.
+        values = tuple(np.empty((len(columns), b - a)) for a, b in spans)
+        for i, column in enumerate(columns):
+            ordered = frame[column].cast(pl.Float64).to_numpy()[order]
+            for day, (a, b) in zip(values, spans, strict=True):
+                day[i] = ordered[a:b]
         return cls(columns, tuple(int(d) for d in days), values)
 
     @property

@@ -54,6 +54,13 @@ def test_upsert_is_idempotent_and_drops_keys_no_longer_computed(engine: sa.Engin
     assert read(engine).equals(fewer)
 
 
+def test_a_write_copied_in_slices_stores_every_row_once(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("marketfs.store.copy.ROWS_PER_COPY_SLICE", 7)  # hundreds of slices, one ragged
+    frame = vectors()
+    assert frame.height % 7 and write(engine, frame)["upserted"] == frame.height
+    assert read(engine).equals(frame.sort("instrument_id", "ts"))
+
+
 def test_failed_write_leaves_the_table_as_it_was(engine: sa.Engine) -> None:
     full = vectors()
     write(engine, full)
