@@ -48,7 +48,7 @@ def main() -> int:
         f"--days {' '.join(map(str, args.days))}`",
         "",
         f"Date: {datetime.now(UTC):%Y-%m-%d}, machine: {machine()}, embedded PostgreSQL 16 on loopback, "
-        f"MARKETFS_CHUNK_ROWS={os.environ.get('MARKETFS_CHUNK_ROWS', '1000000 (default)')}.",
+        f"MARKETFS_CHUNK_ROWS={os.environ.get('MARKETFS_CHUNK_ROWS', '400000 (default)')}.",
         "",
         "| range | trading days | 1m vectors | time | vectors/s | peak memory (process tree) |",
         "|---|---|---|---|---|---|",
