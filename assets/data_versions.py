@@ -157,6 +157,7 @@ class InputProvenance:
         self._keys = list(partition_keys)
         self._upstream_tags: dict[tuple[dg.AssetKey, dg.AssetKey], tuple[set[str], dict[str, dict]]] = {}
         self._unpartitioned: dict[dg.AssetKey, str] = {}
+        self._mapped: dict[tuple[dg.AssetKey, dg.AssetKey, str], list[str]] = {}
 
     @classmethod
     def capture(cls, context: dg.AssetExecutionContext) -> InputProvenance:
@@ -196,11 +197,14 @@ class InputProvenance:
         return hashlib.sha256("".join(versions).encode()).hexdigest() if versions else UNKNOWN
 
     def _upstream_partitions(self, parent: dg.AssetKey, asset_key: dg.AssetKey, partition_key: str) -> list[str]:
-        return list(
-            self._graph.get_parent_partition_keys_for_child(
-                partition_key, parent, asset_key
-            ).partitions_subset.get_partition_keys()
-        )
+        key = (parent, asset_key, partition_key)
+        if key not in self._mapped:  # the mapping is a fixed function of the graph: worked out once per day
+            self._mapped[key] = list(
+                self._graph.get_parent_partition_keys_for_child(
+                    partition_key, parent, asset_key
+                ).partitions_subset.get_partition_keys()
+            )
+        return self._mapped[key]
 
     def _latest_tags(self, parent: dg.AssetKey, asset_key: dg.AssetKey, upstream: list[str]) -> dict[str, dict]:
         """The tags of the latest materialisation of each of ``upstream`` (partitions of ``parent``).
