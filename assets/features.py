@@ -416,6 +416,7 @@ def _write_accepted(
                     feature_set=fs,
                     timeframe=timeframe,
                     windows={day: day_window(day) for day in written_days.labels},
+                    utc_dates=_utc_dates(accepted.vectors),
                     shard=shard,
                     keep_days=keep_days,
                     run_id=context.run_id,
@@ -431,6 +432,12 @@ def _write_accepted(
     for done in settle_write(store.engine(), "feature_vectors", start, end):
         context.log.debug(done)
     return accepted, written_days
+
+
+def _utc_dates(vectors: pl.DataFrame) -> dict[str, list[date]]:
+    """The UTC dates each trading day's vectors fall on (what the trailing reference counts days by)."""
+    pairs = pl.DataFrame({DAY: with_day(vectors)[DAY], "date": vectors["ts"].dt.date()}).unique()
+    return {day: dates for day, dates in pairs.group_by(DAY).agg(pl.col("date").sort()).iter_rows()}
 
 
 def _retract_intraday(

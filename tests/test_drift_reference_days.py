@@ -22,7 +22,12 @@ from marketfs.store.feature_vectors import (
     upsert_window,
     write_features,
 )
-from marketfs.store.reference_days import read_reference_days, read_trailing_reference, write_reference_days
+from marketfs.store.reference_days import (
+    _start_from_stored,
+    read_reference_days,
+    read_trailing_reference,
+    write_reference_days,
+)
 from marketfs.universe import active_sessions
 
 TEMPLATE = load_suite_json(suite_path("feature_vectors_fs_v1_1m_drift"))
@@ -42,6 +47,13 @@ def vectors() -> pl.DataFrame:
 
 def _days(frame: pl.DataFrame) -> ReferenceDays:
     return ReferenceDays.from_frame(frame, COLUMNS, SESSIONS.trading_day)
+
+
+def _utc_dates(frame: pl.DataFrame) -> dict[str, list]:
+    pairs = pl.DataFrame(
+        {"day": SESSIONS.trading_day(frame["ts"]).dt.strftime("%Y-%m-%d"), "date": frame["ts"].dt.date()}
+    )
+    return {d: sorted(g["date"].unique().to_list()) for (d,), g in pairs.group_by("day")}
 
 
 def _window(days: list[str]) -> tuple[datetime, datetime]:
@@ -84,8 +96,9 @@ def test_stored_days_read_back_as_the_vectors_and_a_rewrite_forgets_them(
         )  # fmt: skip
         windows = {d: SESSIONS.trading_day_window(d) for d in DAYS}
         write_reference_days(
-            conn, _days(vectors), feature_set=FS_V1, timeframe="1m", windows=windows, shard=ALL, keep_days=67
-        )
+            conn, _days(vectors), feature_set=FS_V1, timeframe="1m", windows=windows, utc_dates=_utc_dates(vectors),
+            shard=ALL, keep_days=67,
+        )  # fmt: skip
     before = SESSIONS.trading_day_window(DAYS[-1])[1]
 
     def both() -> tuple[ReferenceDays, ReferenceDays]:
@@ -111,13 +124,16 @@ def test_stored_days_read_back_as_the_vectors_and_a_rewrite_forgets_them(
 
     assert stored_days() == DAYS
     assert equal(*both())
-    # The last N days found in the recent weeks alone (N = 5 here), or in the whole table (N = 20: only 9 exist).
+    # The last N days found in the recent weeks alone (N = 5 here), or in the whole table (N = 20: only 9 exist);
+    # from the stored rows' dates alone when they hold the N sessions before the run.
     with engine.connect() as conn:
         for n, first in ((5, DAYS[-5]), (20, DAYS[0])):
             found = recent_partitions_start(
                 conn, feature_set=FS_V1, timeframe="1m", before=before, partitions=n, shard=ALL
             )
             assert found == SESSIONS.trading_day_window(first)[0]
+            stored_start = _start_from_stored(conn, FS_V1, "1m", before, n, ALL)
+            assert stored_start == (found if n == 5 else None)
     # A partial rewrite of one day (an intraday step, a restatement, a release) changes its vectors: its stored
     # row goes, and the reference reads that day from the vectors.
     day = DAYS[3]
@@ -135,7 +151,8 @@ def test_stored_days_read_back_as_the_vectors_and_a_rewrite_forgets_them(
     with engine.begin() as conn:
         write_reference_days(
             conn, _days(vectors.filter(Shard(0, 2).mask(vectors["instrument_id"]))), feature_set=FS_V1,
-            timeframe="1m", windows={d: SESSIONS.trading_day_window(d) for d in DAYS}, shard=Shard(0, 2), keep_days=67,
+            timeframe="1m", windows={d: SESSIONS.trading_day_window(d) for d in DAYS}, utc_dates=_utc_dates(vectors),
+            shard=Shard(0, 2), keep_days=67,
         )  # fmt: skip
         upsert_window(
             conn, _in(vectors, [DAYS[0]]).filter(Shard(1, 2).mask(_in(vectors, [DAYS[0]])["instrument_id"])),

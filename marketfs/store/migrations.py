@@ -641,6 +641,7 @@ def _m018_drift_reference_days(conn: sa.Connection, timescale: bool) -> None:
                 day_end timestamptz NOT NULL,
                 columns text[] NOT NULL,
                 rows int NOT NULL,
+                utc_dates date[] NOT NULL,
                 vector_values bytea NOT NULL,
                 run_id text,
                 written_at timestamptz NOT NULL DEFAULT clock_timestamp(),

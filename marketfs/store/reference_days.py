@@ -15,9 +15,10 @@ vectors would give them, so a drift verdict is the same whichever the reference 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
+import polars as pl
 import sqlalchemy as sa
 
 from marketfs.features.registry import FeatureSet
@@ -52,11 +53,13 @@ def write_reference_days(
     feature_set: FeatureSet,
     timeframe: str,
     windows: dict[str, tuple[datetime, datetime]],
+    utc_dates: dict[str, list[date]],
     shard: Shard,
     keep_days: int,
     run_id: str | None = None,
 ) -> int:
-    """Store each day of ``days`` (``windows[day]``: its trading day's ``[start, end)``), which must be exactly
+    """Store each day of ``days`` (``windows[day]``: its trading day's ``[start, end)``; ``utc_dates[day]``: the
+    UTC dates its vectors' ts fall on, so a reader can count days as the vectors would), which must be exactly
     what ``feature_vectors`` now holds of those days for ``shard``, in the order a read returns them
     (instrument, ts). Days more than ``keep_days`` calendar days before the last one written are deleted.
     Returns the days stored."""
@@ -75,6 +78,7 @@ def write_reference_days(
                 "end": end,
                 "columns": list(days.columns),
                 "rows": int(values.shape[1]),
+                "utc_dates": sorted(utc_dates[label]),
                 "values": np.ascontiguousarray(values, DTYPE).tobytes(),
                 "run_id": run_id,
                 **shard.params,
@@ -91,8 +95,8 @@ def write_reference_days(
     conn.execute(
         sa.text(
             "INSERT INTO drift_reference_days (feature_set_version, timeframe, day, shard_count, shard_index, "
-            "day_start, day_end, columns, rows, vector_values, run_id) VALUES (:v, :tf, CAST(:day AS date), "
-            ":shard_count, :shard_index, :start, :end, :columns, :rows, :values, :run_id)"
+            "day_start, day_end, columns, rows, utc_dates, vector_values, run_id) VALUES (:v, :tf, CAST(:day AS date), "
+            ":shard_count, :shard_index, :start, :end, :columns, :rows, :utc_dates, :values, :run_id)"
         ),
         rows,
     )
@@ -150,12 +154,14 @@ def read_trailing_reference(
     from marketfs.store.feature_vectors import read_vectors, recent_partitions_start
     from marketfs.universe import active_sessions
 
-    start = recent_partitions_start(
-        conn, feature_set=feature_set, timeframe=timeframe, before=before, partitions=partitions, shard=shard
-    )
+    sessions = active_sessions()
+    start = _start_from_stored(conn, feature_set, timeframe, before, partitions, shard)
+    if start is None:
+        start = recent_partitions_start(
+            conn, feature_set=feature_set, timeframe=timeframe, before=before, partitions=partitions, shard=shard
+        )
     if start is None:
         return ReferenceDays.empty(columns)
-    sessions = active_sessions()
     # Only a day whose whole trading day lies in the window may come from the table: the window is what a
     # read of the vectors would return.
     whole = [
@@ -193,3 +199,38 @@ def read_trailing_reference(
         )
         fallback = fallback.merged(ReferenceDays.from_frame(vectors, columns, day_of))
     return stored.merged(fallback.without(stored.days))
+
+
+def _start_from_stored(
+    conn: sa.Connection, feature_set: FeatureSet, timeframe: str, before: datetime, partitions: int, shard: Shard
+) -> datetime | None:
+    """``recent_partitions_start`` from the stored rows alone, when they can say it; else None.
+
+    They can when each of the ``partitions`` sessions that end at ``before`` has its row: those sessions' windows
+    then cover ``[their first's start, before)`` without a gap, every vector there is in a row, and the rows'
+    UTC dates are the dates the vectors query would count. With at least ``partitions`` of them, the earliest
+    counted is the same as that query's (which reads every vector of those weeks)."""
+    from marketfs.universe import active_sessions
+
+    sessions = active_sessions()
+    last = sessions.trading_day(pl.Series([before - timedelta(microseconds=1)], dtype=pl.Datetime("us", "UTC"))).item()
+    if last is None or sessions.trading_day_window(last)[1] != before:
+        return None
+    recent = sessions.between(date.min, last)[-partitions:]
+    if len(recent) < partitions:
+        return None
+    found = conn.execute(
+        sa.text(
+            "SELECT day, utc_dates FROM drift_reference_days WHERE feature_set_version = :v AND timeframe = :tf "
+            "AND shard_count = :shard_count AND shard_index = :shard_index AND day = ANY(CAST(:days AS date[]))"
+        ),
+        {"v": feature_set.version, "tf": timeframe, "days": [d.isoformat() for d in recent], **shard.params},
+    ).all()
+    if len(found) < partitions:
+        return None
+    dates = sorted({d for _, utc_dates in found for d in utc_dates})
+    if len(dates) < partitions:
+        return None
+    first = datetime.combine(dates[-partitions], datetime.min.time(), UTC)
+    session = sessions.trading_day(pl.Series([first], dtype=pl.Datetime("us", "UTC"))).item()
+    return sessions.trading_day_window(session)[0] if session is not None else first
