@@ -172,28 +172,18 @@ def read_trailing_reference(
     stored = read_reference_days(
         conn, feature_set=feature_set, timeframe=timeframe, days=whole, columns=columns, shard=shard
     )
-    # The rest of the window, as runs of consecutive days without a stored row, read from the vectors.
-    have = set(stored.labels)
-    segments: list[tuple[datetime, datetime, bool]] = []  # [start, end), whether it is stored
+    # The rest of the window (between the stored days' windows), read from the vectors.
+    gaps: list[tuple[datetime, datetime]] = []
     cursor = start
-    for day in whole:
+    for day in stored.labels:
         day_start, day_end = sessions.trading_day_window(day)
         if cursor < day_start:
-            segments.append((cursor, day_start, False))
-        segments.append((day_start, day_end, day in have))
+            gaps.append((cursor, day_start))
         cursor = day_end
     if cursor < before:
-        segments.append((cursor, before, False))
-    read: list[list[datetime]] = []
-    for seg_start, seg_end, is_stored in segments:
-        if is_stored:
-            continue
-        if read and read[-1][1] == seg_start:
-            read[-1][1] = seg_end
-        else:
-            read.append([seg_start, seg_end])
+        gaps.append((cursor, before))
     fallback = ReferenceDays.empty(columns)
-    for a, b in read:
+    for a, b in gaps:
         vectors = read_vectors(
             conn, feature_set=feature_set, timeframe=timeframe, start=a, end=b, columns=columns, shard=shard
         )
