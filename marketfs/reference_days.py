@@ -71,14 +71,6 @@ class ReferenceDays:
     def labels(self) -> list[str]:
         return [day_label(d) for d in self.days]
 
-    @property
-    def rows(self) -> int:
-        return sum(v.shape[1] for v in self.values)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.values)
-
     def day(self, number: int) -> np.ndarray:
         return self.values[self.days.index(number)]
 

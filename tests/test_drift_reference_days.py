@@ -17,7 +17,7 @@ from marketfs.reference_days import ReferenceDays
 from marketfs.shards import ALL, Shard
 from marketfs.sources import SyntheticBars, SyntheticEvents
 from marketfs.store.feature_vectors import (
-    read_recent_partitions,
+    read_vectors,
     recent_partitions_start,
     upsert_window,
     write_features,
@@ -107,8 +107,12 @@ def test_stored_days_read_back_as_the_vectors_and_a_rewrite_forgets_them(
                 conn, feature_set=FS_V1, timeframe="1m", before=before, partitions=20, columns=COLUMNS, shard=ALL,
                 day_of=SESSIONS.trading_day,
             )  # fmt: skip
-            read = read_recent_partitions(
-                conn, feature_set=FS_V1, timeframe="1m", before=before, partitions=20, columns=COLUMNS
+            # What the reference was before stored days: the vectors of the recent partitions, read whole.
+            start = recent_partitions_start(
+                conn, feature_set=FS_V1, timeframe="1m", before=before, partitions=20, shard=ALL
+            )
+            read = read_vectors(
+                conn, feature_set=FS_V1, timeframe="1m", start=start, end=before, columns=COLUMNS, shard=ALL
             )
         return stored, _days(read)
 

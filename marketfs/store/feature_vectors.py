@@ -261,32 +261,6 @@ def read_state_before(
     return copy_query_out(conn, query, params, schema)
 
 
-def read_recent_partitions(
-    conn: sa.Connection,
-    *,
-    feature_set: FeatureSet,
-    timeframe: str,
-    before: datetime,
-    partitions: int,
-    columns: list[str] | None = None,
-    shard: Shard = ALL,
-) -> pl.DataFrame:
-    """Stored vectors of (about) the last ``partitions`` trading days that have vectors before ``before``,
-    of the instruments of ``shard`` (from ``recent_partitions_start``)."""
-    start = recent_partitions_start(
-        conn, feature_set=feature_set, timeframe=timeframe, before=before, partitions=partitions, shard=shard
-    )
-    return read_vectors(
-        conn,
-        feature_set=feature_set,
-        timeframe=timeframe,
-        start=before if start is None else start,
-        end=before,
-        columns=columns,
-        shard=shard,
-    )
-
-
 def recent_partitions_start(
     conn: sa.Connection, *, feature_set: FeatureSet, timeframe: str, before: datetime, partitions: int, shard: Shard
 ) -> datetime | None:

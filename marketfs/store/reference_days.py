@@ -149,8 +149,9 @@ def read_trailing_reference(
     shard: Shard,
     day_of: DayOf,
 ) -> ReferenceDays:
-    """The trailing reference before ``before``: the same days and values as ``read_recent_partitions``
-    split by ``day_of``, from the stored days where there are some, from the vectors for the others."""
+    """The trailing reference before ``before``: the same days and values as a read of the vectors from
+    ``recent_partitions_start`` split by ``day_of``; from the stored days where there are some, from the vectors
+    for the others."""
     from marketfs.store.feature_vectors import read_vectors, recent_partitions_start
     from marketfs.universe import active_sessions
 
