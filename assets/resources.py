@@ -114,24 +114,33 @@ class _BoundedRetry:
         self.gone = False
 
     def __call__(self, fn, retry_limit: int = 5, retry_wait: float = 0.2):
-        import time
-
         from dagster_postgres.utils import DagsterPostgresException
 
-        deadline = time.monotonic() + (0 if self.gone else outage_seconds())
-        wait = retry_wait
-        while True:
-            try:
-                result = fn()
-            except (sa.exc.DatabaseError, sa.exc.OperationalError, sa.exc.TimeoutError) as exc:
-                if time.monotonic() + wait > deadline:
-                    self.gone = True
-                    raise DagsterPostgresException("too many retries for DB connection") from exc
-                time.sleep(wait)
-                wait = min(wait * 2, 2.0)
-            else:
-                self.gone = False
-                return result
+        failed = (sa.exc.DatabaseError, sa.exc.OperationalError, sa.exc.TimeoutError)
+        try:
+            result = _with_backoff(fn, lambda exc: isinstance(exc, failed), first_wait=retry_wait)
+        except failed as exc:
+            self.gone = True
+            raise DagsterPostgresException("too many retries for DB connection") from exc
+        self.gone = False
+        return result
+
+
+def _with_backoff(fn, retryable, first_wait: float = 0.2):
+    """``fn()``, called again after a growing pause while it raises what ``retryable`` accepts, for at most
+    ``$MARKETFS_DB_OUTAGE_SECONDS`` (once only while a call has given up: the server is gone)."""
+    import time
+
+    deadline = time.monotonic() + (0 if _bounded_retry.gone else outage_seconds())
+    wait = first_wait
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not retryable(exc) or time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(wait * 2, 2.0)
 
 
 _bounded_retry = _BoundedRetry()
@@ -156,23 +165,12 @@ def bound_instance_retries() -> None:
 
 
 def _ride_out(write):
-    """``write()``, one transaction, again while the connection it ran on was lost, for at most the outage budget.
+    """``write()``, one transaction, again while the connection it ran on was lost (within the outage budget).
 
     dagster-postgres retries opening a connection, not a statement: a server stopping while an event is written
     (a restart ends every open transaction) failed the step, hence the run, however soon the server came back.
     """
-    import time
-
-    deadline = time.monotonic() + (0 if _bounded_retry.gone else outage_seconds())
-    wait = 0.2
-    while True:
-        try:
-            return write()
-        except sa.exc.DBAPIError as exc:
-            if not connection_lost(exc) or time.monotonic() + wait > deadline:
-                raise
-            time.sleep(wait)
-            wait = min(wait * 2, 2.0)
+    return _with_backoff(write, lambda exc: isinstance(exc, sa.exc.DBAPIError) and connection_lost(exc))
 
 
 def _store_event_riding_out_restarts(self, event) -> None:
