@@ -388,7 +388,6 @@ def _write_accepted(
     if drift_template is not None:
         from expectations.drift import ReferenceSpec, drift_columns
 
-        # compute_stored's vectors are in instrument, ts order: the order a read of the stored day returns.
         written_days = ReferenceDays.from_frame(accepted.vectors, drift_columns(drift_template), SESSIONS.trading_day)
         keep_days = 3 * ReferenceSpec.from_suite(drift_template).partitions + 7
     stores_reference = written_days is not None and restating is None and not accepted.holds

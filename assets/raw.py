@@ -411,7 +411,12 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 continue
             start, end = day_window(sound[0])[0], day_window(sound[-1])[1]
             with store.engine().connect() as conn:
-                built = daily_bars(read_bars(conn, start, end, shard=scope.shard))
+                minute = read_bars(conn, start, end, shard=scope.shard)
+                # The chunk is sized by the minute bars it reads (390 a day per instrument), not by the daily
+                # bars they make: sized by those, one chunk read a whole month of minute bars at once.
+                minute_rows = minute.height
+                built = daily_bars(minute)
+                del minute
                 expected, source = expected_instruments(
                     conn, universe, market_data.declared_instruments(), start, shard=scope.shard
                 )
@@ -428,7 +433,7 @@ def bars_1d(context: dg.AssetExecutionContext, store: FeatureStore, market_data:
                 )
                 daily = daily.join(held_rows, on=[DAY, "instrument_id"], how="anti", maintain_order="left")
             by_day = {key: rows.drop(DAY) for (key,), rows in daily.partition_by(DAY, as_dict=True).items()}
-            plan.saw(daily.height, len(by_day))
+            plan.saw(max(daily.height, minute_rows), len(by_day))
             empty = daily.clear().drop(DAY)
 
             def publish(check: str, day: str, gate, by_day: dict = by_day, scope=scope) -> str | None:

@@ -94,6 +94,16 @@ def pool_instance_connections(instance: dg.DagsterInstance) -> None:
         storage._marketfs_pooled = True
 
 
+def pooled_instance() -> dg.DagsterInstance:
+    """``DagsterInstance.get()`` with its connections pooled from the start, for a process that executes runs
+    in-process: a run's planned-materialisation events (one per asset and day) are stored when the run is
+    created, before any resource is set up, and each opened two connections (measured: 450 connections, 2.3 s
+    of a 21-day backfill of 50 instruments)."""
+    instance = dg.DagsterInstance.get()
+    pool_instance_connections(instance)
+    return instance
+
+
 def database_unreachable(dsn: str, exc: Exception) -> dg.Failure:
     """The failure a run ends with when the feature store database cannot be reached (retries allowed)."""
     return dg.Failure(description=unreachable_message(dsn, exc), allow_retries=True)

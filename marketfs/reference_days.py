@@ -1,12 +1,12 @@
 """A drift reference as days: per trading day, the drift columns of its vectors as float64 arrays.
 
-What the drift profile reads of a reference is, per day, the values of each gated feature in the
-order the stored vectors are read (instrument, then ts): ``expectations/drift.py`` sorts each day
-once, and places its fine histogram grid on a strided sample of the pooled values, which is why the
-order is kept. Held as one array per day (features x rows, no timestamps, no instrument ids), a
-reference is about a third of the frame it came from, a day at a time can be dropped when a trailing
-reference moves on, and it can be stored per day (``marketfs/store/reference_days.py``) and read
-back as 20 rows instead of 400,000 vectors.
+What the drift profile reads of a day is, per gated feature, the distribution of its values: held
+as that column's values sorted ascending (NaN last; no timestamps, no instrument ids). Sorted once,
+when the day is made (from its vectors) or stored, rather than by every profile that reads it: a
+trailing reference of 20 days was sorted again by each chunk of a run and each scheduled partition
+(``expectations/drift.py``). A reference is about a third of the frame it came from, a day at a time
+can be dropped when a trailing reference moves on, and it can be stored per day
+(``marketfs/store/reference_days.py``) and read back as 20 rows instead of 400,000 vectors.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def day_label(number: int) -> str:
 
 @dataclass(frozen=True)
 class ReferenceDays:
-    """``values[i]`` holds day ``days[i]``'s vectors: shape ``(len(columns), rows)``, float64, NaN for null.
+    """``values[i]`` holds day ``days[i]``'s vectors: shape ``(len(columns), rows)``, float64, NaN for null,
+    each column's values sorted ascending (``np.sort``: -inf first, NaN last).
 
     ``days`` are day numbers (since 1970-01-01), ascending and distinct.
     """
@@ -49,12 +50,11 @@ class ReferenceDays:
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, columns: Iterable[str], day_of: DayOf) -> ReferenceDays:
-        """Each day's rows of ``frame`` (its day: ``day_of`` of ``ts``), in the frame's order."""
+        """Each day's values of ``columns`` in ``frame`` (its day: ``day_of`` of ``ts``), sorted per column."""
         columns = tuple(columns)
         if not frame.height:
             return cls(columns)
         numbers = day_of(frame["ts"]).cast(pl.Int32).to_numpy().astype(np.int64)
-        # A stable sort by day keeps each day's rows in the frame's order.
         order = np.argsort(numbers, kind="stable")
         days, starts = np.unique(numbers[order], return_index=True)
         bounds = [*starts.tolist(), frame.height]
@@ -64,7 +64,7 @@ class ReferenceDays:
         for i, column in enumerate(columns):
             ordered = frame[column].cast(pl.Float64).to_numpy()[order]
             for day, (a, b) in zip(values, spans, strict=True):
-                day[i] = ordered[a:b]
+                day[i] = np.sort(ordered[a:b])
         return cls(columns, tuple(int(d) for d in days), values)
 
     @property

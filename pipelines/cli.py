@@ -70,15 +70,15 @@ def _execute_shard(
     verbose: bool = False,
     tags: dict[str, str] | None = None,
 ) -> list[str]:
-    import dagster as dg
 
     from assets.partitions import RUN_DAYS, partition_key
+    from assets.resources import pooled_instance
     from pipelines.definitions import daily_features_job, defs
     from pipelines.run_health import process_tags
     from pipelines.sensors import RANGE_END_TAG, RANGE_START_TAG, chain_tags
 
     job = defs.resolve_job_def(daily_features_job.name)
-    instance = dg.DagsterInstance.get()
+    instance = pooled_instance()
     failed_runs: list[str] = []
     label = "" if shard.is_all else f" (shard {shard.index})"
     for i in range(0, len(keys), RUN_DAYS):
@@ -459,6 +459,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
 
     from assets.data_versions import InputProvenance, stored_content_version
     from assets.partitions import DAILY, SESSIONS, SHARD_COUNT, day_window, partition_key, previous_key
+    from assets.resources import pooled_instance
     from marketfs.db import engine_for
     from marketfs.shards import Shard
     from marketfs.store import quality
@@ -490,7 +491,7 @@ def _release(batch_id: int, actor: str, note: str, verbose: bool = False) -> int
     if served is not None:
         settle_write(engine_for(env["MARKETFS_DSN"]), served, batch["window_start"], batch["window_end"])
 
-    instance = dg.DagsterInstance.get()
+    instance = pooled_instance()
     graph = defs.resolve_asset_graph()
     provenance = InputProvenance(instance, graph)
     for day, version in days:

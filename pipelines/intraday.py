@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from assets.resources import FeatureStore, MarketData
+from assets.resources import FeatureStore, MarketData, pooled_instance
 from pipelines.environment import prepare_environment
 
 INTRADAY_TAG = "marketfs/intraday"
@@ -103,7 +103,7 @@ def run_today(now: datetime | None = None, shard: int | None = None) -> int:
     except HistoryError as exc:  # a hole before today, or state that does not continue: nothing was computed
         print(f"refused, nothing of today computed: {exc}", file=sys.stderr)
         return 1
-    instance = dg.DagsterInstance.get()
+    instance = pooled_instance()
     for outcome in outcomes:
         print(outcome.describe())
         for event in step_events(outcome):

@@ -652,6 +652,14 @@ def _m018_drift_reference_days(conn: sa.Connection, timescale: bool) -> None:
     )
 
 
+@migration(19, "drift_reference_days: each day's columns stored sorted; rows stored in vector order dropped")
+def _m019_sorted_reference_days(conn: sa.Connection, timescale: bool) -> None:
+    # A day's drift columns are now stored sorted (what the drift profile reads is their distribution; sorted once
+    # when written, not by every run that reads them). The rows stored before hold them in vector order: dropped,
+    # they are read from feature_vectors (a derived copy: a day without a row is read from its vectors).
+    conn.execute(sa.text("DELETE FROM drift_reference_days"))
+
+
 def _time_column_leads_an_index(conn: sa.Connection, table: str, column: str) -> bool:
     return bool(
         conn.execute(

@@ -1,8 +1,8 @@
 """``drift_reference_days``: each written day's drift columns, stored so a trailing reference reads 20 rows.
 
 A derived copy of ``feature_vectors``, never the truth: a day's row holds its vectors' drift columns
-(``ReferenceDays``: float64, in instrument then ts order, NaN for null) exactly as a read of the day's
-vectors would give them, so a drift verdict is the same whichever the reference came from.
+(``ReferenceDays``: float64, each column sorted, NaN for null) exactly as made from a read of the day's
+vectors, so a drift verdict is the same whichever the reference came from.
 
 - Written by the daily writer, in the transaction that writes the day whole (``write_reference_days``).
 - Every write to a window of ``feature_vectors`` (``upsert_window``: a re-run, an intraday step, a
@@ -60,8 +60,8 @@ def write_reference_days(
 ) -> int:
     """Store each day of ``days`` (``windows[day]``: its trading day's ``[start, end)``; ``utc_dates[day]``: the
     UTC dates its vectors' ts fall on, so a reader can count days as the vectors would), which must be exactly
-    what ``feature_vectors`` now holds of those days for ``shard``, in the order a read returns them
-    (instrument, ts). Days more than ``keep_days`` calendar days before the last one written are deleted.
+    what ``feature_vectors`` now holds of those days for ``shard`` (as ``ReferenceDays.from_frame`` makes them
+    from a read of the days). Days more than ``keep_days`` calendar days before the last one written are deleted.
     Returns the days stored."""
     if not days.days:
         return 0
