@@ -223,53 +223,100 @@ def _materialise_shard(
     An instrument-day that breaches holds that instrument from that day on (its later days in the chunk
     continue its state, so they go too); the other instruments' days are written.
     """
-    name = dataset_name(fs, timeframe)
-    shard = scope.shard
     plan = DayChunks(scope.days)
     history = None  # the drift reference, read once and carried from chunk to chunk (its last N days alone)
     for days in plan:
-        start, end = day_window(days[0])[0], day_window(days[-1])[1]
-        computation = _compute(store, fs, timeframe, start, end, shard, days[0], restating)
-        vectors = with_day(computation.vectors)
-        by_day = {key: rows.drop(DAY) for (key,), rows in vectors.partition_by(DAY, as_dict=True).items()}
-        plan.saw(vectors.height, len(by_day))
-        if drift_template is not None and history is None:
-            history = _drift_history(store, fs, drift_template, timeframe, start, shard)
-        chunk = gate.judge(store, scope, days, computation, vectors, by_day, history, fs, timeframe)
-        chunk.notes.extend(_unexplained_jumps(chunk, computation))
-        judgement.extend(chunk)
-        for breach in chunk.breaches:
-            if breach.instruments is not None:  # before the write records the day as reconciled
-                _retract_intraday(store, context, fs, timeframe, shard, [breach.day], list(breach.instruments))
-        if chunk.accepted:
-            held_here = chunk.holds(name)
-            held = computation.holds.merged(held_here)
-            kept = FeatureComputation(
-                vectors=held_here.filter(computation.vectors), state=held_here.filter(computation.state), holds=held
-            )
-            accepted, written_days = _write_accepted(
-                store, context, fs, timeframe, kept, chunk.accepted, shard, restating, drift_template
-            )
-            empty = vectors.clear().drop(DAY)
-            for day in chunk.accepted:
-                rows = held_here.filter(by_day.get(day, empty))
-                metadata = _day_metadata(rows)
-                on_day = held.at(day_window(day)[1])
-                if on_day:
-                    metadata["held_instruments"] = dg.MetadataValue.text(on_day.describe())
-                materializations.append((context.asset_key, scope.key(day), metadata, content_version(rows)))
-            if computation.holds:
-                context.log.warning(
-                    f"{name} {days[0]}..{days[-1]}{'' if shard.is_all else f' ({shard})'}: "
-                    f"{len(computation.holds)} instrument(s) held, not computed: {computation.holds.describe()} "
-                    "(marketfs quarantine list)"
-                )
-            if history is not None and written_days is not None:
-                history = _roll(history, written_days, drift_template)
-        if chunk.day_breaches:
-            _retract_intraday(store, context, fs, timeframe, shard, [b.day for b in chunk.day_breaches])
+        # A chunk's frames are the chunk function's locals: gone before the next chunk is computed (held by the
+        # loop, they were a second chunk's worth of memory at every chunk's peak but the first).
+        breached, history = _materialise_chunk(
+            store, context, gate, scope, plan, days, fs, timeframe, drift_template, judgement, materializations,
+            restating, history,
+        )  # fmt: skip
+        if breached:
             return True  # later days continue the breaching day's state: they are held back
     return False
+
+
+def _materialise_chunk(
+    store: FeatureStore,
+    context: dg.AssetExecutionContext,
+    gate: "_DayGate",
+    scope: RunScope,
+    plan: DayChunks,
+    days: list[str],
+    fs: FeatureSet,
+    timeframe: str,
+    drift_template: dict | None,
+    judgement: Judgement,
+    materializations: list[tuple],
+    restating: list[str] | None,
+    history: ReferenceDays | None,
+) -> tuple[bool, ReferenceDays | None]:
+    """One chunk of a shard's days: computed, gated, its accepted days written; whether a whole day breached,
+    and the drift reference for the next chunk."""
+    name = dataset_name(fs, timeframe)
+    shard = scope.shard
+    start, end = day_window(days[0])[0], day_window(days[-1])[1]
+    computation = _compute(store, fs, timeframe, start, end, shard, days[0], restating)
+    vectors = with_day(computation.vectors)
+    # A day's rows are taken when needed: a copy of the chunk split into days, held through the gates
+    # and the write, was a second copy of every vector at the chunk's peak.
+    by_day = _DayRows(vectors)
+    plan.saw(vectors.height, by_day.count)
+    if drift_template is not None and history is None:
+        history = _drift_history(store, fs, drift_template, timeframe, start, shard)
+    chunk = gate.judge(store, scope, days, computation, vectors, by_day, history, fs, timeframe)
+    chunk.notes.extend(_unexplained_jumps(chunk, computation))
+    judgement.extend(chunk)
+    for breach in chunk.breaches:
+        if breach.instruments is not None:  # before the write records the day as reconciled
+            _retract_intraday(store, context, fs, timeframe, shard, [breach.day], list(breach.instruments))
+    if chunk.accepted:
+        held_here = chunk.holds(name)
+        held = computation.holds.merged(held_here)
+        kept = FeatureComputation(
+            vectors=held_here.filter(computation.vectors), state=held_here.filter(computation.state), holds=held
+        )
+        written_days = _write_accepted(
+            store, context, fs, timeframe, kept, chunk.accepted, shard, restating, drift_template
+        )[1]
+        empty = vectors.clear().drop(DAY)
+        for day in chunk.accepted:
+            rows = held_here.filter(by_day.get(day, empty))
+            metadata = _day_metadata(rows)
+            on_day = held.at(day_window(day)[1])
+            if on_day:
+                metadata["held_instruments"] = dg.MetadataValue.text(on_day.describe())
+            materializations.append((context.asset_key, scope.key(day), metadata, content_version(rows)))
+        if computation.holds:
+            context.log.warning(
+                f"{name} {days[0]}..{days[-1]}{'' if shard.is_all else f' ({shard})'}: "
+                f"{len(computation.holds)} instrument(s) held, not computed: {computation.holds.describe()} "
+                "(marketfs quarantine list)"
+            )
+        if history is not None and written_days is not None:
+            history = _roll(history, written_days, drift_template)
+    if history is not None:
+        plan.hold(history.nbytes)
+    if chunk.day_breaches:
+        _retract_intraday(store, context, fs, timeframe, shard, [b.day for b in chunk.day_breaches])
+        return True, history
+    return False, history
+
+
+class _DayRows:
+    """A chunk's vectors of one day (without the day column), filtered out when asked for."""
+
+    def __init__(self, vectors: pl.DataFrame) -> None:
+        self._vectors = vectors
+        self.count = vectors[DAY].n_unique() if vectors.height else 0
+
+    def get(self, day: str, default: pl.DataFrame) -> pl.DataFrame:
+        rows = self._vectors.filter(pl.col(DAY) == day).drop(DAY)
+        return rows if rows.height else default
+
+    def __getitem__(self, day: str) -> pl.DataFrame:
+        return self._vectors.filter(pl.col(DAY) == day).drop(DAY)
 
 
 def _unexplained_jumps(chunk: Judgement, computation: FeatureComputation) -> list[str]:

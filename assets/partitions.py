@@ -142,6 +142,9 @@ BACKFILL_POLICY = (
 # days of a 50-instrument universe at once (Great Expectations has a fixed cost per validation of ~0.5 s
 # that per-day chunks would multiply).
 ROWS_PER_CHUNK = int(os.environ.get("MARKETFS_CHUNK_ROWS", "400000"))
+# What a vector costs at the chunk's peak, to count what a step holds besides its chunk (the drift reference it
+# carries, 20 days of its gated columns) in the same rows: measured ~1.4 KB (benchmarks/range_memory.py).
+PEAK_BYTES_PER_VECTOR = 1536
 
 # The longest chunk of days taken before any day has shown rows (see DayChunks).
 BLIND_CHUNK_DAYS = 8
@@ -188,6 +191,13 @@ class DayChunks:
         self.rows_per_chunk = max(ROWS_PER_CHUNK if rows_per_chunk is None else rows_per_chunk, 1)
         self._rows_per_day = 0
         self._blind_size = 1  # the chunk length while no day has had rows
+        self._reserved = 0
+
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` the step holds across chunks (its carried drift reference) in the next chunks'
+        budget, as rows at the peak's cost per vector (at most half the budget): a full reference then
+        makes the chunks shorter instead of the run's peak higher than a short range's."""
+        self._reserved = min(nbytes // PEAK_BYTES_PER_VECTOR, self.rows_per_chunk // 2)
 
     def saw(self, rows: int, days: int) -> None:
         """Report a chunk's rows and how many of its days had any."""
@@ -199,7 +209,8 @@ class DayChunks:
     def __iter__(self) -> Iterator[list[str]]:
         i = 0
         while i < len(self.days):
-            size = self._blind_size if not self._rows_per_day else max(1, self.rows_per_chunk // self._rows_per_day)
+            budget = self.rows_per_chunk - self._reserved
+            size = self._blind_size if not self._rows_per_day else max(1, budget // self._rows_per_day)
             yield self.days[i : i + size]
             i += size
 

@@ -68,6 +68,10 @@ class ReferenceDays:
         return cls(columns, tuple(int(d) for d in days), values)
 
     @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.values)
+
+    @property
     def labels(self) -> list[str]:
         return [day_label(d) for d in self.days]
 

@@ -1,0 +1,3 @@
+from pipelines.allocator import return_freed_memory
+
+return_freed_memory()

@@ -199,3 +199,23 @@ def test_a_run_in_one_day_chunks_equals_a_run_in_one_chunk(
     assert any(r[2] == "feature_vectors_fs_v1_1m_drift" and r[7] and "trailing" in r[7] for r in one_chunk_log)
     assert daily_log == one_chunk_log
     assert all(a.height and a.equals(b) for a, b in zip(one_chunk_vectors, daily_vectors, strict=True))
+
+
+def test_a_carried_reference_shortens_the_chunks_instead_of_raising_the_peak() -> None:
+    """The drift reference a step carries counts in its chunk budget, up to half of it."""
+    from assets.partitions import PEAK_BYTES_PER_VECTOR, DayChunks
+
+    def lengths(held: int) -> list[int]:
+        plan, found = DayChunks([f"day{i}" for i in range(20)], rows_per_chunk=400_000), []
+        for days in plan:
+            found.append(len(days))
+            plan.saw(78_000 * len(days), len(days))  # 200 instruments x 390 minutes
+            plan.hold(held)
+        return found
+
+    assert lengths(0) == [1, 5, 5, 5, 4]
+    # 20 days of 10 gated columns of 200 instruments: 125 MB, ~85,000 rows at the peak's cost per vector.
+    reference = 20 * 78_000 * 10 * 8
+    assert reference // PEAK_BYTES_PER_VECTOR == 81_250
+    assert lengths(reference) == [1, 4, 4, 4, 4, 3]
+    assert lengths(10**12) == [1, *[2] * 9, 1]  # never below half the budget
