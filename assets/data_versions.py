@@ -182,12 +182,10 @@ class InputProvenance:
         """As Dagster computes it: sha256 of the upstream partitions' data versions, in partition order."""
         node = self._graph.get(parent)
         if not node.is_partitioned:
-            if parent in self._here or parent not in self._unpartitioned:
-                record = self._instance.get_latest_data_version_record(parent, node.is_external)
-                version = (record.event_log_entry.tags or {}).get(DATA_VERSION_TAG, UNKNOWN) if record else UNKNOWN
-                if parent in self._here:
-                    return version
-                self._unpartitioned[parent] = version
+            if parent in self._here:  # written by this step: read each time
+                return self._latest_version(parent, node.is_external)
+            if parent not in self._unpartitioned:
+                self._unpartitioned[parent] = self._latest_version(parent, node.is_external)
             return self._unpartitioned[parent]
         upstream = self._upstream_partitions(parent, asset_key, partition_key)
         if not upstream:
@@ -195,6 +193,10 @@ class InputProvenance:
         by_partition = self._latest_tags(parent, asset_key, upstream)
         versions = [tags[DATA_VERSION_TAG] for _, tags in sorted(by_partition.items()) if DATA_VERSION_TAG in tags]
         return hashlib.sha256("".join(versions).encode()).hexdigest() if versions else UNKNOWN
+
+    def _latest_version(self, asset: dg.AssetKey, external: bool) -> str:
+        record = self._instance.get_latest_data_version_record(asset, external)
+        return (record.event_log_entry.tags or {}).get(DATA_VERSION_TAG, UNKNOWN) if record else UNKNOWN
 
     def _upstream_partitions(self, parent: dg.AssetKey, asset_key: dg.AssetKey, partition_key: str) -> list[str]:
         key = (parent, asset_key, partition_key)

@@ -279,10 +279,9 @@ def _materialise_chunk(
         )
         written_days = _write_accepted(
             store, context, fs, timeframe, kept, chunk.accepted, shard, restating, drift_template
-        )[1]
-        empty = vectors.clear().drop(DAY)
+        )
         for day in chunk.accepted:
-            rows = held_here.filter(by_day.get(day, empty))
+            rows = held_here.filter(by_day[day])
             metadata = _day_metadata(rows)
             on_day = held.at(day_window(day)[1])
             if on_day:
@@ -305,15 +304,12 @@ def _materialise_chunk(
 
 
 class _DayRows:
-    """A chunk's vectors of one day (without the day column), filtered out when asked for."""
+    """A chunk's vectors of one day (without the day column; none for a day without vectors), filtered out
+    when asked for."""
 
     def __init__(self, vectors: pl.DataFrame) -> None:
         self._vectors = vectors
-        self.count = vectors[DAY].n_unique() if vectors.height else 0
-
-    def get(self, day: str, default: pl.DataFrame) -> pl.DataFrame:
-        rows = self._vectors.filter(pl.col(DAY) == day).drop(DAY)
-        return rows if rows.height else default
+        self.count = vectors[DAY].n_unique()
 
     def __getitem__(self, day: str) -> pl.DataFrame:
         return self._vectors.filter(pl.col(DAY) == day).drop(DAY)
@@ -418,9 +414,9 @@ def _write_accepted(
     shard: Shard,
     restating: list[str] | None = None,
     drift_template: dict | None = None,
-) -> tuple[FeatureComputation, ReferenceDays | None]:
-    """The days before the first breach, with their state, in one transaction (the shard's instruments, or
-    those ``restating`` alone); and, with a drift gate, the written days' drift columns as reference days.
+) -> ReferenceDays | None:
+    """Write the days before the first breach, with their state, in one transaction (the shard's instruments,
+    or those ``restating`` alone); with a drift gate, return the written days' drift columns as reference days.
 
     Those days are stored with the vectors (``drift_reference_days``) when the write leaves the table holding
     exactly them: not for a restatement, nor while held instruments keep rows the write does not touch."""
@@ -477,7 +473,7 @@ def _write_accepted(
     # After the commit: what the write moved out of the columnstore goes back, and the rollup follows.
     for done in settle_write(store.engine(), "feature_vectors", start, end):
         context.log.debug(done)
-    return accepted, written_days
+    return written_days
 
 
 def _utc_dates(vectors: pl.DataFrame) -> dict[str, list[date]]:

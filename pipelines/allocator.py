@@ -13,7 +13,6 @@ allocates: jemalloc reads its options once, at its first allocation. A setting a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -31,10 +30,10 @@ def return_freed_memory() -> None:
     os.environ.setdefault("_RJEM_MALLOC_CONF", JEMALLOC_CONF)
     if not sys.platform.startswith("linux"):
         return
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process: glibc's when it is the C library (no library search,
+        # which would start ldconfig in every process that loads the code location).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # musl and others: no mallopt
         return
     mallopt(M_MMAP_THRESHOLD, ONE_MIB)

@@ -70,7 +70,6 @@ def _execute_shard(
     verbose: bool = False,
     tags: dict[str, str] | None = None,
 ) -> list[str]:
-
     from assets.partitions import RUN_DAYS, partition_key
     from assets.resources import pooled_instance
     from pipelines.definitions import daily_features_job, defs
